@@ -1,0 +1,169 @@
+"""Frozen configuration dataclasses, checked on construction, convertible to and from plain dicts.
+
+Every setting that changes what is computed lives here, so that shards, checkpoints and exports
+can record exactly how they were made (``to_dict``) and be rebuilt from that record
+(``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Type, TypeVar
+
+from .errors import DvectorError
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: Type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise DvectorError(f"{cls.__name__}: unknown setting(s) {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(nested, type) and issubclass(nested, _Config) and isinstance(value, dict):
+                value = nested.from_dict(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def hash(self) -> str:
+        """A short stable digest of the settings (used to refuse mixing configurations)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise DvectorError(message)
+
+
+@dataclass(frozen=True)
+class FeatureConfig(_Config):
+    """Log-mel features; defaults are the original project's (25 ms Hann, 10 ms hop, 40 HTK mels)."""
+
+    sample_rate: int = 16000
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_fft: int = 0  # 0: the window length in samples
+    n_mels: int = 40
+    f_min: float = 50.0
+    f_max: float = 0.0  # 0: Nyquist
+    log_floor: float = 1e-9
+
+    def __post_init__(self) -> None:
+        _check(self.sample_rate >= 1000, f"sample_rate must be >= 1000 Hz, got {self.sample_rate}")
+        _check(0 < self.hop_ms <= self.win_ms, "hop_ms must be in (0, win_ms]")
+        _check(self.n_fft == 0 or self.n_fft >= self.win_length, "n_fft must be >= the window length")
+        _check(self.n_mels >= 1, "n_mels must be >= 1")
+        _check(0 <= self.f_min < self.fmax_hz <= self.sample_rate / 2, "need 0 <= f_min < f_max <= sample_rate/2")
+        _check(self.log_floor > 0, "log_floor must be > 0")
+
+    @property
+    def win_length(self) -> int:
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or self.win_length
+
+    @property
+    def fmax_hz(self) -> float:
+        return self.f_max or self.sample_rate / 2
+
+
+@dataclass(frozen=True)
+class VadConfig(_Config):
+    """Energy VAD with an adaptive noise floor; all times in milliseconds, levels in dB."""
+
+    enabled: bool = True
+    frame_ms: float = 10.0
+    threshold_db: float = 12.0  # speech: frame energy this far above the noise floor
+    min_level_db: float = -55.0  # frames quieter than this (dBFS) are never speech
+    floor_rise_db_per_s: float = 3.0  # how fast the noise floor may rise in steady noise
+    min_speech_ms: float = 60.0  # shorter bursts are not speech
+    hangover_ms: float = 150.0  # keep this much after speech ends
+    preroll_ms: float = 50.0  # keep this much before speech starts
+    max_pause_ms: float = 300.0  # internal pauses longer than this are shortened to it
+
+    def __post_init__(self) -> None:
+        _check(self.frame_ms > 0, "frame_ms must be > 0")
+        _check(self.threshold_db > 0, "threshold_db must be > 0")
+        for name in ("min_speech_ms", "hangover_ms", "preroll_ms", "max_pause_ms", "floor_rise_db_per_s"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The GE2E paper: 3-layer LSTM, 768 cells, 256 projection, last frame.
+    "paper": dict(hidden_size=768, proj_size=256, n_layers=3, embed_dim=256, pooling="last"),
+    # The original project's default: 3 x 256 LSTM, tanh(Linear) per frame, attentive pooling.
+    "attentive": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="attention"),
+    # For tests and the CPU demo.
+    "tiny": dict(hidden_size=64, proj_size=0, n_layers=1, embed_dim=64, pooling="attention"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """The d-vector network. Build one from a preset with ``ModelConfig.preset("paper")``."""
+
+    name: str = "attentive"
+    n_mels: int = 40
+    hidden_size: int = 256
+    proj_size: int = 0  # LSTM projection size (0: none)
+    n_layers: int = 3
+    embed_dim: int = 256
+    pooling: str = "attention"  # "attention" or "last"
+
+    def __post_init__(self) -> None:
+        _check(self.n_mels >= 1 and self.hidden_size >= 1 and self.n_layers >= 1, "sizes must be >= 1")
+        _check(0 <= self.proj_size < self.hidden_size, "proj_size must be in [0, hidden_size)")
+        _check(self.embed_dim >= 1, "embed_dim must be >= 1")
+        _check(self.pooling in ("attention", "last"), f"pooling must be 'attention' or 'last', got {self.pooling!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise DvectorError(f"unknown model {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls(name=name, **{**MODEL_PRESETS[name], **overrides})
+
+
+DEFAULT_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
+
+
+@dataclass(frozen=True)
+class BuildConfig(_Config):
+    """How ``build-shards`` groups utterances; together with the features and VAD it fixes the output."""
+
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    shard_size: int = 10000  # utterances per shard (upper bound)
+    min_shards: int = 8  # a small corpus is still split into at least this many shards
+    block_size: int = 32  # utterances per speaker block
+    seed: int = 0
+    merge_speakers: bool = False  # key speakers by directory name alone, across roots
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.shard_size >= 1, "shard_size must be >= 1")
+        _check(self.min_shards >= 1, "min_shards must be >= 1")
+        _check(self.block_size >= 1, "block_size must be >= 1")
+        _check(len(self.extensions) > 0, "need at least one extension")
