@@ -1,0 +1,48 @@
+"""One-screen summaries printed at the end of long jobs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from .build import FEW_UTTERANCES, BuildReport, display_path
+
+MAX_LISTED = 10
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def print_build_summary(report: BuildReport, console: Console) -> None:
+    table = Table(title=f"build-shards: {report.out_dir}", show_header=False, box=None)
+    table.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already complete, "
+                            f"{report.shards_total} in the plan")
+    table.add_row("utterances", f"{report.utterances_ok} written this run, {len(report.failures)} skipped in total")
+    table.add_row("speakers", str(report.speakers))
+    hours = report.audio_s / 3600
+    table.add_row("audio", f"{hours:.2f} h in {report.wall_s:.1f} s = {report.realtime_factor:.0f}x realtime")
+    if report.stage_s:
+        per = ", ".join(f"{k} {v:.1f}" for k, v in report.stage_s.items())
+        table.add_row("cpu seconds", per)
+    table.add_row("index", "written" if report.index_written else "not yet: other parts are still missing")
+    console.print(table)
+    for root, reason in report.scan_problems[:MAX_LISTED]:
+        console.print(f"[yellow]scan:[/] {display_path(root)}: {reason}", highlight=False)
+    for root in report.empty_roots:
+        console.print(f"[yellow]warning:[/] root {display_path(root)} holds no audio with the chosen extensions")
+    if report.few_utterance_speakers:
+        names = ", ".join(report.few_utterance_speakers[:MAX_LISTED])
+        more = len(report.few_utterance_speakers) - MAX_LISTED
+        console.print(f"[yellow]note:[/] {len(report.few_utterance_speakers)} speaker(s) have fewer than "
+                      f"{FEW_UTTERANCES} utterances: {names}{f' (+{more} more)' if more > 0 else ''}", highlight=False)
+    if report.failures:
+        kinds = Counter(_reason_kind(f["reason"]) for f in report.failures)
+        console.print(f"[yellow]skipped {len(report.failures)} file(s):[/] "
+                      + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), highlight=False)
+        for f in report.failures[:MAX_LISTED]:
+            console.print(f"  {f['root']}/{display_path(f['source'])}: {f['reason']}", highlight=False)
+        if len(report.failures) > MAX_LISTED:
+            console.print(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}")
