@@ -122,6 +122,72 @@ def check_cmd(
     raise typer.Exit(1)
 
 
+@app.command("train")
+def train_cmd(
+    shards: str = typer.Argument(..., help="Shard folder (with index.json), brace pattern, or http(s)/pipe: URLs."),
+    model_dir: Path = typer.Argument(..., help="Run folder: checkpoints/, logs/ (TensorBoard)."),
+    steps: int = typer.Option(100000, "-i", "--steps", help="Total steps (a continued run counts from its checkpoint)."),
+    save_every: int = typer.Option(10000, "-s", "--save-every", help="Save a checkpoint every this many steps."),
+    decay_every: int = typer.Option(100000, "-d", "--decay-every", help="Halve the learning rate every this many steps."),
+    n_speakers: int = typer.Option(64, "-n", "--n-speakers", help="N: speakers per batch."),
+    n_utterances: int = typer.Option(10, "-m", "--n-utterances", help="M: utterances per speaker."),
+    seg_len: str = typer.Option("160", "-l", "--seg-len", help="L: frames per segment, or a range drawn per batch (140-180)."),
+    resume: Optional[Path] = typer.Option(None, "-c", "--continue", help="Checkpoint (or run folder) to continue from."),
+    valid: Optional[str] = typer.Option(None, "--valid", help="Validation shards (other speakers); default: hold out ~10% of the speakers."),
+    valid_every: int = typer.Option(1000, "--valid-every", help="Validate every this many steps."),
+    model: str = typer.Option("attentive", "--model", help="paper (3x768 LSTM, 256 proj), attentive (original, 3x256), or tiny."),
+    loss: str = typer.Option("softmax", "--loss", help="softmax or contrast."),
+    reduction: str = typer.Option("sum", "--reduction", help="sum (the paper's) or mean (learning rate scaled by N*M)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (the paper's) or adam."),
+    lr: float = typer.Option(0.0, "--lr", help="Learning rate (0: 0.01 for SGD, 1e-3 for Adam)."),
+    workers: int = typer.Option(2, "-w", "--workers", help="Data loader processes per training process."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 mixed precision on CUDA."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
+    keep: int = typer.Option(5, "--keep", help="Numbered checkpoints to keep."),
+    log_every: int = typer.Option(50, "--log-every", help="Log every this many steps."),
+    short_policy: str = typer.Option("repeat", "--short-policy", help="Utterances shorter than L: repeat (tile) or drop."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+) -> None:
+    """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
+
+    Several GPUs: torchrun --nproc-per-node=8 -m dvector train SHARDS MODEL_DIR
+    """
+    from .config import ModelConfig, TrainConfig, parse_seg_len
+    from .summary import print_train_summary
+    from .train import train
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
+                      log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
+                      seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
+                      workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
+                      short_policy=short_policy)
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    with _progress() as bar:
+        task = bar.add_task("train", total=steps, info="starting")
+        state = {"eer": None}
+
+        def on_log(entry) -> None:  # type: ignore[no-untyped-def]
+            if entry.valid_eer is not None:
+                state["eer"] = entry.valid_eer
+            eer = f", EER {100 * state['eer']:.2f}%" if state["eer"] is not None else ""
+            speed = f", {entry.steps_per_s:.1f} steps/s" if entry.steps_per_s == entry.steps_per_s else ""
+            bar.update(task, completed=entry.step, info=f"loss {entry.loss:.3f}{eer}{speed}")
+
+        def say(message: str) -> None:
+            bar.console.print(message, highlight=False)
+
+        result = train(shards, model_dir, cfg, ModelConfig.preset(model), resume=str(resume) if resume else None,
+                       valid=valid, device=device, on_log=on_log, say=say if is_main else (lambda m: None))
+    if is_main:
+        print_train_summary(result, console)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user errors print one line and exit 1, without a traceback."""
     try:

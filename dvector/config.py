@@ -167,3 +167,71 @@ class BuildConfig(_Config):
         _check(self.min_shards >= 1, "min_shards must be >= 1")
         _check(self.block_size >= 1, "block_size must be >= 1")
         _check(len(self.extensions) > 0, "need at least one extension")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Training settings. Defaults follow the GE2E paper and the original project's flags."""
+
+    steps: int = 100000  # -i: total steps (a continued run counts from its saved step)
+    save_every: int = 10000  # -s
+    decay_every: int = 100000  # -d: halve the learning rate every this many steps
+    valid_every: int = 1000
+    log_every: int = 50
+    n_speakers: int = 64  # -n: N
+    n_utterances: int = 10  # -m: M
+    seg_len: tuple[int, int] = (160, 160)  # -l: L, or a range drawn per batch (the paper: 140-180)
+    loss: str = "softmax"  # or "contrast"
+    reduction: str = "sum"  # the paper sums over the batch; "mean" scales the SGD rate by N*M to match
+    optimizer: str = "sgd"  # or "adam"
+    lr: float = 0.0  # 0: 0.01 for SGD (x N*M with "mean"), 1e-3 for Adam
+    momentum: float = 0.0
+    decay_factor: float = 0.5
+    grad_clip: float = 3.0
+    paper_grad_scale: bool = True  # x0.5 on the projection, x0.01 on w and b, before clipping
+    seed: int = 0
+    workers: int = 2  # data loader processes per training process
+    pool_size: int = 0  # utterances per sampling pool (0: 8 x N x M)
+    short_policy: str = "repeat"
+    valid_fraction: float = 0.1  # of speakers held out when no --valid shards are given
+    valid_utterances: int = 20  # per validation speaker
+    keep_checkpoints: int = 5
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile on CUDA
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "save_every", "decay_every", "valid_every", "log_every", "keep_checkpoints",
+                     "valid_utterances"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _check(self.n_speakers >= 2, "n_speakers (-n) must be >= 2")
+        _check(self.n_utterances >= 2, "n_utterances (-m) must be >= 2")
+        _check(1 <= self.seg_len[0] <= self.seg_len[1], f"seg_len must be L or lo-hi with 1 <= lo <= hi, got {self.seg_len}")
+        _check(self.loss in ("softmax", "contrast"), f"loss must be softmax or contrast, got {self.loss!r}")
+        _check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean, got {self.reduction!r}")
+        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        _check(self.lr >= 0 and self.grad_clip > 0 and 0 < self.decay_factor <= 1, "lr >= 0, grad_clip > 0, 0 < decay_factor <= 1")
+        _check(0 < self.valid_fraction < 1, "valid_fraction must be in (0, 1)")
+        _check(self.workers >= 0, "workers must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr:
+            return self.lr
+        if self.optimizer == "adam":
+            return 1e-3
+        return 0.01 * (self.n_speakers * self.n_utterances if self.reduction == "mean" else 1)
+
+
+def parse_seg_len(text: str | int) -> tuple[int, int]:
+    """``"160"`` -> (160, 160); ``"140-180"`` -> (140, 180)."""
+    try:
+        if isinstance(text, int):
+            return text, text
+        parts = [int(p) for p in str(text).split("-")]
+    except ValueError:
+        raise DvectorError(f"segment length must be frames like 160 or a range like 140-180, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise DvectorError(f"segment length must be like 160 or 140-180, got {text!r}")

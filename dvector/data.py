@@ -166,6 +166,7 @@ class BatchSettings:
     min_frames: int = DEFAULT_MIN_FRAMES
     seed: int = 0
     on_error: str = "warn"
+    exclude_speakers: tuple[int, ...] = ()  # speaker indices never drawn (held out for validation)
 
     @property
     def pool(self) -> int:
@@ -176,7 +177,7 @@ class BatchSettings:
         spec = SegmentSpec.parse(self.seg_len)
         return {"n_speakers": self.n_speakers, "n_utterances": self.n_utterances, "seg_len": [spec.lo, spec.hi],
                 "pool": self.pool, "max_uses": self.max_uses, "short_policy": self.short_policy,
-                "min_frames": self.min_frames, "seed": self.seed}
+                "min_frames": self.min_frames, "seed": self.seed, "exclude_speakers": list(self.exclude_speakers)}
 
 
 @dataclass
@@ -204,12 +205,15 @@ def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Con
     state = WorkerState.from_dict(state.to_dict()) if state else WorkerState()
     stream = SampleStream(urls, consumer, settings.seed, settings.on_error)
     carry = SamplingStats()
+    excluded = frozenset(settings.exclude_speakers)
     while True:
         pool: list[dict] = []
         seen: set[str] = set()
         next_start = state.start
         for pos, sample in stream.samples(state.start):
             next_start = pos
+            if excluded and int(sample["speaker_index"]) in excluded:
+                continue
             if sample["__key__"] in seen:  # the pool wrapped around a small corpus
                 if pos.pass_ > state.start.pass_ + 1:
                     break

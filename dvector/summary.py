@@ -46,3 +46,16 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
             console.print(f"  {f['root']}/{display_path(f['source'])}: {f['reason']}", highlight=False)
         if len(report.failures) > MAX_LISTED:
             console.print(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}")
+
+
+def print_train_summary(result, console: Console) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title=f"train: {result.model_dir}", show_header=False, box=None)
+    table.add_row("steps", f"{result.steps_done} this run, at step {result.final_step}")
+    table.add_row("time", f"{result.seconds:.1f} s, {result.steps_done / max(result.seconds, 1e-9):.2f} steps/s, "
+                          f"{100 * result.data_wait:.1f}% waiting for data")
+    table.add_row("last loss", f"{result.last_loss:.4f}")
+    table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
+    if result.checkpoints:
+        table.add_row("checkpoints", f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)")
+    table.add_row("logs", f"tensorboard --logdir {result.model_dir / 'logs'}")
+    console.print(table)
