@@ -300,6 +300,7 @@ def train(
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "model_config": model_cfg.to_dict(), "train_config": _plain(cfg.to_dict()),
                         "feature_config": features.to_dict() if features else None,
+                        "vad_config": source.index["config"]["vad"] if source.index else None,
                         "rng": _rng_state(dev), "loader": {"world": ddp.world, "ranks": loader_states},
                         "best_eer": best_eer, "heldout_speakers": heldout, "loss": last_loss,
                     }
