@@ -175,11 +175,15 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
     try:
         if os.stat(path).st_size == 0:
             raise DecodeError("empty file (0 bytes)")
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        # bytes, so that names that are not valid UTF-8 open too (soundfile encodes str paths strictly)
+        data, rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
     except DecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
-        raise DecodeError(f"cannot decode: {exc}") from exc
+        # the reason goes into index.json: name the file, not where the corpus happens to be mounted
+        name = os.fsencode(path.name).decode("utf-8", "backslashreplace")  # printable, even if not UTF-8
+        reason = str(exc).replace(repr(os.fsencode(path)), f"'{name}'")
+        raise DecodeError(f"cannot decode: {reason}") from exc
     return data, int(rate)
 
 

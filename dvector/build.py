@@ -30,6 +30,7 @@ from .plan import Plan, PlannedUtterance, make_plan
 from .process import SkipUtterance, process_file
 from .shards import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_json_atomic,
                      write_shard)
+from .vad import warm_up
 
 STATE_DIR = ".build"
 CHUNK_UTTERANCES = 16  # utterances per task: work is spread by utterance, not only by shard
@@ -156,6 +157,7 @@ def _init_worker() -> None:
     """One BLAS thread per worker: the workers already fill the cores, and multi-threaded BLAS on
     the small feature matrices is many times slower than one thread."""
     threadpool_limits(1)
+    warm_up()
 
 
 def _process_chunk(
@@ -250,6 +252,7 @@ def build_shards(
     progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
     workers = workers or os.cpu_count() or 1
     by_key = {p.key: p for k in todo for p in plan.shards[k]}
+    warm_up()  # before forking: the workers inherit the loaded kernels
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
     try:
         current: int | None = None

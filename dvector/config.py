@@ -154,7 +154,7 @@ class BuildConfig(_Config):
     """How ``build-shards`` groups utterances; together with the features and VAD it fixes the output."""
 
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    shard_size: int = 10000  # utterances per shard (upper bound)
+    shard_size: int = 10000  # utterances per shard (a bound kept to within one speaker block)
     min_shards: int = 8  # a small corpus is still split into at least this many shards
     block_size: int = 32  # utterances per speaker block
     seed: int = 0
@@ -163,6 +163,9 @@ class BuildConfig(_Config):
     vad: VadConfig = field(default_factory=VadConfig)
 
     def __post_init__(self) -> None:
+        # one spelling per set of extensions ("WAV,flac" == "flac,wav"), so that equal builds hash equal
+        exts = self.extensions.split(",") if isinstance(self.extensions, str) else self.extensions
+        object.__setattr__(self, "extensions", tuple(sorted({e.strip().lower().lstrip(".") for e in exts if e.strip()})))
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.min_shards >= 1, "min_shards must be >= 1")
         _check(self.block_size >= 1, "block_size must be >= 1")

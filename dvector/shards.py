@@ -132,7 +132,10 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     key = raw.get("__key__", "?")
     if MEL_MEMBER not in raw or META_MEMBER not in raw:
         raise ValueError(f"sample {key!r} lacks {MEL_MEMBER} or {META_MEMBER}")
-    mel = np.load(io.BytesIO(raw[MEL_MEMBER]), allow_pickle=False)
+    try:
+        mel = np.load(io.BytesIO(raw[MEL_MEMBER]), allow_pickle=False)
+    except (EOFError, OSError) as exc:  # an empty or cut member; np.load raises ValueError for the rest
+        raise ValueError(f"sample {key!r}: cannot read {MEL_MEMBER}: {exc}") from exc
     if mel.ndim != 2 or mel.shape[0] < 1:
         raise ValueError(f"sample {key!r}: mel has shape {mel.shape}, expected (frames, n_mels)")
     meta = json.loads(raw[META_MEMBER])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .build import FEW_UTTERANCES, BuildReport, display_path
@@ -17,7 +18,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def print_build_summary(report: BuildReport, console: Console) -> None:
-    table = Table(title=f"build-shards: {report.out_dir}", show_header=False, box=None)
+    table = Table(title=f"build-shards: {escape(str(report.out_dir))}", show_header=False, box=None)
     table.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already complete, "
                             f"{report.shards_total} in the plan")
     table.add_row("utterances", f"{report.utterances_ok} written this run, {len(report.failures)} skipped in total")
@@ -30,11 +31,11 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
     table.add_row("index", "written" if report.index_written else "not yet: other parts are still missing")
     console.print(table)
     for root, reason in report.scan_problems[:MAX_LISTED]:
-        console.print(f"[yellow]scan:[/] {display_path(root)}: {reason}", highlight=False)
+        console.print(f"[yellow]scan:[/] {escape(display_path(root))}: {escape(display_path(reason))}", highlight=False)
     for root in report.empty_roots:
-        console.print(f"[yellow]warning:[/] root {display_path(root)} holds no audio with the chosen extensions")
+        console.print(f"[yellow]warning:[/] root {escape(display_path(root))} holds no audio with the chosen extensions")
     if report.few_utterance_speakers:
-        names = ", ".join(report.few_utterance_speakers[:MAX_LISTED])
+        names = escape(", ".join(display_path(s) for s in report.few_utterance_speakers[:MAX_LISTED]))
         more = len(report.few_utterance_speakers) - MAX_LISTED
         console.print(f"[yellow]note:[/] {len(report.few_utterance_speakers)} speaker(s) have fewer than "
                       f"{FEW_UTTERANCES} utterances: {names}{f' (+{more} more)' if more > 0 else ''}", highlight=False)
@@ -43,7 +44,7 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
         console.print(f"[yellow]skipped {len(report.failures)} file(s):[/] "
                       + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), highlight=False)
         for f in report.failures[:MAX_LISTED]:
-            console.print(f"  {f['root']}/{display_path(f['source'])}: {f['reason']}", highlight=False)
+            console.print(escape(f"  {f['root']}/{display_path(f['source'])}: {display_path(f['reason'])}"), highlight=False)
         if len(report.failures) > MAX_LISTED:
             console.print(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}")
 

@@ -148,6 +148,16 @@ def speech_frames(wav: np.ndarray, sample_rate: int, cfg: VadConfig) -> tuple[np
     return keep_mask(speech, _frames(cfg.max_pause_ms, cfg.frame_ms)), frame_len
 
 
+def warm_up() -> None:
+    """Load (or compile) every kernel now, with the argument types the build uses.
+
+    Build workers call this first, so that loading the kernels (about half a second per process)
+    is not counted as VAD time of the first file, and a parent that warms up before forking its
+    workers hands them the loaded kernels.
+    """
+    trim_silence(np.zeros(1024, dtype=np.float32), 16000, VadConfig())
+
+
 def trim_silence(wav: np.ndarray, sample_rate: int, cfg: VadConfig) -> tuple[np.ndarray, float]:
     """``wav`` with silence trimmed and long pauses shortened, and the fraction of samples kept.
 
