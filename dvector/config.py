@@ -96,7 +96,8 @@ class VadConfig(_Config):
 
     enabled: bool = True
     frame_ms: float = 10.0
-    threshold_db: float = 12.0  # speech: frame energy this far above the noise floor
+    threshold_db: float = 12.0  # speech: frame energy this far above the noise floor...
+    min_threshold_db: float = 3.0  # ...or half the file's dynamic range if that is less, but not below this
     min_level_db: float = -55.0  # frames quieter than this (dBFS) are never speech
     floor_rise_db_per_s: float = 3.0  # how fast the noise floor may rise in steady noise
     min_speech_ms: float = 60.0  # shorter bursts are not speech
@@ -107,6 +108,7 @@ class VadConfig(_Config):
     def __post_init__(self) -> None:
         _check(self.frame_ms > 0, "frame_ms must be > 0")
         _check(self.threshold_db > 0, "threshold_db must be > 0")
+        _check(0 < self.min_threshold_db <= self.threshold_db, "min_threshold_db must be in (0, threshold_db]")
         for name in ("min_speech_ms", "hangover_ms", "preroll_ms", "max_pause_ms", "floor_rise_db_per_s"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
 

@@ -48,7 +48,7 @@ from .config import FeatureConfig, ModelConfig, VadConfig
 from .errors import DvectorError
 from .features import analysis_window, mel_filterbank, min_samples
 from .model import NORM_EPS, DVector
-from .vad import FLOOR_PERCENTILE, _frames
+from .vad import FLOOR_PERCENTILE, LOUD_PERCENTILE, _frames
 
 EXPORT_FORMAT = "dvector-export"
 EXPORT_VERSION = 1
@@ -168,6 +168,8 @@ class TorchVad(nn.Module):
         self.frame_len: int = max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
         self.percentile: float = float(FLOOR_PERCENTILE)
         self.threshold_db: float = float(cfg.threshold_db)
+        self.min_threshold_db: float = float(cfg.min_threshold_db)
+        self.loud_percentile: float = float(LOUD_PERCENTILE)
         self.min_level_db: float = float(cfg.min_level_db)
         self.rise_db: float = float(cfg.floor_rise_db_per_s * cfg.frame_ms / 1000.0)  # per frame, as in vad.py
         self.min_speech: int = max(1, _frames(cfg.min_speech_ms, cfg.frame_ms))
@@ -185,10 +187,19 @@ class TorchVad(nn.Module):
         return (10.0 * torch.log10(squares.sum(dim=1) / sizes + 1e-10)).to(torch.float32)
 
     def initial_floor(self, energy: Tensor) -> Tensor:
-        """``np.percentile(energy, 10)`` (linear), reproduced operation by operation: 0-d float32."""
+        """``np.percentile(energy, 10)``: 0-d float32."""
+        return self.percentile_of(energy, self.percentile)
+
+    def speech_threshold(self, energy: Tensor, initial: Tensor) -> float:
+        """``dvector.vad.speech_threshold_db``: the threshold, lowered on noisy recordings."""
+        loud = float(self.percentile_of(energy, self.loud_percentile))
+        return min(self.threshold_db, max(self.min_threshold_db, 0.5 * (loud - float(initial))))
+
+    def percentile_of(self, energy: Tensor, q: float) -> Tensor:
+        """``np.percentile(energy, q)`` (linear), reproduced operation by operation: 0-d float32."""
         n = energy.size(0)
         ordered, _ = torch.sort(energy)
-        virtual = (n - 1) * (self.percentile / 100.0)  # float64, as numpy
+        virtual = (n - 1) * (q / 100.0)  # float64, as numpy
         below = int(virtual // 1.0)
         above = below + 1
         if virtual >= n - 1:
@@ -219,8 +230,13 @@ class TorchVad(nn.Module):
         if wav.size(0) == 0:
             return torch.zeros(0, dtype=torch.bool, device=wav.device)
         energy = self.frame_energy_db(wav)  # (frames,)
-        floor = self.noise_floor(energy, self.initial_floor(energy))  # (frames,)
-        speech = (energy > floor + self.threshold_db) & (energy > self.min_level_db)
+        initial = self.initial_floor(energy)
+        loud = float(self.percentile_of(energy, self.loud_percentile))
+        if loud - float(initial) < 2 * self.min_threshold_db and loud > self.min_level_db:
+            return torch.ones(energy.size(0), dtype=torch.bool, device=wav.device)  # vad.undecided
+        threshold = self.speech_threshold(energy, initial)
+        floor = self.noise_floor(energy, initial)  # (frames,)
+        speech = (energy > floor + threshold) & (energy > self.min_level_db)
         speech = remove_short_runs(speech, self.min_speech)
         speech = dilate(speech, self.preroll, self.hangover)
         return keep_pauses(speech, self.max_pause)

@@ -3,8 +3,8 @@
 Per frame of ``frame_ms`` the energy in dBFS is compared with an adaptive noise floor: the floor
 starts at a low percentile of the file's frame energies, drops at once to any quieter frame and
 rises at most ``floor_rise_db_per_s`` (so it follows slowly changing background noise but not
-speech). A frame is speech when it is ``threshold_db`` above the floor and louder than
-``min_level_db``. Speech bursts shorter than ``min_speech_ms`` are discarded, the rest are
+speech). A frame is speech when it is ``threshold_db`` above the floor (less in noisy
+recordings: see ``speech_threshold_db``) and louder than ``min_level_db``. Speech bursts shorter than ``min_speech_ms`` are discarded, the rest are
 extended by ``preroll_ms`` before and ``hangover_ms`` after; leading and trailing silence is cut
 and internal pauses longer than ``max_pause_ms`` are shortened to that length.
 
@@ -19,6 +19,24 @@ from numba import njit
 from .config import VadConfig
 
 FLOOR_PERCENTILE = 10.0
+LOUD_PERCENTILE = 95.0
+
+
+def undecided(floor_db: float, loud_db: float, cfg: VadConfig) -> bool:
+    """True for an audible recording whose energy hardly varies (95th minus 10th percentile of the
+    frame energies below ``2 * min_threshold_db``): speech in steady loud noise, or noise alone. An
+    energy VAD cannot find pauses there, so the recording is kept whole rather than dropped."""
+    return loud_db - floor_db < 2 * cfg.min_threshold_db and loud_db > cfg.min_level_db
+
+
+def speech_threshold_db(floor_db: float, loud_db: float, cfg: VadConfig) -> float:
+    """How far above the noise floor speech must be: ``threshold_db``, lowered on noisy recordings.
+
+    In a recording whose frame energies span less than twice ``threshold_db`` (95th minus 10th
+    percentile), a fixed threshold would call everything silence; there the threshold is half
+    that span, but at least ``min_threshold_db``.
+    """
+    return min(cfg.threshold_db, max(cfg.min_threshold_db, 0.5 * (loud_db - floor_db)))
 _EPS = 1e-10
 
 
@@ -140,9 +158,13 @@ def speech_frames(wav: np.ndarray, sample_rate: int, cfg: VadConfig) -> tuple[np
         return np.zeros(0, dtype=np.bool_), frame_len
     energy = frame_energy_db(wav, frame_len)
     initial = float(np.percentile(energy, FLOOR_PERCENTILE))
+    loud = float(np.percentile(energy, LOUD_PERCENTILE))
+    if undecided(initial, loud, cfg):
+        return np.ones(energy.shape[0], dtype=np.bool_), frame_len
+    threshold = speech_threshold_db(initial, loud, cfg)
     rise = cfg.floor_rise_db_per_s * cfg.frame_ms / 1000.0
     floor = track_noise_floor(energy, np.float32(initial), np.float32(rise))
-    speech = (energy > floor + cfg.threshold_db) & (energy > cfg.min_level_db)
+    speech = (energy > floor + threshold) & (energy > cfg.min_level_db)
     speech = remove_short_runs(speech, max(1, _frames(cfg.min_speech_ms, cfg.frame_ms)))
     speech = dilate(speech, _frames(cfg.preroll_ms, cfg.frame_ms), _frames(cfg.hangover_ms, cfg.frame_ms))
     return keep_mask(speech, _frames(cfg.max_pause_ms, cfg.frame_ms)), frame_len

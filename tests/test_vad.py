@@ -291,3 +291,23 @@ def test_warm_up_loads_every_kernel() -> None:
     warm_up()
     for kernel in (frame_energy_db, track_noise_floor, remove_short_runs, dilate, keep_mask, gather_frames):
         assert kernel.signatures, f"{kernel.__name__} was not compiled by warm_up"
+
+
+def test_noisy_recording_lowers_the_threshold_and_keeps_the_speech():
+    """Speech a few dB above loud steady noise: a fixed 12 dB threshold would find nothing."""
+    rng = np.random.default_rng(5)
+    sr = 16000
+    noise = (0.05 * rng.standard_normal(3 * sr)).astype(np.float32)  # about -26 dBFS
+    t = np.arange(sr) / sr
+    speech = np.zeros(3 * sr, dtype=np.float32)
+    speech[sr:2 * sr] = 0.12 * np.sin(2 * np.pi * 180 * t)  # ~8 dB above the noise
+    trimmed, kept = trim_silence(noise + speech, sr, VadConfig())
+    assert 0.3 < kept < 0.6, kept  # the loud second and its margins, not the noise around it
+
+
+def test_steady_audible_recording_is_kept_whole_but_silence_is_not():
+    rng = np.random.default_rng(6)
+    steady = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    assert trim_silence(steady, 16000, VadConfig())[1] == 1.0
+    quiet = (1e-5 * rng.standard_normal(16000)).astype(np.float32)  # below min_level_db
+    assert trim_silence(quiet, 16000, VadConfig())[0].size == 0
