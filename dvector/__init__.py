@@ -5,4 +5,12 @@ from .errors import DvectorError
 
 __version__ = "0.1.0"
 
-__all__ = ["BuildConfig", "DvectorError", "FeatureConfig", "ModelConfig", "VadConfig", "__version__"]
+__all__ = ["BuildConfig", "DvectorError", "Embedder", "FeatureConfig", "ModelConfig", "VadConfig", "__version__", "load"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy, so that `import dvector` (and the CLI) need not import torch
+    if name in ("load", "Embedder"):
+        from . import embed
+
+        return getattr(embed, name)
+    raise AttributeError(f"module 'dvector' has no attribute {name!r}")

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import DEFAULT_EXTENSIONS, BuildConfig, FeatureConfig, VadConfig
@@ -24,7 +25,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -44,7 +45,7 @@ def build_shards_cmd(
     extensions: str = typer.Option(",".join(DEFAULT_EXTENSIONS), "-e", "--extensions",
                                    help="Comma-separated audio extensions, case-insensitive (m4a/aac need dvector[m4a])."),
     workers: int = typer.Option(0, "-j", "--workers", help="Worker processes (0: every core)."),
-    shard_size: int = typer.Option(10000, "--shard-size", help="At most this many utterances per shard."),
+    shard_size: int = typer.Option(10000, "--shard-size", help="At most about this many utterances per shard (exceeded by less than one speaker block)."),
     min_shards: int = typer.Option(8, "--min-shards", help="Split even a small corpus into at least this many shards."),
     block_size: int = typer.Option(32, "--block-size", help="Utterances per speaker block inside shards."),
     seed: int = typer.Option(0, "--seed", help="Seed of the block shuffle."),
@@ -117,7 +118,7 @@ def check_cmd(
         console.print(f"[green]ok[/]: {report.shards} shards match the index")
         return
     for name, problem in report.problems:
-        console.print(f"[red]{name}[/]: {problem}", highlight=False)
+        console.print(f"[red]{escape(name)}[/]: {escape(problem)}", highlight=False)
     console.print(f"[bold red]{len({n for n, _ in report.problems})} of {report.shards} shards are damaged[/]")
     raise typer.Exit(1)
 
@@ -188,10 +189,168 @@ def train_cmd(
         print_train_summary(result, console)
 
 
+# ---- using a trained model -----------------------------------------------------------------------
+
+MAX_LISTED = 10
+
+
+def _print_skipped(skipped: list, what: str = "file(s)") -> None:
+    if not skipped:
+        return
+    console.print(f"[yellow]skipped {len(skipped)} {what}:[/]", highlight=False)
+    for name, reason in skipped[:MAX_LISTED]:
+        console.print(f"  {name}: {reason}", highlight=False)
+    if len(skipped) > MAX_LISTED:
+        console.print(f"  ... and {len(skipped) - MAX_LISTED} more", highlight=False)
+
+
+def _counting_bar(bar: Progress, description: str):  # noqa: ANN202
+    """(on_start(total), on_item(*_)) callbacks that drive one task of ``bar``."""
+    task = bar.add_task(description, total=None, info="")
+
+    def on_start(total) -> None:  # noqa: ANN001
+        bar.update(task, total=total)
+
+    def on_item(*_args) -> None:  # noqa: ANN002
+        bar.advance(task)
+
+    return on_start, on_item
+
+
+@app.command("embed")
+def embed_cmd(
+    model: Path = typer.Argument(..., help="Run folder, checkpoint file, or exported folder."),
+    inputs: List[str] = typer.Argument(..., help="Audio files, folders (searched recursively), shard folders or URLs."),
+    out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="Output .npz: key -> vector, plus __model__."),
+    per_window: bool = typer.Option(False, "--per-window",
+                                    help="Window embeddings with start/end times (no VAD), e.g. for diarization."),
+    extensions: str = typer.Option(",".join(DEFAULT_EXTENSIONS), "-e", "--extensions",
+                                   help="Comma-separated audio extensions looked for in folders."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default)."),
+) -> None:
+    """Embed utterances: sliding windows of the training length, averaged and normalised."""
+    from .embed import embed_paths, load, save_embeddings
+
+    embedder = load(model, threads=threads or None)
+    with _progress() as bar:
+        on_start, on_item = _counting_bar(bar, "embed")
+        result = embed_paths(embedder, inputs, extensions.split(","), per_window=per_window,
+                             on_start=on_start, on_item=on_item)
+    _print_skipped(result.skipped)
+    path = save_embeddings(out, result, embedder)
+    what = "window sequences" if per_window else "embeddings"
+    dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
+    console.print(f"wrote {path}: {len(result.vectors)} {what} of dimension {embedder.dim}{dup}; model "
+                  f"{embedder.info['path']}", highlight=False)
+
+
+@app.command("score")
+def score_cmd(
+    model: Path = typer.Argument(..., help="Run folder, checkpoint file, or exported folder."),
+    a: Path = typer.Argument(..., help="First audio file."),
+    b: Path = typer.Argument(..., help="Second audio file."),
+    threshold: Optional[float] = typer.Option(None, "-t", "--threshold",
+                                              help="Decide with this cosine threshold instead of the stored one."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default)."),
+) -> None:
+    """Cosine score of two utterances, and same/different speaker at the threshold `eval` stored."""
+    from .embed import load
+    from .evaluate import Threshold, score_pair
+
+    embedder = load(model, threads=threads or None)
+    score, used = score_pair(embedder, a, b, model)
+    if threshold is not None:
+        used = Threshold(threshold, "--threshold", True)
+    if used.note:
+        console.print(f"[yellow]warning:[/] {used.note}", highlight=False)
+    decision = "same speaker" if score >= used.value else "different speakers"
+    print(f"score {score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Run folder, checkpoint file, or exported folder."),
+    root: Path = typer.Argument(..., help="Test root: speaker folders, or the root the trials' paths are relative to."),
+    trials: Optional[Path] = typer.Option(None, "--trials", help="Trials file, VoxCeleb format: 'label path1 path2'."),
+    det: Optional[Path] = typer.Option(None, "--det", help="DET curve PNG (default: det.png beside eval.json)."),
+    n_nontarget: Optional[int] = typer.Option(None, "--n-nontarget",
+                                              help="Generated trials: non-target pairs (default: as many as target pairs, 1k-100k)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated non-target sample."),
+    extensions: str = typer.Option(",".join(DEFAULT_EXTENSIONS), "-e", "--extensions",
+                                   help="Comma-separated audio extensions (generated trials)."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Store results and threshold in MODEL/eval.json."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default)."),
+) -> None:
+    """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve."""
+    from .embed import load
+    from .evaluate import DET_FILE, eval_path, evaluate, save_det, write_eval
+
+    embedder = load(model, threads=threads or None)
+    with _progress() as bar:
+        on_start, on_item = _counting_bar(bar, "eval")
+        ev = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions.split(","),
+                      on_start=on_start, on_file=on_item)
+    _print_skipped(ev.result.skipped)
+    stored = eval_path(model) if save else None
+    det_path = det if det is not None else (stored.parent / DET_FILE if stored is not None else None)
+    if det_path is not None:
+        save_det(ev, det_path)
+    if stored is not None:
+        write_eval(stored, ev.result, det_path)
+    r = ev.result
+    print(f"trials: {r.n_trials} ({r.n_target} target, {r.n_nontarget} non-target) over {r.n_files} files")
+    print(f"minDCF: {r.min_dcf['0.01']:.4f} (p_target 0.01), {r.min_dcf['0.05']:.4f} (p_target 0.05)")
+    print(f"threshold: {r.eer_threshold:.4f} (cosine, at the EER)")
+    for what, path in (("results", stored), ("DET curve", det_path)):
+        if path is not None:
+            console.print(f"{what}: {path}", highlight=False)
+    if det_path is None:
+        console.print("no DET curve: MODEL is not a folder to store it in; give --det PATH", highlight=False)
+    print(f"EER={100 * r.eer:.2f}%")
+
+
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    out: Path = typer.Option(Path("exported"), "-o", "--out", help="Output folder: dvector.pt, dvector.json."),
+) -> None:
+    """Self-contained TorchScript (wav -> embedding, log-mel and VAD inside); needs only torch to load."""
+    from .export import export_model
+
+    written = export_model(model, out)
+    console.print(f"exported {model} to {written if written is not None else out}", highlight=False)
+
+
+@app.command("visualize")
+def visualize_cmd(
+    model: Path = typer.Argument(..., help="Run folder, checkpoint file, or exported folder."),
+    root: Path = typer.Argument(..., help="A root of speaker folders."),
+    out: Path = typer.Option(Path("tsne.png"), "-o", "--out", help="Output PNG."),
+    max_speakers: int = typer.Option(100, "--max-speakers", help="Map at most this many speakers (a seeded sample)."),
+    per_speaker: int = typer.Option(20, "--per-speaker", help="Utterances per speaker (a seeded sample)."),
+    seed: int = typer.Option(0, "--seed"),
+    extensions: str = typer.Option(",".join(DEFAULT_EXTENSIONS), "-e", "--extensions",
+                                   help="Comma-separated audio extensions."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one)."),
+) -> None:
+    """t-SNE map of utterance embeddings, one colour per speaker, as a PNG."""
+    from .embed import load
+    from .plot import visualize
+
+    embedder = load(model, threads=threads or None)
+    with _progress() as bar:
+        on_start, on_item = _counting_bar(bar, "visualize")
+        png, points, speakers, skipped = visualize(embedder, root, out, extensions.split(","), max_speakers,
+                                                   per_speaker, seed, on_start=on_start, on_file=on_item,
+                                                   threads=threads or 1)
+    _print_skipped(skipped)
+    console.print(f"wrote {png}: {points} utterances of {speakers} speakers", highlight=False)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user errors print one line and exit 1, without a traceback."""
     try:
         app(args=argv, standalone_mode=True)
     except DvectorError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)

@@ -1,0 +1,49 @@
+"""A tiny trained run shared by the embed/evaluate/plot/CLI tests: synthetic speakers, shards,
+5 training steps of the tiny model. Made once per test session (cached here, in a session temp dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dvector.build import build_shards
+from dvector.config import BuildConfig, ModelConfig, TrainConfig
+from dvector.synth import write_corpus
+
+_CACHE: dict[str, SimpleNamespace] = {}
+
+
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``root`` (14 speakers x 8 utterances of 1.5-3 s, flac), ``shards``, ``run`` (a run folder)."""
+    if "run" not in _CACHE:
+        base = tmp_path_factory.mktemp("trained")
+        root = base / "corpus"
+        files = write_corpus(root, 14, 8, seed=5, duration_s=(1.5, 3.0))
+        shards = base / "shards"
+        build_shards([str(root)], shards, BuildConfig(min_shards=4, block_size=4), workers=1)
+        from dvector.train import train
+
+        run = base / "run"
+        cfg = TrainConfig(steps=5, save_every=5, valid_every=5, log_every=5, n_speakers=4, n_utterances=4,
+                          seg_len=(100, 100), workers=0)
+        train(str(shards), run, cfg, ModelConfig.preset("tiny"), say=lambda m: None)
+        _CACHE["run"] = SimpleNamespace(root=root, shards=shards, run=run, files=files)
+    return _CACHE["run"]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a run folder (checkpoints only), for tests that write into it."""
+    import shutil
+
+    shutil.copytree(run / "checkpoints", dest / "checkpoints")
+    return dest
+
+
+def write_wav(path: Path, wav, rate: int = 16000) -> Path:  # noqa: ANN001
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), wav, rate)
+    return path
