@@ -107,19 +107,26 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def _restore_loader(loader: GE2ELoader, saved: dict[str, Any] | None, say: Callable[[str], None]) -> None:
-    """Put the data stream where the checkpoint left it, or at a fresh pass if batch options changed."""
+    """Put the data stream where the checkpoint left it, or at a fresh pass if batch options changed.
+
+    ``saved`` is the checkpoint's ``"loader"`` entry (world size and every rank's position). The
+    fresh pass is the one after the last pass any rank or worker reached, so every rank starts
+    the same pass (and, if the world size changed, nobody silently re-reads pass 0).
+    """
     if not saved:
         return
-    if loader.load_state_dict(saved):
+    ranks = saved.get("ranks") or []
+    if saved.get("world") == loader.world and loader.rank < len(ranks) and loader.load_state_dict(ranks[loader.rank]):
         return
-    passes = [int(s["pass"]) for s in saved.get("states", {}).values()]
+    passes = [int(s["pass"]) for r in ranks if r for s in r.get("states", {}).values()]
+    new_pass = max(passes, default=-1) + 1
     fresh = {"settings": loader.settings.shape_key(), "rank": loader.rank, "world": loader.world,
              "workers": loader.workers, "next_worker": 0,
-             "states": {str(k): {"round": 1_000_000 * (max(passes, default=0) + 1), "pass": max(passes, default=0) + 1,
-                                 "shard": 0, "sample": 0, "drawn": 0} for k in range(max(1, loader.workers))}}
+             "states": {str(k): {"round": 1_000_000 * new_pass, "pass": new_pass, "shard": 0, "sample": 0, "drawn": 0}
+                        for k in range(max(1, loader.workers))}}
     loader.load_state_dict(fresh)
-    say("batch options, world size or workers changed since the checkpoint: "
-        "the data stream restarts at a new pass")
+    say(f"batch options, world size or workers changed since the checkpoint: "
+        f"the data stream restarts at a new pass ({new_pass})")
 
 
 def _optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -140,7 +147,31 @@ def train(
     on_log: Callable[[StepLog], None] | None = None,
     say: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or continue training) and return a summary; see the module doc."""
+    """Train (or continue training) and return a summary; see the module doc.
+
+    Under torchrun, a process group this call starts is also ended by it (a process that exits
+    with a live gloo group aborts with "terminate called without an active exception").
+    """
+    owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    try:
+        return _train(shards, model_dir, cfg, model_cfg, resume, valid, device, index, on_log, say)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    shards: str | Sequence[str],
+    model_dir: str | os.PathLike[str],
+    cfg: TrainConfig = TrainConfig(),
+    model_cfg: ModelConfig | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    valid: str | None = None,
+    device: str | None = None,
+    index: str | None = None,
+    on_log: Callable[[StepLog], None] | None = None,
+    say: Callable[[str], None] = print,
+) -> TrainResult:
     started = time.perf_counter()
     ddp_probe_kind = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     ddp = setup_distributed(ddp_probe_kind)
@@ -179,6 +210,7 @@ def train(
             valid_set = collect_validation(source.urls, source.index, heldout, cfg.valid_utterances, frames, cfg.seed)
     else:
         say("warning: no index.json beside the shards and no --valid set: training without validation")
+    validating = valid is not None or source.index is not None  # the same on every rank
 
     torch.manual_seed(cfg.seed)
     model = DVector(model_cfg).to(dev)
@@ -213,8 +245,7 @@ def train(
     loader = GE2ELoader(source, settings, workers=cfg.workers, rank=ddp.rank, world=ddp.world,
                         pin_memory=dev.type == "cuda")
     if checkpoint is not None:
-        ranks = checkpoint.get("loader", {}).get("ranks", [])
-        _restore_loader(loader, ranks[ddp.rank] if ddp.rank < len(ranks) and checkpoint["loader"].get("world") == ddp.world else None, say)
+        _restore_loader(loader, checkpoint.get("loader"), say)
 
     amp = cfg.amp and dev.type == "cuda"
     runner: nn.Module = trainee
@@ -261,7 +292,8 @@ def train(
             wait_total += t1 - t0
             window_steps += 1
             log_now = step % cfg.log_every == 0 or step == cfg.steps
-            valid_now = valid_set is not None and (step % cfg.valid_every == 0 or step == cfg.steps)
+            # every rank decides alike (only rank 0 holds valid_set; all join the broadcast below)
+            valid_now = validating and (step % cfg.valid_every == 0 or step == cfg.steps)
             save_now = step % cfg.save_every == 0 or step == cfg.steps
             if log_now or valid_now or save_now:
                 last_loss = float(loss.detach())
@@ -300,7 +332,7 @@ def train(
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "model_config": model_cfg.to_dict(), "train_config": _plain(cfg.to_dict()),
                         "feature_config": features.to_dict() if features else None,
-                        "vad_config": source.index["config"]["vad"] if source.index else None,
+                        "vad_config": source.index["config"].get("vad") if source.index else None,
                         "rng": _rng_state(dev), "loader": {"world": ddp.world, "ranks": loader_states},
                         "best_eer": best_eer, "heldout_speakers": heldout, "loss": last_loss,
                     }
