@@ -149,7 +149,7 @@ def train_cmd(
     keep: int = typer.Option(5, "--keep", help="Numbered checkpoints to keep."),
     log_every: int = typer.Option(50, "--log-every", help="Log every this many steps."),
     short_policy: str = typer.Option("repeat", "--short-policy", help="Utterances shorter than L: repeat (tile) or drop."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads on CPU (0: the cores left after the loader workers)."),
 ) -> None:
     """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
 
@@ -159,11 +159,7 @@ def train_cmd(
     from .summary import print_train_summary
     from .train import train
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    cfg = TrainConfig(steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
+    cfg = TrainConfig(threads=threads, steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
                       log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
@@ -345,6 +341,59 @@ def visualize_cmd(
                                                    threads=threads or 1)
     _print_skipped(skipped)
     console.print(f"wrote {png}: {points} utterances of {speakers} speakers", highlight=False)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("dvector-demo"), "-o", "--out", help="Folder for data, shards, run/, tsne.png, det.png."),
+    small: bool = typer.Option(False, "--small", help="A reduced size that runs in about a minute (a smoke test)."),
+    workers: int = typer.Option(2, "-j", "--workers", help="Processes for building shards."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The whole pipeline on synthetic voices, no download: build, train (CPU), evaluate, plot.
+
+    Prints the EER of the untrained and of the trained network on speakers never seen in training.
+    """
+    from .demo import SMALL, DemoSize, run_demo
+
+    with _progress() as bar:
+        task = bar.add_task("demo", total=None, info="")
+
+        def say(message: str) -> None:
+            bar.console.print(message, highlight=False)
+
+        def on_log(entry) -> None:  # type: ignore[no-untyped-def]
+            eer = f", valid EER {100 * entry.valid_eer:.1f}%" if entry.valid_eer is not None else ""
+            bar.update(task, description="training", info=f"step {entry.step}, loss {entry.loss:.2f}{eer}")
+
+        result = run_demo(out, SMALL if small else DemoSize(), workers=workers, seed=seed, say=say, on_log=on_log)
+    console.print(f"untrained network: EER {100 * result.untrained_eer:.2f}% on held-out synthetic speakers")
+    console.print(f"trained network:   EER {100 * result.trained_eer:.2f}%  ({result.seconds:.0f} s in all)")
+    console.print(f"pictures: {escape(str(result.tsne))}, {escape(str(result.det))}; model: {escape(str(result.out_dir / 'run'))}")
+    print(f"EER={100 * result.trained_eer:.2f}%")
+
+
+@app.command("synth")
+def synth_cmd(
+    root: Path = typer.Argument(..., help="Root folder to write speaker folders into."),
+    speakers: int = typer.Option(10, "--speakers", help="How many speakers."),
+    utterances: int = typer.Option(8, "--utterances", help="Utterances per speaker."),
+    sample_rate: int = typer.Option(16000, "--sample-rate"),
+    fmt: str = typer.Option("flac", "--format", help="flac or wav."),
+    layout: str = typer.Option("flat", "--layout", help="flat (SPEAKER/utt.ext) or nested (SPEAKER/SESSION/utt.ext)."),
+    prefix: str = typer.Option("spk", "--prefix", help="Speaker folder names: PREFIX000, PREFIX001, ..."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a synthetic multi-speaker corpus (for trying dvector, and the recipes' smoke mode)."""
+    from .synth import write_corpus
+
+    if layout not in ("flat", "nested"):
+        _fail(f"--layout must be flat or nested, got {layout!r}")
+    if fmt not in ("flac", "wav"):
+        _fail(f"--format must be flac or wav, got {fmt!r}")
+    paths = write_corpus(root, speakers, utterances, seed=seed, sample_rate=sample_rate, extension=fmt,
+                         prefix=prefix, nested=layout == "nested")
+    console.print(f"wrote {len(paths)} files of {speakers} speakers under {escape(str(root))}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

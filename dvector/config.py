@@ -201,6 +201,7 @@ class TrainConfig(_Config):
     valid_fraction: float = 0.1  # of speakers held out when no --valid shards are given
     valid_utterances: int = 20  # per validation speaker
     keep_checkpoints: int = 5
+    threads: int = 0  # torch CPU threads on CPU (0: the cores left after the loader's workers)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile on CUDA
 
@@ -217,6 +218,7 @@ class TrainConfig(_Config):
         _check(self.lr >= 0 and self.grad_clip > 0 and 0 < self.decay_factor <= 1, "lr >= 0, grad_clip > 0, 0 < decay_factor <= 1")
         _check(0 < self.valid_fraction < 1, "valid_fraction must be in (0, 1)")
         _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.threads >= 0, "threads must be >= 0")
 
     @property
     def learning_rate(self) -> float:

@@ -94,17 +94,23 @@ def utterance(voice: Voice, duration_s: float, sample_rate: int, rng: np.random.
 
 def write_corpus(root: Path, n_speakers: int, utterances_per_speaker: int, seed: int = 0,
                  sample_rate: int = 16000, duration_s: tuple[float, float] = (1.5, 4.0),
-                 extension: str = "flac", subtype: str | None = None, prefix: str = "spk") -> list[Path]:
-    """Write a speaker-directory corpus ``root/spkNNN/uttNNN.ext``; returns the files written."""
+                 extension: str = "flac", subtype: str | None = None, prefix: str = "spk",
+                 nested: bool = False) -> list[Path]:
+    """Write a speaker-directory corpus ``root/spkNNN/uttNNN.ext``; returns the files written.
+
+    ``nested`` puts each speaker's utterances in two session subfolders
+    (``root/spkNNN/sessionK/...``), as LibriSpeech (chapters) and VoxCeleb (videos) do.
+    """
     rng = np.random.default_rng(seed)
     paths = []
     for s in range(n_speakers):
         voice = random_voice(rng)
-        folder = Path(root) / f"{prefix}{s:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        speaker = f"{prefix}{s:03d}"
         for u in range(utterances_per_speaker):
+            folder = Path(root) / speaker / (f"session{u % 2}" if nested else "")
+            folder.mkdir(parents=True, exist_ok=True)
             wav = utterance(voice, float(rng.uniform(*duration_s)), sample_rate, rng)
-            path = folder / f"utt{u:03d}.{extension}"
+            path = folder / f"{speaker}-{u:03d}.{extension}" if nested else folder / f"utt{u:03d}.{extension}"
             sf.write(str(path), wav, sample_rate, subtype=subtype)
             paths.append(path)
     return paths

@@ -89,6 +89,16 @@ def setup_distributed(device_kind: str) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def cpu_threads(cfg: TrainConfig, ddp: Distributed) -> int:
+    """Torch threads per training process on CPU: ``cfg.threads``, or the cores left over once the
+    loader's workers have one each. More threads than cores makes small LSTM steps many times slower."""
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+    return max(1, cores // max(1, local_world) - cfg.workers)
+
+
 def choose_device(requested: str | None, ddp: Distributed) -> torch.device:
     kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
@@ -176,6 +186,8 @@ def _train(
     ddp_probe_kind = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     ddp = setup_distributed(ddp_probe_kind)
     dev = choose_device(device, ddp)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg, ddp))
     model_dir = Path(model_dir)
     if not ddp.main:
         say = lambda message: None  # noqa: E731
