@@ -52,6 +52,8 @@ def save_checkpoint(state: dict[str, Any], model_dir: Path, keep: int, best: boo
     """Write ``step-NNNNNNNNN.pt``, point ``latest.pt`` (and ``best.pt``) at it, keep the last ``keep``."""
     folder = checkpoint_dir(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp-*"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     path = folder / f"step-{int(state['step']):09d}.pt"
     save_atomic({"format": FORMAT, "version": VERSION, **state}, path)
     _link_or_copy(path, folder / "latest.pt")
@@ -67,10 +69,13 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint file, or a run folder (its latest checkpoint)."""
     p = Path(path)
     if p.is_dir():
-        for candidate in (checkpoint_dir(p) / "latest.pt", p / "latest.pt"):
-            if candidate.exists():
-                return candidate
-        raise DvectorError(f"{p} holds no checkpoints/latest.pt")
+        for folder in (checkpoint_dir(p), p):
+            if (folder / "latest.pt").exists():
+                return folder / "latest.pt"
+            numbered = sorted(c for c in folder.glob("step-*.pt") if NUMBERED.match(c.name)) if folder.is_dir() else []
+            if numbered:  # a run killed between writing a checkpoint and pointing latest.pt at it
+                return numbered[-1]
+        raise DvectorError(f"{p} holds no checkpoints (checkpoints/latest.pt or step-*.pt)")
     if not p.exists():
         raise DvectorError(f"checkpoint {p} does not exist")
     return p

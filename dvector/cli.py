@@ -136,7 +136,7 @@ def train_cmd(
     resume: Optional[Path] = typer.Option(None, "-c", "--continue", help="Checkpoint (or run folder) to continue from."),
     valid: Optional[str] = typer.Option(None, "--valid", help="Validation shards (other speakers); default: hold out ~10% of the speakers."),
     valid_every: int = typer.Option(1000, "--valid-every", help="Validate every this many steps."),
-    model: str = typer.Option("attentive", "--model", help="paper (3x768 LSTM, 256 proj), attentive (original, 3x256), or tiny."),
+    model: Optional[str] = typer.Option(None, "--model", help="paper (3x768 LSTM, 256 proj), attentive (original, 3x256; the default), or tiny."),
     loss: str = typer.Option("softmax", "--loss", help="softmax or contrast."),
     reduction: str = typer.Option("sum", "--reduction", help="sum (the paper's) or mean (learning rate scaled by N*M)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (the paper's) or adam."),
@@ -179,7 +179,7 @@ def train_cmd(
         def say(message: str) -> None:
             bar.console.print(message, highlight=False)
 
-        result = train(shards, model_dir, cfg, ModelConfig.preset(model), resume=str(resume) if resume else None,
+        result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None, resume=str(resume) if resume else None,
                        valid=valid, device=device, on_log=on_log, say=say if is_main else (lambda m: None))
     if is_main:
         print_train_summary(result, console)

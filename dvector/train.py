@@ -139,6 +139,22 @@ def _restore_loader(loader: GE2ELoader, saved: dict[str, Any] | None, say: Calla
         f"the data stream restarts at a new pass ({new_pass})")
 
 
+def _apply_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, step: int,
+                         say: Callable[[str], None]) -> None:
+    """On resume, follow this run's --lr and -d: the rate is lr x decay_factor^(step // decay_every).
+
+    Left alone when it already has that value, so an unchanged run continues bit for bit.
+    """
+    wanted = cfg.learning_rate * cfg.decay_factor ** (step // cfg.decay_every)
+    scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+        if not math.isclose(group["lr"], wanted, rel_tol=1e-9):
+            say(f"learning rate now {wanted:g} (was {group['lr']:g})")
+            group["lr"] = wanted
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def _optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.learning_rate)
@@ -191,15 +207,17 @@ def _train(
     model_dir = Path(model_dir)
     if not ddp.main:
         say = lambda message: None  # noqa: E731
-    latest = checkpoint_dir(model_dir) / "latest.pt"
-    if resume is None and latest.exists():
-        raise DvectorError(f"{model_dir} already holds a run: continue it with -c {latest}, or choose another MODEL_DIR")
+    if resume is None and checkpoint_dir(model_dir).is_dir() and any(checkpoint_dir(model_dir).glob("*.pt")):
+        raise DvectorError(f"{model_dir} already holds a run: continue it with -c {model_dir}, or choose another MODEL_DIR")
 
     source: ShardSource = resolve_shards(shards, index)
     checkpoint = load_checkpoint(resume) if resume is not None else None
     features = FeatureConfig.from_dict(source.index["config"]["features"]) if source.index else None
     if checkpoint is not None:
-        model_cfg = ModelConfig.from_dict(checkpoint["model_config"])
+        saved_cfg = ModelConfig.from_dict(checkpoint["model_config"])
+        if model_cfg is not None and model_cfg.name != saved_cfg.name:
+            say(f"note: continuing the checkpoint's {saved_cfg.name!r} model; --model {model_cfg.name} is ignored")
+        model_cfg = saved_cfg
     else:
         n_mels = features.n_mels if features else 40
         model_cfg = model_cfg or ModelConfig.preset("attentive", n_mels=n_mels)
@@ -243,6 +261,7 @@ def _train(
         scheduler.load_state_dict(checkpoint["scheduler"])
         scheduler.step_size, scheduler.gamma = cfg.decay_every, cfg.decay_factor
         step = int(checkpoint["step"])
+        _apply_learning_rate(optimizer, scheduler, cfg, step, say)
         best_eer = checkpoint.get("best_eer")
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if dev.type == "cuda" and "cuda" in checkpoint["rng"]:

@@ -334,3 +334,19 @@ def test_ddp_two_cpu_processes_stay_in_step_and_resume(shards: Path, tmp_path: P
     resumed = load_checkpoint(run_dir)
     assert resumed["step"] == 12 and resumed["loader"]["world"] == 2 and len(resumed["loader"]["ranks"]) == 2
     assert numbered(run_dir)[-2:] == [8, 12]
+
+
+def test_a_run_killed_before_latest_pt_was_linked_still_resumes(tmp_path):
+    """-c RUN_DIR falls back to the newest numbered checkpoint when latest.pt is missing."""
+    import torch
+
+    from dvector.checkpoint import checkpoint_dir, resolve_checkpoint, save_checkpoint
+
+    for step in (5, 10):
+        save_checkpoint({"step": step, "model": {"x": torch.zeros(1)}}, tmp_path, keep=5)
+    (checkpoint_dir(tmp_path) / "latest.pt").unlink()
+    (checkpoint_dir(tmp_path) / ".step-000000015.pt.tmp-123").write_bytes(b"half a checkpoint")
+    assert resolve_checkpoint(tmp_path).name == "step-000000010.pt"
+    save_checkpoint({"step": 15, "model": {"x": torch.zeros(1)}}, tmp_path, keep=5)
+    assert not list(checkpoint_dir(tmp_path).glob(".*.tmp-*"))
+    assert resolve_checkpoint(tmp_path).name == "latest.pt"
