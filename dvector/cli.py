@@ -150,6 +150,7 @@ def train_cmd(
     log_every: int = typer.Option(50, "--log-every", help="Log every this many steps."),
     short_policy: str = typer.Option("repeat", "--short-policy", help="Utterances shorter than L: repeat (tile) or drop."),
     threads: int = typer.Option(0, "--threads", help="Torch threads on CPU (0: the cores left after the loader workers)."),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", help="Stop with a checkpoint after this long (e.g. a job's time limit); 0: none."),
 ) -> None:
     """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
 
@@ -159,7 +160,7 @@ def train_cmd(
     from .summary import print_train_summary
     from .train import train
 
-    cfg = TrainConfig(threads=threads, steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
+    cfg = TrainConfig(threads=threads, max_minutes=max_minutes, steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
                       log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
@@ -276,12 +277,16 @@ def eval_cmd(
                                    help="Comma-separated audio extensions (generated trials)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store results and threshold in MODEL/eval.json."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default)."),
+    untrained: bool = typer.Option(False, "--untrained",
+                                   help="Evaluate MODEL's network as its training started (same seed): a baseline; stores nothing."),
 ) -> None:
     """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve."""
-    from .embed import load
+    from .embed import load, untrained_twin
     from .evaluate import DET_FILE, eval_path, evaluate, save_det, write_eval
 
     embedder = load(model, threads=threads or None)
+    if untrained:
+        embedder, save = untrained_twin(embedder), False
     with _progress() as bar:
         on_start, on_item = _counting_bar(bar, "eval")
         ev = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions.split(","),

@@ -201,6 +201,7 @@ class TrainConfig(_Config):
     valid_fraction: float = 0.1  # of speakers held out when no --valid shards are given
     valid_utterances: int = 20  # per validation speaker
     keep_checkpoints: int = 5
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this long; 0: no limit
     threads: int = 0  # torch CPU threads on CPU (0: the cores left after the loader's workers)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile on CUDA

@@ -9,14 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .build import build_shards
-from .config import BuildConfig, FeatureConfig, ModelConfig, TrainConfig, VadConfig
-from .embed import Embedder, load
+from .config import BuildConfig, ModelConfig, TrainConfig
+from .embed import load, untrained_twin
 from .evaluate import eval_path, evaluate, write_eval
 from .metrics import error_rates
-from .model import DVector
 from .plot import plot_det, visualize
 from .synth import write_corpus
 from .train import StepLog, train
@@ -48,12 +45,6 @@ class DemoResult:
     seconds: float
 
 
-def _untrained_embedder(seed: int, features: FeatureConfig, vad: VadConfig, seg_len: int) -> Embedder:
-    torch.manual_seed(seed)
-    model = DVector(ModelConfig.preset("tiny", n_mels=features.n_mels))
-    return Embedder.from_model(model, features, vad, seg_len, name="untrained tiny network", threads=1)
-
-
 def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), workers: int = 2, seed: int = 0,
              say: Callable[[str], None] = print, on_log: Callable[[StepLog], None] | None = None) -> DemoResult:
     """Run every stage into ``out_dir`` (data/, shards/, run/, tsne.png, det.png) and return the EERs."""
@@ -81,7 +72,7 @@ def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), 
     train(str(out / "shards"), out / "run", cfg, ModelConfig.preset("tiny"), device="cpu", say=say, on_log=on_log)
 
     trained = load(out / "run", threads=1)
-    untrained = _untrained_embedder(seed, trained.features, trained.vad, trained.seg_len)
+    untrained = untrained_twin(trained)
     say(f"evaluating on {size.eval_speakers} speakers never seen in training")
     before = evaluate(untrained, eval_root, seed=seed)
     after = evaluate(trained, eval_root, seed=seed)

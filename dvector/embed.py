@@ -336,8 +336,20 @@ def _from_checkpoint(path: Path, device: str, threads: int | None) -> Embedder:
         "kind": "checkpoint", "path": str(file), "step": int(state["step"]), "sha256": sha256_file(file),
         "best_eer": state.get("best_eer"), "embed_dim": model_cfg.embed_dim, "seg_len": seg_len,
         "model_config": model_cfg.to_dict(), "feature_config": features.to_dict(), "vad_config": vad.to_dict(),
+        "train_seed": int(state["train_config"].get("seed", 0)),
     }
     return Embedder(model.to(device), features, vad, seg_len, info, threads=threads)
+
+
+def untrained_twin(embedder: Embedder) -> Embedder:
+    """The same network as a checkpoint's, initialised as its training run started it (same seed):
+    the baseline that shows what training bought."""
+    if "model_config" not in embedder.info:
+        raise DvectorError("an untrained baseline needs a checkpoint or run folder (it records the network)")
+    torch.manual_seed(int(embedder.info.get("train_seed", 0)))
+    model = DVector(ModelConfig.from_dict(embedder.info["model_config"]))
+    return Embedder.from_model(model, embedder.features, embedder.vad, embedder.seg_len,
+                               name=f"untrained twin of {embedder.info.get('path')}", threads=embedder.threads)
 
 
 def _find(meta: dict[str, Any], *names: str) -> Any:

@@ -139,6 +139,16 @@ def _restore_loader(loader: GE2ELoader, saved: dict[str, Any] | None, say: Calla
         f"the data stream restarts at a new pass ({new_pass})")
 
 
+def _out_of_time(started: float, cfg: TrainConfig, ddp: Distributed, dev: torch.device) -> bool:
+    """Whether --max-minutes is spent; rank 0's clock decides for every rank."""
+    spent = time.perf_counter() - started > 60.0 * cfg.max_minutes
+    if ddp.world > 1:
+        flag = torch.tensor([int(spent)], device=dev if dev.type == "cuda" else torch.device("cpu"))
+        dist.broadcast(flag, src=0)
+        spent = bool(flag.item())
+    return spent
+
+
 def _apply_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, step: int,
                          say: Callable[[str], None]) -> None:
     """On resume, follow this run's --lr and -d: the rate is lr x decay_factor^(step // decay_every).
@@ -314,7 +324,7 @@ def _train(
             loss.backward()
             if cfg.paper_grad_scale:
                 apply_paper_gradient_scale(model, criterion)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # a tensor: no GPU sync per step
             optimizer.step()
             scheduler.step()
             criterion.project_()
@@ -322,10 +332,12 @@ def _train(
             window_wait += t1 - t0
             wait_total += t1 - t0
             window_steps += 1
-            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            out_of_time = cfg.max_minutes > 0 and step % cfg.log_every == 0 and _out_of_time(started, cfg, ddp, dev)
+            final = step == cfg.steps or out_of_time
+            log_now = step % cfg.log_every == 0 or final
             # every rank decides alike (only rank 0 holds valid_set; all join the broadcast below)
-            valid_now = validating and (step % cfg.valid_every == 0 or step == cfg.steps)
-            save_now = step % cfg.save_every == 0 or step == cfg.steps
+            valid_now = validating and (step % cfg.valid_every == 0 or final)
+            save_now = step % cfg.save_every == 0 or final
             if log_now or valid_now or save_now:
                 last_loss = float(loss.detach())
             speed = wait = math.nan
@@ -344,7 +356,7 @@ def _train(
             improved = eer_now is not None and (best_eer is None or eer_now < best_eer)
             save_now = save_now or improved
             if ddp.main and (log_now or eer_now is not None):
-                entry = StepLog(step, last_loss, scheduler.get_last_lr()[0], grad_norm, criterion.w.item(),
+                entry = StepLog(step, last_loss, scheduler.get_last_lr()[0], float(grad_norm), criterion.w.item(),
                                 criterion.b.item(), speed, wait, eer_now)
                 if writer is not None:
                     _write_scalars(writer, entry)
@@ -368,6 +380,9 @@ def _train(
                         "best_eer": best_eer, "heldout_speakers": heldout, "loss": last_loss,
                     }
                     saved.append(save_checkpoint(state, model_dir, cfg.keep_checkpoints, best=improved))
+            if out_of_time:
+                say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
+                break
     finally:
         if writer is not None:
             writer.close()

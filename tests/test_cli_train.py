@@ -128,3 +128,20 @@ def test_kill_9_then_continue_matches_a_straight_run(shards: Path, tmp_path: Pat
     straight = load_checkpoint(tmp_path / "straight")
     assert straight["step"] == target
     assert_same_weights(straight, resumed)
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, shards: Path) -> None:
+    """A time limit already spent stops at the first check (a log step) and saves there."""
+    from typer.testing import CliRunner
+
+    from dvector.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(shards), str(run), "-i", "1000", "-n", "4", "-m", "4",
+                                      "-l", "60", "--model", "tiny", "-w", "0", "--log-every", "3",
+                                      "--max-minutes", "0.000001", "--valid-every", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "--max-minutes" in " ".join(result.output.split())
+    import torch
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 3
