@@ -22,7 +22,6 @@ takes a waveform).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from .export import embed_windows, window_embeddings, window_starts
 from .features import log_mel, min_samples
 from .model import DVector
 from .process import SkipUtterance, waveform_to_mel
+from .shards import sha256_file
 
 EXPORT_MODULE = "dvector.pt"
 EXPORT_META = "dvector.json"
@@ -83,14 +83,6 @@ class ShapeBuckets(torch.nn.Module):
 
 
 # ---- the embedder --------------------------------------------------------------------------------
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _display(path: Any) -> str:
     return os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)

@@ -19,6 +19,7 @@ from .audio import scan_roots
 from .config import DEFAULT_EXTENSIONS
 from .embed import Embedder, model_identity
 from .errors import DvectorError
+from .shards import write_json_atomic
 from .metrics import eer, error_rates, min_dcf
 
 EVAL_FILE = "eval.json"
@@ -259,17 +260,8 @@ def eval_path(model: str | os.PathLike[str]) -> Path | None:
 
 
 def write_eval(path: Path, result: EvalResult, det: Path | None = None) -> None:
-    data = {**result.to_dict(), "det": str(det) if det else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_json_atomic(path, {**result.to_dict(), "det": str(det) if det else None,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 @dataclass

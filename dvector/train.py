@@ -6,6 +6,7 @@ takes the same number of steps, so uneven data can never hang DDP.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -171,6 +171,23 @@ def _optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
+def _ends_own_process_group(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Under torchrun, a process group the call starts is also ended by it (a process that exits
+    with a live gloo group aborts with "terminate called without an active exception")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> TrainResult:
+        owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper
+
+
+@_ends_own_process_group
 def train(
     shards: str | Sequence[str],
     model_dir: str | os.PathLike[str],
@@ -183,31 +200,7 @@ def train(
     on_log: Callable[[StepLog], None] | None = None,
     say: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or continue training) and return a summary; see the module doc.
-
-    Under torchrun, a process group this call starts is also ended by it (a process that exits
-    with a live gloo group aborts with "terminate called without an active exception").
-    """
-    owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
-    try:
-        return _train(shards, model_dir, cfg, model_cfg, resume, valid, device, index, on_log, say)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(
-    shards: str | Sequence[str],
-    model_dir: str | os.PathLike[str],
-    cfg: TrainConfig = TrainConfig(),
-    model_cfg: ModelConfig | None = None,
-    resume: str | os.PathLike[str] | None = None,
-    valid: str | None = None,
-    device: str | None = None,
-    index: str | None = None,
-    on_log: Callable[[StepLog], None] | None = None,
-    say: Callable[[str], None] = print,
-) -> TrainResult:
+    """Train (or continue training) and return a summary; see the module doc."""
     started = time.perf_counter()
     ddp_probe_kind = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
     ddp = setup_distributed(ddp_probe_kind)

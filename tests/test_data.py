@@ -1,0 +1,653 @@
+"""The streaming loader: shard URLs -> rank/worker slices -> speaker-balanced GE2E batches.
+
+Shards are written straight with ``write_shard`` (tiny mels whose channels say which utterance
+and frame a row came from), except one test that builds real shards from synthetic speech.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import http.server
+import io
+import itertools
+import json
+import pickle
+import shutil
+import threading
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from dvector.data import (
+    BatchSettings,
+    Consumer,
+    SampleStream,
+    StreamPosition,
+    WorkerState,
+    consumer_batches,
+    crop_batch,
+    ge2e_loader,
+    load_npy,
+    resolve_shards,
+    shard_order,
+)
+from dvector.errors import DvectorError
+from dvector.sampling import draw_round
+from dvector.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    encode_sample,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
+
+N_MELS = 4  # channel 0: utterance id, 1: frame number, 2: speaker index, 3: noise (ids exact in float16)
+N, M, L = 4, 3, 20
+
+
+def make_shards(folder: Path, n_speakers: int = 16, per_speaker: int = 12, n_shards: int = 4, block: int = 6,
+                frames: tuple[int, int] = (30, 60), seed: int = 0, index: bool = True, prefix: str = "s") -> Path:
+    """Speaker blocks shuffled over shards, as build-shards lays them out; returns the folder."""
+    rng = np.random.default_rng(seed)
+    blocks = [(s, u0) for s in range(n_speakers) for u0 in range(0, per_speaker, block)]
+    order = rng.permutation(len(blocks))
+    folder.mkdir(parents=True, exist_ok=True)
+    infos = []
+    uid = 0
+    for k in range(n_shards):
+        samples = []
+        for b in order[k::n_shards]:
+            s, u0 = blocks[b]
+            for u in range(u0, min(u0 + block, per_speaker)):
+                T = int(rng.integers(frames[0], frames[1] + 1))
+                mel = np.empty((T, N_MELS), np.float16)
+                mel[:, 0], mel[:, 1], mel[:, 2] = uid, np.arange(T), s
+                mel[:, 3] = rng.standard_normal(T)
+                samples.append((f"{prefix}{s:03d}_u{u:03d}", mel, {"speaker": f"t/s{s:03d}", "speaker_index": s,
+                                                            "source": f"s{s:03d}/{u}.wav", "n_frames": T}))
+                uid += 1
+        assert uid < 2048
+        infos.append(write_shard(folder / shard_name(k), samples).to_dict())
+    if index:
+        write_json_atomic(folder / INDEX_NAME, {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {"features": {"n_mels": N_MELS}},
+            "speakers": [{"id": f"t/s{s:03d}", "index": s, "utterances": per_speaker} for s in range(n_speakers)],
+            "shards": infos, "failures": []})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def urls_of(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.glob("shard-*.tar"))
+
+
+def take(loader, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for mels, speakers in loader:
+        out.append((mels, speakers))
+        if len(out) == k:
+            break
+    return out
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (ma, sa), (mb, sb) in zip(a, b):
+        assert torch.equal(ma, mb) and torch.equal(sa, sb)
+
+
+def check_batch(mels: torch.Tensor, speakers: torch.Tensor, n: int = N, m: int = M, seg: int = L) -> None:
+    assert mels.shape == (n * m, seg, N_MELS) and mels.dtype == torch.float32
+    assert speakers.shape == (n * m,) and speakers.dtype == torch.int64
+    groups = speakers.view(n, m)
+    assert (groups == groups[:, :1]).all(), "rows j*M..j*M+M-1 are one speaker"
+    assert len(set(groups[:, 0].tolist())) == n, "N distinct speakers"
+    assert torch.equal(mels[:, 0, 2].long(), speakers), "each row comes from its speaker"
+    for row in mels:
+        assert len(set(row[:, 0].tolist())) == 1, "one utterance per row"
+    for utterances in mels[:, 0, 0].view(n, m):
+        assert len(set(utterances.tolist())) == m, "M distinct utterances per speaker"
+
+
+# ---- batches ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_hold_n_speakers_times_m_utterances_of_l_frames(shards, workers):
+    loader = ge2e_loader(shards, N, M, L, workers=workers, seed=0)
+    assert loader.n_mels == N_MELS
+    batches = take(loader, 6)
+    for mels, speakers in batches:
+        check_batch(mels, speakers)
+        frames = mels[:, :, 1]
+        assert (frames[:, 1:] - frames[:, :-1] == 1).all(), "a crop is L consecutive frames"
+    assert loader.stats.batches >= 6 and loader.stats.uses >= 6 * N * M
+
+
+def test_crops_are_those_draw_round_would_make(shards):
+    stream = SampleStream(urls_of(shards), Consumer(), seed=0)
+    pool = [s for _, s in zip(range(60), (x for _, x in stream.samples(StreamPosition())))]
+    lazy = draw_round(pool, N, M, (15, 45), np.random.default_rng(3), materialize=False)
+    eager = draw_round(pool, N, M, (15, 45), np.random.default_rng(3))
+    for a, b in zip(lazy, eager):
+        out = np.empty((N * M, a.seg_len, N_MELS), np.float32)
+        np.testing.assert_array_equal(crop_batch(pool, a, out), b.mels.astype(np.float32))
+
+
+def test_consumer_batches_cast_once_and_resume_from_a_worker_state(shards):
+    urls, settings = urls_of(shards), BatchSettings(N, M, L, seed=2)
+    stored = list(itertools.islice(consumer_batches(urls, settings, Consumer()), 24))
+    cast = [b.mels for b, _, _ in itertools.islice(consumer_batches(urls, settings, Consumer(), dtype=np.float32), 24)]
+    assert stored[0][0].mels.dtype == np.float16 and cast[0].dtype == np.float32
+    for (batch, _, _), mels in zip(stored, cast):
+        np.testing.assert_array_equal(batch.mels.astype(np.float32), mels)
+    state = WorkerState.from_dict(stored[19][1].to_dict())  # in the second round
+    assert state.round == 1
+    resumed = [b.mels for b, _, _ in itertools.islice(consumer_batches(urls, settings, Consumer(), state), 4)]
+    for (batch, _, _), mels in zip(stored[20:], resumed):
+        np.testing.assert_array_equal(batch.mels, mels)
+
+
+def test_segment_length_range_is_drawn_per_batch(shards):
+    lengths = {mels.shape[1] for mels, _ in take(ge2e_loader(shards, N, M, (20, 28), workers=0), 12)}
+    assert len(lengths) > 1 and all(20 <= x <= 28 for x in lengths)
+
+
+def test_short_clips_train_with_the_repeat_policy_and_are_counted(tmp_path):
+    """A corpus of 1.5 s clips, built from synthetic speech, trains at L=160 (the clips are shorter)."""
+    from dvector.build import build_shards
+    from dvector.config import BuildConfig
+    from dvector.synth import write_corpus
+
+    write_corpus(tmp_path / "corpus", 6, 8, seed=1, duration_s=(1.5, 1.5))
+    report = build_shards([str(tmp_path / "corpus")], tmp_path / "shards",
+                          BuildConfig(min_shards=2, block_size=4), workers=1)
+    assert report.index_written and report.utterances_ok == 48
+    loader = ge2e_loader(tmp_path / "shards", 4, 3, 160, workers=0, seed=0)
+    for mels, speakers in take(loader, 4):
+        assert mels.shape == (12, 160, 40) and torch.isfinite(mels).all()
+        assert len(set(speakers.tolist())) == 4
+    stats = loader.stats
+    assert stats.dropped_short == 0
+    assert stats.repeated_short == stats.uses > 0, "every 1.5 s clip (< 160 frames after VAD) is tiled"
+    dropping = ge2e_loader(tmp_path / "shards", 4, 3, 160, workers=0, short_policy="drop")
+    with pytest.raises(DvectorError, match="cannot form a batch"):
+        take(dropping, 1)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_fewer_speakers_than_n_is_a_clear_error_not_a_hang(tmp_path, workers):
+    folder = make_shards(tmp_path / "few", n_speakers=3, per_speaker=12, n_shards=2)
+    with pytest.raises(DvectorError, match="cannot form a batch of 4 speakers"):
+        take(ge2e_loader(folder, 4, 3, L, workers=workers), 1)
+
+
+def test_excluded_speakers_never_appear(shards):
+    held_out = {0, 5, 7}
+    seen = set()
+    for _, speakers in take(ge2e_loader(shards, N, M, L, workers=0, exclude_speakers=tuple(held_out)), 20):
+        seen |= set(speakers.tolist())
+    assert seen and not seen & held_out
+
+
+# ---- rank and worker splits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4, 5, 12])
+@pytest.mark.parametrize("world, workers", [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2)])
+def test_assignments_cover_every_shard_and_block_exactly_once(n_shards, world, workers):
+    order = shard_order(n_shards, seed=0, pass_=0)
+    covered: dict[int, set[int]] = {k: set() for k in range(n_shards)}  # shard -> residues read
+    moduli: dict[int, set[int]] = {k: set() for k in range(n_shards)}
+    for rank in range(world):
+        for worker in range(workers):
+            mine, modulus, remainder = Consumer(rank, world, worker, workers).assignment(order)
+            for k in mine:
+                assert remainder not in covered[k], f"two consumers read slice {remainder} of shard {k}"
+                covered[k].add(remainder)
+                moduli[k].add(modulus)
+    for k in range(n_shards):
+        assert len(moduli[k]) == 1, f"shard {k} split two ways"
+        assert covered[k] == set(range(moduli[k].pop())), f"shard {k}: blocks {covered[k]} read"
+
+
+def one_pass(urls: list[str], consumer: Consumer, seed: int = 0) -> list[dict]:
+    out = []
+    for pos, sample in SampleStream(urls, consumer, seed).samples(StreamPosition()):
+        if pos.pass_ > 0:
+            break
+        out.append(sample)
+    return out
+
+
+@pytest.mark.parametrize("n_shards, world, workers", [(4, 2, 2), (3, 2, 2), (1, 2, 2), (2, 1, 3), (1, 1, 2)])
+def test_consumers_read_disjoint_slices_that_cover_the_data(tmp_path, n_shards, world, workers):
+    folder = make_shards(tmp_path / "s", n_speakers=12, per_speaker=8, n_shards=n_shards, block=4)
+    urls = urls_of(folder)
+    everything = [s["__key__"] for u in urls for _, s in SampleStream([u], Consumer(), 0)._shard_samples(u, 0, 1, 0)]
+    read: dict[tuple[int, int], list[str]] = {}
+    for rank in range(world):
+        for worker in range(workers):
+            read[rank, worker] = [s["__key__"] for s in one_pass(urls, Consumer(rank, world, worker, workers))]
+    keys = [k for ks in read.values() for k in ks]
+    assert len(keys) == len(set(keys)) == len(everything), "disjoint"
+    assert set(keys) == set(everything), "covering"
+    assert all(read.values()), "every consumer gets data"
+    # Split by speaker block, never inside one: a block (one speaker, consecutive) goes to one consumer.
+    owner = {k: c for c, ks in read.items() for k in ks}
+    for u in urls:
+        samples = [s for _, s in SampleStream([u], Consumer(), 0)._shard_samples(u, 0, 1, 0)]
+        for a, b in zip(samples, samples[1:]):
+            if a["speaker_index"] == b["speaker_index"]:
+                assert owner[a["__key__"]] == owner[b["__key__"]]
+
+
+# ---- determinism and resuming -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_batches_other_seed_other_batches(shards, workers):
+    a = take(ge2e_loader(shards, N, M, L, workers=workers, seed=1), 8)
+    b = take(ge2e_loader(shards, N, M, L, workers=workers, seed=1), 8)
+    c = take(ge2e_loader(shards, N, M, L, workers=workers, seed=2), 8)
+    assert_same(a, b)
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_reused_batch_buffers_never_change_what_the_consumer_holds(shards):
+    """Workers recycle shared-memory batch buffers, but only those the consumer has let go of."""
+    expected = take(ge2e_loader(shards, N, M, L, workers=2, seed=3, reuse_buffers=False), 40)
+    keep = {3: lambda m: m[1:5], 16: lambda m: m.numpy(), 27: lambda m: m}  # a view, an array, the batch
+    held = {}
+    pointers = []
+    for i, (mels, speakers) in enumerate(ge2e_loader(shards, N, M, L, workers=2, seed=3, prefetch=2)):
+        if i == len(expected):
+            break
+        assert torch.equal(mels, expected[i][0]) and torch.equal(speakers, expected[i][1])
+        pointers.append(mels.data_ptr())
+        if i in keep:
+            held[i] = keep[i](mels)
+    del mels
+    for i, kept in held.items():
+        np.testing.assert_array_equal(np.asarray(kept), np.asarray(keep[i](expected[i][0])))
+    assert len(set(pointers)) <= len(pointers) // 2, "buffers are reused"
+
+
+def test_rank_and_world_come_from_the_torchrun_environment(shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = ge2e_loader(shards, N, M, L, workers=0)
+    assert (loader.rank, loader.world) == (1, 2)
+    explicit = ge2e_loader(shards, N, M, L, workers=0, rank=1, world=2)
+    assert_same(take(loader, 3), take(explicit, 3))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", [5, 40])  # mid first round; in a later round (a round is <= 16 batches here)
+def test_restored_position_gives_the_batches_continuing_would(shards, workers, stop):
+    loader = ge2e_loader(shards, N, M, L, workers=workers, seed=4)
+    it = iter(loader)
+    for _ in range(stop):
+        next(it)
+    saved = json.loads(json.dumps(loader.state_dict()))  # plain values: fits a weights_only checkpoint
+    continued = [next(it) for _ in range(20)]
+    del it
+    fresh = ge2e_loader(shards, N, M, L, workers=workers, seed=4)
+    assert fresh.load_state_dict(copy.deepcopy(saved))
+    assert_same(take(fresh, 20), continued)
+    if stop > 32:  # more than 16 batches per worker
+        assert any(s["round"] > 0 for s in saved["states"].values())
+    assert any(s["drawn"] > 0 for s in saved["states"].values())
+
+
+@pytest.mark.parametrize("n_shards, rank, world", [(2, 0, 1), (1, 1, 2)])
+def test_a_corpus_smaller_than_the_pool_wraps_without_repeats_and_resumes(tmp_path, n_shards, rank, world):
+    """8 speakers x 6 utterances (half of that per rank when one shard is split by block) < the pool."""
+    folder = make_shards(tmp_path / "small", n_speakers=8, per_speaker=6, n_shards=n_shards, block=3)
+    loader = ge2e_loader(folder, N, M, L, workers=0, rank=rank, world=world, seed=5)
+    it = iter(loader)
+    first = [next(it) for _ in range(9)]
+    saved = loader.state_dict()
+    rest = [next(it) for _ in range(25)]
+    for mels, speakers in first + rest:
+        check_batch(mels, speakers)  # M distinct utterances: a pool never holds one twice
+    fresh = ge2e_loader(folder, N, M, L, workers=0, rank=rank, world=world, seed=5)
+    fresh.load_state_dict(saved)
+    assert_same(take(fresh, 25), rest)
+    utterances = 48 // world
+    assert loader.stats.utterances <= utterances * (loader.stats.rounds + 1), "each pool holds the data once"
+
+
+def test_a_position_from_other_settings_is_refused(shards):
+    loader = ge2e_loader(shards, N, M, L, workers=0)
+    take(loader, 2)
+    saved = loader.state_dict()
+    other = ge2e_loader(shards, N, M, L + 1, workers=0)
+    assert not other.load_state_dict(saved)
+    assert not ge2e_loader(shards, N, M, L, workers=2).load_state_dict(saved)
+
+
+def test_resuming_mid_shard_starts_reading_there(shards):
+    urls = urls_of(shards)
+    stream = SampleStream(urls, Consumer(), 0)
+    whole = [(p, s["__key__"]) for _, (p, s) in zip(range(70), stream.samples(StreamPosition()))]
+    (pos, _), rest = whole[30], whole[31:]
+    assert pos.sample > 0, "the position is inside a shard"
+    resumed = [(p, s["__key__"]) for _, (p, s) in zip(range(len(rest)), stream.samples(pos))]
+    assert resumed == rest
+
+
+def test_restart_at_new_pass_is_deterministic(shards):
+    a = ge2e_loader(shards, N, M, L, workers=0)
+    take(a, 3)
+    a.restart_at_new_pass()
+    b = ge2e_loader(shards, N, M, L, workers=0)
+    b.load_state_dict(a.state_dict())
+    assert all(s.start.pass_ == 1 for s in a.states.values())
+    assert_same(take(a, 4), take(b, 4))
+
+
+# ---- uneven shards and DDP --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_uneven_shards_give_both_ranks_the_same_endless_stream(tmp_path, workers):
+    folder = make_shards(tmp_path / "uneven", n_speakers=16, per_speaker=12, n_shards=3)
+    order = shard_order(3, seed=0, pass_=0)
+    assert len(Consumer(0, 2).assignment(order)[0]) != len(Consumer(1, 2).assignment(order)[0])
+    steps = 40  # several passes over the smaller rank's data
+    counts = []
+    for rank in (0, 1):
+        loader = ge2e_loader(folder, N, M, L, workers=workers, rank=rank, world=2)
+        got = take(loader, steps)
+        for mels, speakers in got[:3]:
+            check_batch(mels, speakers)
+        counts.append(len(got))
+    assert counts == [steps, steps]
+
+
+def _ddp_worker(rank: int, world: int, folder: str, init: str, out: str, steps: int) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=60))
+    try:
+        loader = ge2e_loader(folder, N, M, L, workers=0, seed=0)  # rank and world from torch.distributed
+        assert (loader.rank, loader.world) == (rank, world)
+        total = torch.zeros(1)
+        for step, (mels, speakers) in enumerate(loader):
+            if step == steps:
+                break
+            count = torch.ones(1)
+            torch.distributed.all_reduce(count)  # every step is collective, as in DDP
+            total += count
+        Path(out, f"rank{rank}.json").write_text(json.dumps(
+            {"steps": step, "total": float(total), "speakers": speakers.tolist()}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_uneven_shards_step_together(tmp_path):
+    folder = make_shards(tmp_path / "uneven", n_speakers=16, per_speaker=12, n_shards=3)
+    steps = 25
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(folder), f"file://{tmp_path / 'rendezvous'}",
+                                                   str(tmp_path), steps), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in results] == [steps, steps]
+    assert [r["total"] for r in results] == [2 * steps, 2 * steps]
+    assert results[0]["speakers"] != results[1]["speakers"], "ranks read different data"
+
+
+# ---- faults ------------------------------------------------------------------------------------
+
+
+def corrupt_copies(folder: Path) -> dict[str, Path]:
+    """Good shards plus a truncated one, one with a flipped tar header and one with a flipped .npy header.
+
+    The broken ones are copies of a shard of another corpus (keys of their own); a pool never
+    holds one key twice, so copies of one shard would hide each other's samples.
+    """
+    make_shards(folder, n_shards=4, seed=1)
+    source = make_shards(folder / "other", n_shards=3, seed=2, prefix="x", index=False)
+    data = (source / shard_name(0)).read_bytes()
+    bad = {"truncated": folder / "truncated.tar", "header": folder / "header.tar", "npy": folder / "npy.tar"}
+    bad["truncated"].write_bytes(data[: len(data) // 2 + 100])
+    flipped = bytearray(data)
+    # the header of the 11th member, well inside: the checksum no longer matches
+    offset = 0
+    for _ in range(10):
+        size = int(flipped[offset + 124:offset + 136].split(b"\0")[0] or b"0", 8)
+        offset += 512 + (size + 511) // 512 * 512
+    flipped[offset + 20:offset + 30] = bytes(b ^ 0x5A for b in flipped[offset + 20:offset + 30])
+    bad["header"].write_bytes(bytes(flipped))
+    first_npy = data.index(b"\x93NUMPY")
+    broken = bytearray(data)
+    broken[first_npy:first_npy + 6] = b"\x00garbl"  # the data of a member, not a header: a bad sample
+    bad["npy"].write_bytes(bytes(broken))
+    return bad
+
+
+def drain(stream: SampleStream, shard: str) -> list[str]:
+    return [s["__key__"] for _, s in stream._shard_samples(shard, 0, 1, 0)]
+
+
+def test_corrupt_and_missing_shards_are_skipped_with_a_warning_naming_them(shards, tmp_path):
+    bad = corrupt_copies(tmp_path / "bad")
+    stream = SampleStream([], Consumer(), 0)
+    good = drain(stream, str(tmp_path / "bad" / "other" / shard_name(0)))
+    with pytest.warns(RuntimeWarning, match=r"truncated\.tar.*truncated"):
+        keys = drain(stream, str(bad["truncated"]))
+    assert 0 < len(keys) < len(good) and keys == good[:len(keys)], "samples before the damage still count"
+    with pytest.warns(RuntimeWarning, match=r"header\.tar.*checksum"):
+        keys = drain(stream, str(bad["header"]))
+    assert 0 < len(keys) < len(good)
+    with pytest.warns(RuntimeWarning, match=r"npy\.tar, sample '" + good[0]):
+        keys = drain(stream, str(bad["npy"]))
+    assert keys == good[1:], "one bad sample is skipped, not the shard"
+    missing = str(tmp_path / "bad" / "shard-999999.tar")
+    with pytest.warns(RuntimeWarning, match="shard-999999.tar"):
+        assert drain(stream, missing) == []
+    # through the loader: every broken shard is named, and batches still come
+    urls = urls_of(tmp_path / "bad") + [str(p) for p in bad.values()] + [missing]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mels, speakers in take(ge2e_loader(urls, N, M, L, workers=0), 100):  # about two passes
+            check_batch(mels, speakers)
+    text = "\n".join(str(w.message) for w in caught)
+    for name in ("truncated.tar", "header.tar", "npy.tar", "shard-999999.tar"):
+        assert name in text
+
+
+@pytest.mark.parametrize("which", ["truncated", "header", "npy", "missing"])
+def test_on_error_raise_stops_with_the_shard_named(shards, tmp_path, which):
+    bad = corrupt_copies(tmp_path / "bad")
+    target = str(tmp_path / "nowhere.tar") if which == "missing" else str(bad[which])
+    loader = ge2e_loader([target], N, M, L, workers=0, on_error="raise")
+    with pytest.raises(DvectorError, match=Path(target).name):
+        take(loader, 1)
+
+
+def test_all_shards_broken_is_an_error_not_a_hang(tmp_path):
+    urls = [str(tmp_path / f"gone-{i}.tar") for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DvectorError, match="read no usable sample"):
+            take(ge2e_loader(urls, N, M, L, workers=0), 1)
+
+
+class _Boom:
+    """Unpickling this creates a file: proof that code from a shard ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_in_shards_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = np.empty(2, dtype=object)
+    payload[0] = _Boom(str(marker))
+    evil_npy = io.BytesIO()
+    np.save(evil_npy, payload, allow_pickle=True)
+    evil_pickle = pickle.dumps(_Boom(str(marker)))
+    rng = np.random.default_rng(0)
+    path = tmp_path / "evil.tar"
+    with open(path, "wb") as stream, wds.TarWriter(stream, encoder=False) as writer:
+        for s in range(5):
+            for u in range(4):
+                key = f"s{s}_u{u}"
+                sample = encode_sample(key, rng.standard_normal((30, N_MELS)).astype(np.float16),
+                                       {"speaker_index": s})
+                sample["pyd"] = evil_pickle  # extra members: never decoded
+                sample["pickle"] = evil_pickle
+                sample["pth"] = evil_pickle
+                if (s, u) == (2, 1):
+                    sample["mel.npy"] = evil_npy.getvalue()  # an object array: needs pickle to load
+                writer.write(sample)
+    stream = SampleStream([str(path)], Consumer(), 0)
+    with pytest.warns(RuntimeWarning, match=r"evil\.tar, sample 's2_u1'.*(pickle|[Oo]bject)"):
+        samples = [s for _, s in stream._shard_samples(str(path), 0, 1, 0)]
+    assert len(samples) == 19 and "s2_u1" not in {s["__key__"] for s in samples}
+    assert all(set(s) == {"speaker_index", "__key__", "__url__", "mel"} for s in samples)
+    with pytest.raises(DvectorError, match="evil.tar"):
+        [s for _, s in SampleStream([str(path)], Consumer(), 0, on_error="raise")._shard_samples(str(path), 0, 1, 0)]
+    assert not marker.exists(), "a shard ran code"
+    with pytest.raises(ValueError):
+        load_npy(evil_npy.getvalue())
+    assert not marker.exists()
+
+
+def test_load_npy_reads_what_np_save_writes():
+    for a in (np.arange(12, dtype=np.float16).reshape(3, 4), np.ones((2, 5), ">f4"), np.zeros((1, 1), np.int16),
+              np.asfortranarray(np.arange(6.0).reshape(2, 3))):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        got = load_npy(buf.getvalue())
+        np.testing.assert_array_equal(got, a)
+        assert got.dtype == a.dtype
+    buf = io.BytesIO()
+    np.save(buf, np.ones((4, 4), np.float16))
+    with pytest.raises(ValueError):
+        load_npy(buf.getvalue()[:-2])  # data shorter than the header says
+    with pytest.raises(ValueError):
+        load_npy(b"not an npy file at all")
+
+
+# ---- URLs --------------------------------------------------------------------------------------
+
+
+def test_sources_folder_brace_pattern_list_file_url_and_index_path(shards):
+    folder = resolve_shards(shards)
+    assert len(folder.urls) == 4 and folder.index is not None
+    brace = resolve_shards(f"{shards}/shard-{{000000..000003}}.tar")
+    assert sorted(brace.urls) == sorted(folder.urls) and brace.index is not None, "index found beside the shards"
+    listed = resolve_shards([f"{shards}/shard-{{000000..000001}}.tar", str(shards / shard_name(3))])
+    assert len(listed.urls) == 3
+    by_index = resolve_shards(str(shards / INDEX_NAME))
+    assert by_index.urls == folder.urls
+    file_urls = resolve_shards(f"file://{shards}/shard-{{000000..000003}}.tar")
+    assert file_urls.index is not None
+    file_folder = resolve_shards(f"file://{shards}/")
+    assert_same(take(ge2e_loader(file_folder.urls, N, M, L, workers=0), 3),
+                take(ge2e_loader(shards, N, M, L, workers=0), 3))
+    with pytest.raises(DvectorError):
+        resolve_shards([])
+
+
+def test_pipe_urls_read_like_local_files(shards):
+    pipe = resolve_shards(f"pipe:cat {shards}/shard-{{000000..000003}}.tar")
+    assert len(pipe.urls) == 4 and all(u.startswith("pipe:cat ") for u in pipe.urls) and pipe.index is None
+    local = take(ge2e_loader(f"{shards}/shard-{{000000..000003}}.tar", N, M, L, workers=0), 20)
+    assert_same(take(ge2e_loader(pipe.urls, N, M, L, workers=0), 20), local)
+    # a failing command is a failing shard
+    with pytest.warns(RuntimeWarning, match="no-such-file"):
+        assert drain(SampleStream([], Consumer(), 0), f"pipe:cat {shards}/no-such-file.tar") == []
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(folder: Path, handler: type = QuietHandler):
+    """An HTTP server on 127.0.0.1 (a free port) serving ``folder`` from a thread; yields its base URL."""
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) through curl")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def http_shards(shards):
+    with serve(shards) as base:
+        yield base
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_http_streaming_from_a_local_server(shards, http_shards, workers):
+    base = http_shards
+    brace = ge2e_loader(f"{base}/shard-{{000000..000003}}.tar", N, M, L, workers=workers, seed=0)
+    assert brace.source.urls[0].startswith("http://127.0.0.1:")
+    assert brace.source.index is not None and brace.n_mels == N_MELS, "index.json read from beside the shards"
+    local = take(ge2e_loader(f"{shards}/shard-{{000000..000003}}.tar", N, M, L, workers=workers, seed=0), 12)
+    assert_same(take(brace, 12), local)
+    folder = ge2e_loader(f"{base}/", N, M, L, workers=workers, seed=0)  # the folder URL: its index lists the shards
+    assert folder.source.urls == [f"{base}/{shard_name(k)}" for k in range(4)]
+    for mels, speakers in take(folder, 6):
+        check_batch(mels, speakers)
+
+
+def test_http_missing_shard_is_skipped_with_a_warning(http_shards):
+    stream = SampleStream([], Consumer(), 0)
+    with pytest.warns(RuntimeWarning, match="shard-000404.tar"):
+        assert drain(stream, f"{http_shards}/shard-000404.tar") == []
+    with pytest.raises(DvectorError, match="shard-000404.tar"):
+        drain(SampleStream([], Consumer(), 0, on_error="raise"), f"{http_shards}/shard-000404.tar")
+
+
+class FlakyHandler(QuietHandler):
+    """Breaks the first download of shard 1 halfway (a dropped connection), then serves it whole."""
+
+    broken: set[str] = set()
+
+    def do_GET(self):
+        if self.path.endswith(shard_name(1)) and self.path not in FlakyHandler.broken:
+            FlakyHandler.broken.add(self.path)
+            data = Path(self.directory, shard_name(1)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+def test_a_dropped_download_is_opened_again_where_it_broke(shards):
+    local = drain(SampleStream([], Consumer(), 0), str(shards / shard_name(1)))
+    with serve(shards, FlakyHandler) as base:
+        with pytest.warns(RuntimeWarning, match=r"shard-000001.tar.*opening it again at sample \d+"):
+            keys = drain(SampleStream([], Consumer(), 0), f"{base}/{shard_name(1)}")
+    assert keys == local
