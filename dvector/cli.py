@@ -226,7 +226,8 @@ def embed_cmd(
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch while embedding (0: torch's default)."),
 ) -> None:
     """Embed utterances: sliding windows of the training length, averaged and normalised."""
-    from .embed import embed_paths, load, save_embeddings
+    from .embed import load
+    from .embed_io import embed_paths, save_embeddings
 
     embedder = load(model, threads=threads or None)
     with _progress() as bar:

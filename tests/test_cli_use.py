@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dvector.cli import app, main
-from dvector.embed import load_embeddings
+from dvector.embed_io import load_embeddings
 from dvector.errors import DvectorError
 from use_helpers import copy_run, trained_run
 

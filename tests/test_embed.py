@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import dvector
-from dvector.embed import (MODEL_KEY, TIMES_PREFIX, Embedder, ShapeBuckets, embed_paths, load, load_embeddings,
-                           save_embeddings, window_starts)
+from dvector.embed import Embedder, ShapeBuckets, load, window_starts
+from dvector.embed_io import MODEL_KEY, TIMES_PREFIX, embed_paths, load_embeddings, save_embeddings
 from dvector.errors import DvectorError
 from dvector.features import log_mel
 from dvector.synth import random_voice, utterance
@@ -87,11 +87,12 @@ def test_window_starts_cover_everything() -> None:
 
 
 def test_window_code_is_the_exports() -> None:
-    export = pytest.importorskip("dvector.export")
     import dvector.embed as embed_module
+    import dvector.export as export_module
+    import dvector.windows as windows
 
-    assert embed_module.window_starts is export.window_starts
-    assert embed_module.embed_windows is export.embed_windows
+    assert embed_module.window_starts is windows.window_starts
+    assert embed_module.embed_windows is windows.embed_windows is export_module.embed_windows
 
 
 def test_shape_buckets_change_nothing(embedder: Embedder) -> None:

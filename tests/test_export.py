@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from dvector import __version__
 from dvector.checkpoint import save_checkpoint
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig, VadConfig
-from dvector.export import (EmbeddingModule, TorchLogMel, TorchVad, dilate, embed_windows, export_model,
-                            find_checkpoint, keep_pauses, load_exported, remove_short_runs, script_module,
-                            window_batch, window_embeddings, window_starts)
+from dvector.export import EmbeddingModule, export_model, find_checkpoint, load_exported, script_module
+from dvector.frontend_torch import TorchLogMel, TorchVad, dilate, keep_pauses, remove_short_runs
+from dvector.windows import embed_windows, window_batch, window_embeddings, window_starts
 from dvector.features import log_mel, min_samples
 from dvector.model import DVector
 from dvector.process import SkipUtterance, waveform_to_mel
