@@ -23,8 +23,9 @@ window after a warm-up:
   rounds' speaker appearances dealt into batches uniformly at random. Near-equal numbers mean
   the loader mixes speakers as well as chance; fixed groups would give about S/(N-1);
 - peak RSS (VmHWM of /proc/PID/status) of each DataLoader worker process (found as children of
-  this process in /proc), and of the main process, with the current split into anonymous memory,
-  file pages (the memory-mapped shards: page cache, shared) and shared memory (batch buffers);
+  this process in /proc), and of the main process, with the current split into anonymous memory
+  (the pool of samples read from shards), file pages (mapped libraries) and shared memory (batch
+  buffers on their way to the main process);
   forked workers share pages with the main process, so Pss (proportional share,
   /proc/PID/smaps_rollup) is printed as well;
 - CPU seconds each process used in the window (/proc/PID/stat), per batch: on a machine shared
