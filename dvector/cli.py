@@ -306,7 +306,7 @@ def eval_cmd(
     for what, path in (("results", stored), ("DET curve", det_path)):
         if path is not None:
             console.print(f"{what}: {path}", highlight=False)
-    if det_path is None:
+    if det_path is None and not untrained:
         console.print("no DET curve: MODEL is not a folder to store it in; give --det PATH", highlight=False)
     print(f"EER={100 * r.eer:.2f}%")
 
