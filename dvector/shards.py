@@ -84,6 +84,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _HashingWriter:
+    """A write-only stream that hashes what passes through it (saves reading the shard again)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.digest, self.bytes = stream, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]]) -> ShardInfo:
     """Write ``(key, mel, meta)`` samples to ``path`` atomically and describe what was written."""
     tmp = temp_name(path)
@@ -91,7 +106,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict[str, A
     speakers: set[int] = set()
     try:
         with open(tmp, "wb") as stream:
-            with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
+            hashing = _HashingWriter(stream)
+            with wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME) as writer:
                 for key, mel, meta in samples:
                     writer.write(encode_sample(key, mel, meta))
                     info.samples += 1
@@ -100,7 +116,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict[str, A
             stream.flush()
             os.fsync(stream.fileno())
         info.bytes = tmp.stat().st_size
-        info.sha256 = sha256_file(tmp)
+        assert info.bytes == hashing.bytes, f"wrote {hashing.bytes} bytes but the file has {info.bytes}"
+        info.sha256 = hashing.digest.hexdigest()
         info.speakers = sorted(speakers)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
