@@ -389,6 +389,7 @@ def synth_cmd(
     fmt: str = typer.Option("flac", "--format", help="flac or wav."),
     layout: str = typer.Option("flat", "--layout", help="flat (SPEAKER/utt.ext) or nested (SPEAKER/SESSION/utt.ext)."),
     prefix: str = typer.Option("spk", "--prefix", help="Speaker folder names: PREFIX000, PREFIX001, ..."),
+    duration: str = typer.Option("1.5-4.0", "--duration", help="Utterance length range in seconds, lo-hi."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a synthetic multi-speaker corpus (for trying dvector, and the recipes' smoke mode)."""
@@ -398,8 +399,14 @@ def synth_cmd(
         _fail(f"--layout must be flat or nested, got {layout!r}")
     if fmt not in ("flac", "wav"):
         _fail(f"--format must be flac or wav, got {fmt!r}")
+    try:
+        lo, hi = (float(x) for x in duration.split("-"))
+    except ValueError:
+        _fail(f"--duration takes lo-hi seconds such as 1.5-4.0, got {duration!r}")
+    if not 0 < lo <= hi:
+        _fail(f"--duration needs 0 < lo <= hi, got {duration!r}")
     paths = write_corpus(root, speakers, utterances, seed=seed, sample_rate=sample_rate, extension=fmt,
-                         prefix=prefix, nested=layout == "nested")
+                         prefix=prefix, nested=layout == "nested", duration_s=(lo, hi))
     console.print(f"wrote {len(paths)} files of {speakers} speakers under {escape(str(root))}")
 
 
