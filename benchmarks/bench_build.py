@@ -13,7 +13,7 @@
    not counted) every stage of dvector's pipeline is timed over a sample of each part (at least
    ``--sample-minutes`` of audio): decode (soundfile, mono), resample (soxr, files not at 16 kHz),
    VAD (trim_silence), features (log_mel + float16) and writing (write_shard of the results);
-   each stage counts its fastest of ``--stage-repeats`` passes. Seconds per hour of audio are printed per part and for the whole corpus.
+   each stage counts its fastest of ``--stage-repeats`` passes over the sample. Seconds per hour of audio are printed per part and for the whole corpus.
 3. ``dvector.build.build_shards`` runs with all workers into a fresh folder, timed by the wall
    clock from the call to its return (scan, plan, processing, shards, index), on the first part
    alone and on everything (median of ``--repeats`` runs); ×realtime = hours of input audio /
@@ -158,21 +158,20 @@ def sample_files(root: str, cfg: BuildConfig, minutes: float, seed: int) -> tupl
 def time_stages(paths: list[Path], cfg: BuildConfig, out_dir: Path, repeats: int = 1) -> dict:
     """Per-stage seconds over ``paths`` in this process, mirroring dvector.process.process_file.
 
-    Each file goes through the chain ``repeats`` times and each stage counts its fastest time (and
-    the shard is written ``repeats`` times, fastest counted), so other load on the machine inflates
-    the figures less.
+    ``repeats`` passes over all the files (each file once per pass, as a build sees it); each stage
+    counts its total of the fastest pass, so that other load on the machine inflates it less.
     """
     fcfg, vcfg, clock = cfg.features, cfg.vad, time.perf_counter
-    sec = dict.fromkeys(STAGES, 0.0)
-    audio_s = resampled_s = 0.0
-    samples = []
-    for n, path in enumerate(paths):
-        best = dict.fromkeys(STAGES[:4], float("inf"))
-        for _ in range(repeats):
+    passes = []
+    for _ in range(repeats):
+        sec = dict.fromkeys(STAGES, 0.0)
+        audio_s = resampled_s = 0.0
+        samples = []
+        for n, path in enumerate(paths):
             t0 = clock()
             data, rate = decode(path)
             if data.shape[0] == 0 or not np.all(np.isfinite(data)):
-                break
+                continue
             wav = to_mono(data)
             t1 = clock()
             wav = resample(wav, rate, fcfg.sample_rate)
@@ -182,9 +181,6 @@ def time_stages(paths: list[Path], cfg: BuildConfig, out_dir: Path, repeats: int
             mel = log_mel(trimmed, fcfg).astype(np.float16)
             t4 = clock()
             for stage, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                best[stage] = min(best[stage], dt)
-        else:
-            for stage, dt in best.items():
                 sec[stage] += dt
             duration = data.shape[0] / rate
             audio_s += duration
@@ -193,13 +189,13 @@ def time_stages(paths: list[Path], cfg: BuildConfig, out_dir: Path, repeats: int
             samples.append((f"u{n:06d}", mel, {"speaker": path.parent.name, "speaker_index": 0, "source": path.name,
                                                 "duration_s": round(duration, 4), "vad": round(kept, 4),
                                                 "input_rate": rate, "n_frames": int(mel.shape[0])}))
-    writes = []
-    for _ in range(repeats):
         t0 = clock()
         write_shard(out_dir / "shard-000000.tar", samples)
-        writes.append(clock() - t0)
-    sec["writing"] = min(writes)
-    return {"seconds": sec, "audio_s": audio_s, "resampled_s": resampled_s, "files": len(samples)}
+        sec["writing"] = clock() - t0
+        del samples
+        passes.append(sec)
+    best = {stage: min(p[stage] for p in passes) for stage in STAGES}
+    return {"seconds": best, "audio_s": audio_s, "resampled_s": resampled_s, "files": n + 1}
 
 
 def warm_up(paths: list[Path], cfg: BuildConfig, out_dir: Path) -> None:
@@ -267,7 +263,7 @@ def main() -> None:
     ap.add_argument("--speakers", type=int, default=120, help="speakers in the 16 kHz part")
     ap.add_argument("--speakers48", type=int, default=24, help="speakers in the 48 kHz part")
     ap.add_argument("--sample-minutes", type=float, default=20.0, help="audio per part timed stage by stage")
-    ap.add_argument("--stage-repeats", type=int, default=3, help="passes over the sample; each stage counts its fastest")
+    ap.add_argument("--stage-repeats", type=int, default=3, help="passes over the sample; each stage counts its fastest pass")
     ap.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="build workers (default: all cores)")
     ap.add_argument("-r", "--repeats", type=int, default=3, help="end-to-end runs per corpus; the median is reported")
     ap.add_argument("--no-cli", action="store_true", help="skip timing the CLI in a fresh process (informational)")
