@@ -13,7 +13,8 @@
    not counted) every stage of dvector's pipeline is timed over a sample of each part (at least
    ``--sample-minutes`` of audio): decode (soundfile, mono), resample (soxr, files not at 16 kHz),
    VAD (trim_silence), features (log_mel + float16) and writing (write_shard of the results);
-   each stage counts its fastest of ``--stage-repeats`` passes over the sample. Seconds per hour of audio are printed per part and for the whole corpus.
+   each stage counts its fastest of ``--stage-repeats`` passes over the sample. Seconds per
+   hour of audio are printed per part and for the whole corpus.
 3. ``dvector.build.build_shards`` runs with all workers into a fresh folder, timed by the wall
    clock from the call to its return (scan, plan, processing, shards, index), on the first part
    alone and on everything (median of ``--repeats`` runs); ×realtime = hours of input audio /
@@ -46,7 +47,7 @@ from threadpoolctl import threadpool_limits
 
 from dvector import synth
 from dvector.audio import decode, resample, scan_roots, to_mono
-from dvector.build import build_shards
+from dvector.build import build_shards, keep_freed_memory
 from dvector.config import BuildConfig
 from dvector.features import log_mel
 from dvector.shards import write_shard
@@ -236,10 +237,28 @@ def run_cli(roots: list[str], workers: int, tmp: Path) -> float:
     return wall
 
 
-def load_note() -> str:
-    one, five, _ = os.getloadavg()
-    note = f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
-    return note + ("  << other processes are using the CPU: timings are not reliable" if one > 0.5 else "")
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
+
+
+def load_note(seconds: float = 1.0) -> str:
+    """How busy the CPUs are with other work, measured while this process waits."""
+    first = _cpu_times()
+    if first is None:
+        one = os.getloadavg()[0]
+        return f"load average {one:.2f}" + ("  << other processes are using the CPU: timings are not reliable" if one > 0.5 else "")
+    time.sleep(seconds)
+    second = _cpu_times()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    busy = (total - idle) / total if total else 0.0
+    cores = os.cpu_count() or 1
+    note = f"other processes busy: {busy * cores:.2f} of {cores} cores"
+    return note + ("  << timings are not reliable" if busy * cores > 0.2 else "")
 
 
 def warm_page_cache(roots: list[str]) -> None:
@@ -287,7 +306,8 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} cores, workers={args.workers}, python {sys.version.split()[0]}; "
               f"{load_note()}", flush=True)
 
-        # -- stages on one core
+        # -- stages on one core, with the memory setting the build's workers and the CLI use
+        keep_freed_memory()
         results = []
         with threadpool_limits(1):
             for i, (root, label) in enumerate(zip(roots, labels)):
@@ -335,7 +355,7 @@ def main() -> None:
         warm_page_cache(roots)
         print()
         print(f"end to end: dvector.build.build_shards, {args.workers} workers, fresh output folder, "
-              f"wall clock incl. scan and index, median of {args.repeats}")
+              f"wall clock incl. scan and index, median of {args.repeats}; {load_note()}")
         runs = [("first part" if args.roots else labels[0], roots[:1], sum(results[0]["per_hour"].values()))]
         if len(roots) > 1:
             runs.append(("everything", roots, total_all))
