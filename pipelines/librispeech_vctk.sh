@@ -30,15 +30,8 @@ VCTK_WAVS=$VCTK/wav48
 [[ -d $VCTK_WAVS ]] || VCTK_WAVS=$VCTK/wav48_silence_trimmed
 
 dvector build-shards "$LS/train-clean-360" "$VCTK_WAVS" -o "$WORK/shards" -e wav,flac
-dvector check "$WORK/shards"
-if [[ ${GPUS:-1} -gt 1 ]]; then
-  TRAIN=(torchrun --nproc-per-node="$GPUS" -m dvector train)
-else
-  TRAIN=(dvector train)
-fi
-if [[ -e $WORK/run/checkpoints/latest.pt ]]; then RESUME=(-c "$WORK/run/checkpoints/latest.pt"); else RESUME=(); fi
-# shellcheck disable=SC2086
-"${TRAIN[@]}" "$WORK/shards" "$WORK/run" -i "$STEPS" --model "$MODEL" -w "$WORKERS" $TRAIN_FLAGS "${RESUME[@]}"
+# shellcheck source=train_step.sh
+source "$(dirname "$0")/train_step.sh"
 dvector eval "$WORK/run" "$LS/test-clean" --det "$WORK/det.png"
 dvector visualize "$WORK/run" "$LS/test-clean" -o "$WORK/tsne.png"
 dvector export "$WORK/run" -o "$WORK/exported"

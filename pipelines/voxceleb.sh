@@ -35,15 +35,8 @@ else
 fi
 
 dvector build-shards "$VOX1/dev/wav" "$VOX2/dev/aac" -o "$WORK/shards" -e "$EXT,flac"
-dvector check "$WORK/shards"
-if [[ ${GPUS:-1} -gt 1 ]]; then
-  TRAIN=(torchrun --nproc-per-node="$GPUS" -m dvector train)
-else
-  TRAIN=(dvector train)
-fi
-if [[ -e $WORK/run/checkpoints/latest.pt ]]; then RESUME=(-c "$WORK/run/checkpoints/latest.pt"); else RESUME=(); fi
-# shellcheck disable=SC2086
-"${TRAIN[@]}" "$WORK/shards" "$WORK/run" -i "$STEPS" --model "$MODEL" -w "$WORKERS" $TRAIN_FLAGS "${RESUME[@]}"
+# shellcheck source=train_step.sh
+source "$(dirname "$0")/train_step.sh"
 dvector eval "$WORK/run" "$VOX1/test/wav" --trials "$VOX1/veri_test2.txt" --det "$WORK/det.png"
 dvector export "$WORK/run" -o "$WORK/exported"
 echo "done: results in $WORK (eval.json in $WORK/run, det.png, exported/)"
