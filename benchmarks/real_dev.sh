@@ -2,11 +2,12 @@
 # Train on most speakers of ../shared/data/real-dev (real recordings, 4 corpora) for a fixed time
 # and report EER on the held-out speakers, trials within one corpus, next to the untrained network.
 #
-#   benchmarks/real_dev.sh [WORK_DIR] [MINUTES]        (defaults: /tmp/dvector-real-dev, 25)
+#   [MODEL=tiny] benchmarks/real_dev.sh [WORK_DIR] [MINUTES]    (defaults: attentive, /tmp/dvector-real-dev, 25)
 set -euo pipefail
 DATA=${REAL_DEV:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/real-dev}
 WORK=${1:-/tmp/dvector-real-dev}
 MINUTES=${2:-25}
+MODEL=${MODEL:-attentive}
 [[ -d $DATA ]] || { echo "no real-dev data at $DATA" >&2; exit 1; }
 
 # held out: az48-az59, emodb spk14-16, fsdd theo and yweweler, LibriSpeech 3331, 367, 533
@@ -31,7 +32,7 @@ CORPORA=(audiomnist_az emodb fsdd librispeech_test_other)
 dvector build-shards "${CORPORA[@]/#/$WORK/train/}" -o "$WORK/shards_train" -e flac
 dvector build-shards "${CORPORA[@]/#/$WORK/heldout/}" -o "$WORK/shards_heldout" -e flac
 rm -rf "$WORK/run"
-dvector train "$WORK/shards_train" "$WORK/run" -i 1000000 --max-minutes "$MINUTES" --model attentive \
+dvector train "$WORK/shards_train" "$WORK/run" -i 1000000 --max-minutes "$MINUTES" --model "$MODEL" \
   --optimizer adam -n 16 -m 8 -l 100 -s 1000 --valid "$WORK/shards_heldout" --valid-every 500 -w 1 --threads 1
 for corpus in "${CORPORA[@]}"; do
   untrained=$(dvector eval "$WORK/run" "$WORK/heldout/$corpus" --untrained --threads 1 -e flac | tail -n 1)
