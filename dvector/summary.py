@@ -55,6 +55,11 @@ def print_train_summary(result, console: Console) -> None:  # type: ignore[no-un
     table.add_row("time", f"{result.seconds:.1f} s, {result.steps_done / max(result.seconds, 1e-9):.2f} steps/s, "
                           f"{100 * result.data_wait:.1f}% waiting for data")
     table.add_row("last loss", f"{result.last_loss:.4f}")
+    if result.sampling:
+        st = result.sampling
+        table.add_row("data (this rank)", f"{st['utterances']} utterances read, {st['uses']} segments used; "
+                                          f"{st['repeated_short']} segments tiled from utterances shorter than L, "
+                                          f"{st['dropped_short']} utterances too short to use")
     table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
     if result.checkpoints:
         table.add_row("checkpoints", f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)")

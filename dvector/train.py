@@ -66,6 +66,7 @@ class TrainResult:
     seconds: float
     data_wait: float
     checkpoints: list[Path] = field(default_factory=list)
+    sampling: dict[str, int] = field(default_factory=dict)  # this rank's SamplingStats: read, tiled, dropped...
 
 
 @dataclass
@@ -381,7 +382,7 @@ def train(
             writer.close()
     seconds = time.perf_counter() - started
     return TrainResult(model_dir, step - first_step, step, last_loss, best_eer, seconds,
-                       wait_total / max(seconds, 1e-9), saved)
+                       wait_total / max(seconds, 1e-9), saved, loader.stats.to_dict())
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

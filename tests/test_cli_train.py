@@ -142,6 +142,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, shards: Path) -> No
                                       "--max-minutes", "0.000001", "--valid-every", "1000"])
     assert result.exit_code == 0, result.output
     assert "--max-minutes" in " ".join(result.output.split())
+    assert "segments used" in " ".join(result.output.split())  # the summary reports what sampling did
     import torch
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 3
