@@ -180,7 +180,10 @@ def _ends_own_process_group(fn: Callable[..., TrainResult]) -> Callable[..., Tra
     def wrapper(*args: Any, **kwargs: Any) -> TrainResult:
         owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if owns_group and dist.is_initialized():
+                dist.barrier()  # no rank tears down gloo while a peer still talks to it (aborts seen in CI)
+            return result
         finally:
             if owns_group and dist.is_initialized():
                 dist.destroy_process_group()
