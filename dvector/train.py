@@ -309,6 +309,7 @@ def train(
     wait_total = 0.0
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     params = list(trainee.parameters())
+    batches = None
     try:
         batches = iter(loader)
         while step < cfg.steps:
@@ -381,6 +382,8 @@ def train(
                 say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
                 break
     finally:
+        if batches is not None:
+            batches.close()  # stop the loader's workers now, not at interpreter exit
         if writer is not None:
             writer.close()
     seconds = time.perf_counter() - started
