@@ -5,7 +5,7 @@
     python benchmarks/bench_build.py --corpus-dir /data/bench      # keep the corpus, reuse it next time
     python benchmarks/bench_build.py --roots LibriSpeech/dev-clean VCTK/wav48   # real corpora
 
-1. A synthetic corpus (dvector.synth voices, 3-10 s utterances with leading/trailing silence,
+1. A synthetic corpus (dvector.demo.synth voices, 3-10 s utterances with leading/trailing silence,
    background noise and, in some utterances, a long internal pause) is written in parallel: a
    16 kHz FLAC root and a 48 kHz root. With ``--roots`` each given root is a part instead; the
    first stands in for "the 16 kHz FLAC part".
@@ -15,7 +15,7 @@
    VAD (trim_silence), features (log_mel + float16) and writing (write_shard of the results);
    each stage counts its fastest of ``--stage-repeats`` passes over the sample. Seconds per
    hour of audio are printed per part and for the whole corpus.
-3. ``dvector.build.build_shards`` runs with all workers into a fresh folder, timed by the wall
+3. ``dvector.shards.build.build_shards`` runs with all workers into a fresh folder, timed by the wall
    clock from the call to its return (scan, plan, processing, shards, index), on the first part
    alone and on everything (median of ``--repeats`` runs); ×realtime = hours of input audio /
    wall hours. For information the CLI is also timed in a fresh process (interpreter start,
@@ -46,12 +46,12 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 
 from dvector import synth
-from dvector.audio import decode, resample, scan_roots, to_mono
-from dvector.build import build_shards, keep_freed_memory
+from dvector.signal.audio import decode, resample, scan_roots, to_mono
+from dvector.shards.build import build_shards, keep_freed_memory
 from dvector.config import BuildConfig
-from dvector.features import log_mel
-from dvector.shards import write_shard
-from dvector.vad import trim_silence
+from dvector.signal.features import log_mel
+from dvector.shards.format import write_shard
+from dvector.signal.vad import trim_silence
 
 MANIFEST = "bench_corpus.json"
 STAGES = ("decode", "resample", "vad", "features", "writing")
@@ -157,7 +157,7 @@ def sample_files(root: str, cfg: BuildConfig, minutes: float, seed: int) -> tupl
 
 
 def time_stages(paths: list[Path], cfg: BuildConfig, out_dir: Path, repeats: int = 1) -> dict:
-    """Per-stage seconds over ``paths`` in this process, mirroring dvector.process.process_file.
+    """Per-stage seconds over ``paths`` in this process, mirroring dvector.signal.process.process_file.
 
     ``repeats`` passes over all the files (each file once per pass, as a build sees it); each stage
     counts its total of the fastest pass, so that other load on the machine inflates it less.
@@ -354,7 +354,7 @@ def main() -> None:
         # -- end to end
         warm_page_cache(roots)
         print()
-        print(f"end to end: dvector.build.build_shards, {args.workers} workers, fresh output folder, "
+        print(f"end to end: dvector.shards.build.build_shards, {args.workers} workers, fresh output folder, "
               f"wall clock incl. scan and index, median of {args.repeats}; {load_note()}")
         runs = [("first part" if args.roots else labels[0], roots[:1], sum(results[0]["per_hour"].values()))]
         if len(roots) > 1:

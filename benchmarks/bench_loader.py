@@ -3,7 +3,7 @@
 Builds (once, cached in ``--data-dir``) a corpus much larger than a worker's pool: by default
 1000 speakers x 40 utterances of 200-800 frames x 40 mels, float16, in speaker blocks of 20
 utterances shuffled across 8 shards (the layout ``build-shards`` writes; the mels are synthetic,
-written straight with :func:`dvector.shards.write_shard`, no audio). Then drives the real loader
+written straight with :func:`dvector.shards.format.write_shard`, no audio). Then drives the real loader
 (``ge2e_loader``, ``workers=2`` as training does) at N=64, M=10, L=160 and prints, over a steady
 window after a warm-up:
 
@@ -17,7 +17,7 @@ window after a warm-up:
   counted when it is read, its uses as its batches come, so a time window would cut rounds;
 - ``speaker-pair mix``: how much more often the most frequent speaker pair met than chance gives.
   Speakers can only meet if they share a pool, so the chance model is per round (one pool):
-  observed and chance-expected pair counts (:func:`dvector.sampling.pair_cooccurrence`) of each
+  observed and chance-expected pair counts (:func:`dvector.stream.sampling.pair_cooccurrence`) of each
   round's batches are summed per pair over all rounds, and the ratio is the max over pairs
   expected to meet >= 5 times. Printed beside it is the same statistic for a null: the same
   rounds' speaker appearances dealt into batches uniformly at random. Near-equal numbers mean
@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dvector.data import ge2e_loader
-from dvector.sampling import SamplingStats, pair_cooccurrence
-from dvector.shards import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_json_atomic, write_shard
+from dvector.stream.loader import ge2e_loader
+from dvector.stream.sampling import SamplingStats, pair_cooccurrence
+from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_json_atomic, write_shard
 
 N_MELS = 40
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvector.loss import GE2ELoss
+from dvector.nn.loss import GE2ELoss
 
 
 def original_softmax_ge2e(embeds: Tensor, w: Tensor, b: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Training throughput: steps/s and the fraction of time spent waiting for data, on whatever device is present.
 
-Runs the real trainer (:func:`dvector.train.train`: streaming loader with its worker processes,
+Runs the real trainer (:func:`dvector.training.loop.train`: streaming loader with its worker processes,
 model, GE2E loss, paper gradient scaling, clipping, SGD, scheduler, TensorBoard) on synthetic
 shards: float16 log-mels of Gaussian "speakers", written straight with
-:func:`dvector.shards.write_shard` by ``benchmarks/bench_loader.py``'s ``build_corpus`` (cached in
+:func:`dvector.shards.format.write_shard` by ``benchmarks/bench_loader.py``'s ``build_corpus`` (cached in
 ``--data-dir``; no audio). Steps/s and the data-wait fraction come from the trainer's own
 ``StepLog`` windows (read through ``on_log``), over the steps after ``--warmup``; the trainer's
 start (validation set, first DataLoader batch) and its final validation and save fall outside them.
@@ -36,8 +36,8 @@ from bench_loader import build_corpus  # noqa: E402
 from bench_loss import time_loss  # noqa: E402
 
 from dvector.config import ModelConfig, TrainConfig  # noqa: E402
-from dvector.model import DVector, count_parameters  # noqa: E402
-from dvector.train import StepLog, train  # noqa: E402
+from dvector.nn.model import DVector, count_parameters  # noqa: E402
+from dvector.training.loop import StepLog, train  # noqa: E402
 
 
 def device_name() -> str:

@@ -1,7 +1,7 @@
 """dvector: speaker embeddings (d-vectors) trained with the GE2E loss."""
 
-from .config import BuildConfig, FeatureConfig, ModelConfig, VadConfig
-from .errors import DvectorError
+from dvector.config import BuildConfig, FeatureConfig, ModelConfig, VadConfig
+from dvector.errors import DvectorError
 
 __version__ = "0.1.0"
 
@@ -10,7 +10,7 @@ __all__ = ["BuildConfig", "DvectorError", "Embedder", "FeatureConfig", "ModelCon
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy, so that `import dvector` (and the CLI) need not import torch
     if name in ("load", "Embedder"):
-        from . import embed
+        from dvector.use import embedder
 
-        return getattr(embed, name)
+        return getattr(embedder, name)
     raise AttributeError(f"module 'dvector' has no attribute {name!r}")

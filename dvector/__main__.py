@@ -1,3 +1,3 @@
-from .cli import main
+from dvector.cli import main
 
 main()

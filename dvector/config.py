@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Type, TypeVar
 
-from .errors import DvectorError
+from dvector.errors import DvectorError
 
 T = TypeVar("T", bound="_Config")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DvectorError
+from dvector.errors import DvectorError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import soxr
 import webdataset as wds
 
 from dvector.config import BuildConfig
-from dvector.synth import random_voice, utterance, write_corpus
+from dvector.demo.synth import random_voice, utterance, write_corpus
 
 # Small and fast: a few shards, several blocks per shard.
 SMALL_CFG = BuildConfig(min_shards=4, block_size=3)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from build_helpers import SMALL_CFG, Corpus, make_messy_root, make_synth_roots
-from dvector.build import build_shards
+from dvector.shards.build import build_shards
 from dvector.config import BuildConfig
 
 

@@ -1,4 +1,4 @@
-"""Tests for dvector.audio: scanning speaker folders under roots, decoding, downmixing, resampling."""
+"""Tests for dvector.signal.audio: scanning speaker folders under roots, decoding, downmixing, resampling."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dvector import audio
-from dvector.audio import (DecodeError, decode, normalize_extensions, resample, root_namespaces, scan_roots,
+from dvector.signal import audio
+from dvector.signal.audio import (DecodeError, decode, normalize_extensions, resample, root_namespaces, scan_roots,
                            to_mono)
 from dvector.config import FeatureConfig, VadConfig
 from dvector.errors import DvectorError
-from dvector.process import SkipUtterance, process_file
-from dvector.synth import random_voice, utterance
+from dvector.signal.process import SkipUtterance, process_file
+from dvector.demo.synth import random_voice, utterance
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

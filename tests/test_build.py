@@ -1,4 +1,4 @@
-"""Tests for dvector.build (and plan, check): multi-root builds read back with plain webdataset, the index,
+"""Tests for dvector.shards.build (and plan, check): multi-root builds read back with plain webdataset, the index,
 speaker blocks, determinism, resume, parts, configuration changes and every kind of bad input."""
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from build_helpers import SMALL_CFG, Corpus, load_index, read_back, shard_files, snapshot
-from dvector.audio import scan_roots
-from dvector.build import BuildReport, build_shards, parse_part, write_index
-from dvector.check import check_shards
+from dvector.signal.audio import scan_roots
+from dvector.shards.build import BuildReport, build_shards, parse_part, write_index
+from dvector.shards.check import check_shards
 from dvector.config import BuildConfig, FeatureConfig, VadConfig
 from dvector.errors import DvectorError
-from dvector.plan import make_plan
-from dvector.process import process_file
-from dvector.shards import FORMAT_NAME, FORMAT_VERSION
+from dvector.shards.plan import make_plan
+from dvector.signal.process import process_file
+from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION
 
 KEY = re.compile(r"^s\d{6}u\d{9}$")
 

@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from build_helpers import SMALL_ARGS, Corpus, display, load_index, read_back, snapshot, squash
-from dvector.build import build_shards
+from dvector.shards.build import build_shards
 from dvector.cli import app, main
 from dvector.config import BuildConfig
-from dvector.synth import write_corpus
+from dvector.demo.synth import write_corpus
 
 runner = CliRunner()
 
@@ -246,7 +246,7 @@ def test_python_m_dvector_errors_without_traceback(tmp_path: Path, synth_roots: 
 # is the real one: `main` is what `python -m dvector` runs.
 SLOW_BUILD = """
 import sys, time
-import dvector.build as build
+import dvector.shards.build as build
 real = build.process_file
 def slow(*args, **kwargs):
     time.sleep(0.03)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dvector.checkpoint import load_checkpoint
+from dvector.training.checkpoint import load_checkpoint
 from dvector.cli import app, main
 from dvector.config import ModelConfig, TrainConfig
-from dvector.train import train
+from dvector.training.loop import train
 from test_train import assert_same_weights, ckpt_dir, numbered, session_shards
 
 runner = CliRunner()

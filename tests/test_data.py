@@ -26,7 +26,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from dvector.data import (
+from dvector.stream.loader import (
     BatchSettings,
     Consumer,
     SampleStream,
@@ -40,8 +40,8 @@ from dvector.data import (
     shard_order,
 )
 from dvector.errors import DvectorError
-from dvector.sampling import draw_round
-from dvector.shards import (
+from dvector.stream.sampling import draw_round
+from dvector.shards.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_NAME,
@@ -169,9 +169,9 @@ def test_segment_length_range_is_drawn_per_batch(shards):
 
 def test_short_clips_train_with_the_repeat_policy_and_are_counted(tmp_path):
     """A corpus of 1.5 s clips, built from synthetic speech, trains at L=160 (the clips are shorter)."""
-    from dvector.build import build_shards
+    from dvector.shards.build import build_shards
     from dvector.config import BuildConfig
-    from dvector.synth import write_corpus
+    from dvector.demo.synth import write_corpus
 
     write_corpus(tmp_path / "corpus", 6, 8, seed=1, duration_s=(1.5, 1.5))
     report = build_shards([str(tmp_path / "corpus")], tmp_path / "shards",

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import dvector
-from dvector.embed import Embedder, ShapeBuckets, load, window_starts
-from dvector.embed_io import MODEL_KEY, TIMES_PREFIX, embed_paths, load_embeddings, save_embeddings
+from dvector.use.embedder import Embedder, ShapeBuckets, load, window_starts
+from dvector.use.embed_inputs import MODEL_KEY, TIMES_PREFIX, embed_paths, load_embeddings, save_embeddings
 from dvector.errors import DvectorError
-from dvector.features import log_mel
-from dvector.synth import random_voice, utterance
+from dvector.signal.features import log_mel
+from dvector.demo.synth import random_voice, utterance
 from use_helpers import trained_run, write_wav
 
 RATE = 16000
@@ -87,9 +87,9 @@ def test_window_starts_cover_everything() -> None:
 
 
 def test_window_code_is_the_exports() -> None:
-    import dvector.embed as embed_module
-    import dvector.export as export_module
-    import dvector.windows as windows
+    import dvector.use.embedder as embed_module
+    import dvector.use.export as export_module
+    import dvector.signal.windows as windows
 
     assert embed_module.window_starts is windows.window_starts
     assert embed_module.embed_windows is windows.embed_windows is export_module.embed_windows
@@ -121,7 +121,7 @@ def test_load_forms(trained, embedder: Embedder) -> None:  # noqa: ANN001
 
 
 def test_load_exported_bundle(trained, embedder: Embedder, tmp_path: Path) -> None:  # noqa: ANN001
-    export = pytest.importorskip("dvector.export")
+    export = pytest.importorskip("dvector.use.export")
     out = tmp_path / "exported"
     export.export_model(trained.run, out)
     bundle = load(out, threads=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dvector.errors import DvectorError
-from dvector.evaluate import (DEFAULT_THRESHOLD, EVAL_FILE, Trial, check_trial_files, compute_metrics, cosine,
+from dvector.use.evaluate import (DEFAULT_THRESHOLD, EVAL_FILE, Trial, check_trial_files, compute_metrics, cosine,
                               decision_threshold, eval_path, evaluate, generate_trials, parse_trials, read_trials,
                               save_det, write_eval, write_trials)
 from dvector.metrics import eer, min_dcf
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):  # noqa: ANN001, ANN201
 
 @pytest.fixture(scope="module")
 def embedder(trained):  # noqa: ANN001, ANN201
-    from dvector.embed import load
+    from dvector.use.embedder import load
 
     return load(trained.run, threads=1)
 
@@ -251,8 +251,8 @@ def test_untrained_baseline(trained, embedder) -> None:  # noqa: ANN001
     """An in-memory (here: untrained) network evaluates on the same trials, for a baseline EER."""
     import torch
 
-    from dvector.embed import Embedder
-    from dvector.model import DVector
+    from dvector.use.embedder import Embedder
+    from dvector.nn.model import DVector
 
     torch.manual_seed(0)
     fresh = Embedder.from_model(DVector(embedder.model.config), embedder.features, embedder.vad, embedder.seg_len,

@@ -1,4 +1,4 @@
-"""Tests for dvector.export: the torch twins of log-mel and the VAD against the package's numpy and
+"""Tests for dvector.use.export: the torch twins of log-mel and the VAD against the package's numpy and
 numba code, the shared windowing, the scripted module against the eager path, and the exported
 bundle loaded in a Python where dvector cannot be imported.
 
@@ -25,18 +25,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dvector import __version__
-from dvector.checkpoint import save_checkpoint
+from dvector.training.checkpoint import save_checkpoint
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig, VadConfig
-from dvector.export import EmbeddingModule, export_model, find_checkpoint, load_exported, script_module
-from dvector.frontend_torch import TorchLogMel, TorchVad, dilate, keep_pauses, remove_short_runs
-from dvector.windows import embed_windows, window_batch, window_embeddings, window_starts
-from dvector.features import log_mel, min_samples
-from dvector.model import DVector
-from dvector.process import SkipUtterance, waveform_to_mel
-from dvector.synth import random_voice, utterance
-from dvector.vad import dilate as nb_dilate
-from dvector.vad import frame_energy_db, keep_mask, speech_frames, track_noise_floor, trim_silence
-from dvector.vad import remove_short_runs as nb_remove_short_runs
+from dvector.use.export import EmbeddingModule, export_model, find_checkpoint, load_exported, script_module
+from dvector.signal.torch_frontend import TorchLogMel, TorchVad, dilate, keep_pauses, remove_short_runs
+from dvector.signal.windows import embed_windows, window_batch, window_embeddings, window_starts
+from dvector.signal.features import log_mel, min_samples
+from dvector.nn.model import DVector
+from dvector.signal.process import SkipUtterance, waveform_to_mel
+from dvector.demo.synth import random_voice, utterance
+from dvector.signal.vad import dilate as nb_dilate
+from dvector.signal.vad import frame_energy_db, keep_mask, speech_frames, track_noise_floor, trim_silence
+from dvector.signal.vad import remove_short_runs as nb_remove_short_runs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:DeprecationWarning"),
@@ -105,7 +105,7 @@ def test_log_mel_matches_numpy(cfg: FeatureConfig) -> None:
 
 
 def test_log_mel_uses_the_same_filterbank_and_window() -> None:
-    from dvector.features import analysis_window, mel_filterbank
+    from dvector.signal.features import analysis_window, mel_filterbank
     m = TorchLogMel(FEATURES)
     assert np.array_equal(m.filterbank.numpy(), mel_filterbank(FEATURES))
     assert np.array_equal(m.window.numpy(), analysis_window(FEATURES))
@@ -314,7 +314,7 @@ def test_module_rejects_mismatched_mels() -> None:
 
 
 def write_checkpoint(run: Path, step: int, seed: int, best: bool, vad: VadConfig = VAD) -> DVector:
-    """A checkpoint with the keys ``dvector.train`` writes (random weights)."""
+    """A checkpoint with the keys ``dvector.training.loop`` writes (random weights)."""
     torch.manual_seed(seed)
     model_cfg = ModelConfig.preset("tiny")
     model = DVector(model_cfg).eval()

@@ -1,4 +1,4 @@
-"""Tests for dvector.features: log-mel against librosa as an independent reference."""
+"""Tests for dvector.signal.features: log-mel against librosa as an independent reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from dvector.config import FeatureConfig
 from dvector.errors import DvectorError
-from dvector.features import log_mel, mel_filterbank, min_samples, n_frames
-from dvector.synth import random_voice, utterance
+from dvector.signal.features import log_mel, mel_filterbank, min_samples, n_frames
+from dvector.demo.synth import random_voice, utterance
 
 CONFIGS = {
     "default": FeatureConfig(),

@@ -10,8 +10,8 @@ from torch import nn
 
 from dvector.config import ModelConfig
 from dvector.errors import DvectorError
-from dvector.loss import W_MIN, GE2ELoss, apply_paper_gradient_scale
-from dvector.model import DVector
+from dvector.nn.loss import W_MIN, GE2ELoss, apply_paper_gradient_scale
+from dvector.nn.model import DVector
 
 METHODS = ("softmax", "contrast")
 REDUCTIONS = ("sum", "mean")

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dvector.config import ModelConfig
-from dvector.loss import GE2ELoss, apply_paper_gradient_scale
-from dvector.model import DVector, count_parameters
+from dvector.nn.loss import GE2ELoss, apply_paper_gradient_scale
+from dvector.nn.model import DVector, count_parameters
 
 PRESETS = ("paper", "attentive", "tiny")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dvector.errors import DvectorError
-from dvector.plot import plot_det, plot_tsne, sample_speaker_files, speaker_colors, tsne_2d
+from dvector.use.plot import plot_det, plot_tsne, sample_speaker_files, speaker_colors, tsne_2d
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dvector.build import build_shards
+from dvector.shards.build import build_shards
 from dvector.config import BuildConfig
 
 REAL_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dev"

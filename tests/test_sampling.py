@@ -1,4 +1,4 @@
-"""Tests for dvector.sampling: speaker-balanced GE2E batches drawn from a pool of samples."""
+"""Tests for dvector.stream.sampling: speaker-balanced GE2E batches drawn from a pool of samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dvector.errors import DvectorError
-from dvector.sampling import (
+from dvector.stream.sampling import (
     DEFAULT_MIN_FRAMES,
     Batch,
     SamplingStats,

@@ -1,4 +1,4 @@
-"""Tests for dvector.shards: the shard format, atomic writes, safe decoding and the index reader."""
+"""Tests for dvector.shards.format: the shard format, atomic writes, safe decoding and the index reader."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from build_helpers import read_back
 from dvector.errors import DvectorError
-from dvector.shards import (FORMAT_NAME, FORMAT_VERSION, decode_sample, encode_sample, iter_raw_samples, iter_shard,
+from dvector.shards.format import (FORMAT_NAME, FORMAT_VERSION, decode_sample, encode_sample, iter_raw_samples, iter_shard,
                             read_index, sha256_file, shard_name, temp_name, write_json_atomic, write_shard)
 
 

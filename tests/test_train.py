@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from dvector.build import build_shards
-from dvector.checkpoint import load_checkpoint
+from dvector.shards.build import build_shards
+from dvector.training.checkpoint import load_checkpoint
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
-from dvector.data import BatchSettings, GE2ELoader, resolve_shards
+from dvector.stream.loader import BatchSettings, GE2ELoader, resolve_shards
 from dvector.errors import DvectorError
-from dvector.loss import W_MIN
-from dvector.synth import write_corpus
-from dvector.train import StepLog, TrainResult, train
-from dvector.validation import MAX_VALID_SPEAKERS, collect_validation, heldout_speakers
+from dvector.nn.loss import W_MIN
+from dvector.demo.synth import write_corpus
+from dvector.training.loop import StepLog, TrainResult, train
+from dvector.training.validation import MAX_VALID_SPEAKERS, collect_validation, heldout_speakers
 
 N_SPEAKERS, N_UTTERANCES = 16, 10
 TINY = ModelConfig.preset("tiny")
@@ -287,7 +287,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from dvector.config import ModelConfig, TrainConfig
-    from dvector.train import train
+    from dvector.training.loop import train
     args = json.loads(sys.argv[1])
     cfg = TrainConfig.from_dict(args["cfg"])
     result = train(args["shards"], args["model_dir"], cfg, ModelConfig.preset("tiny"), resume=args["resume"],
@@ -340,7 +340,7 @@ def test_a_run_killed_before_latest_pt_was_linked_still_resumes(tmp_path):
     """-c RUN_DIR falls back to the newest numbered checkpoint when latest.pt is missing."""
     import torch
 
-    from dvector.checkpoint import checkpoint_dir, resolve_checkpoint, save_checkpoint
+    from dvector.training.checkpoint import checkpoint_dir, resolve_checkpoint, save_checkpoint
 
     for step in (5, 10):
         save_checkpoint({"step": step, "model": {"x": torch.zeros(1)}}, tmp_path, keep=5)

@@ -1,4 +1,4 @@
-"""Tests for dvector.vad: every numba kernel against a plain numpy twin, and trim_silence end to end."""
+"""Tests for dvector.signal.vad: every numba kernel against a plain numpy twin, and trim_silence end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dvector.config import VadConfig
-from dvector.synth import random_voice, speech
-from dvector.vad import (dilate, frame_energy_db, gather_frames, keep_mask, remove_short_runs, speech_frames,
+from dvector.demo.synth import random_voice, speech
+from dvector.signal.vad import (dilate, frame_energy_db, gather_frames, keep_mask, remove_short_runs, speech_frames,
                          track_noise_floor, trim_silence)
 
 SR = 16000
@@ -286,7 +286,7 @@ def test_trim_silence_output_is_the_kept_frames(seed: int, n: int, rate: int) ->
 
 
 def test_warm_up_loads_every_kernel() -> None:
-    from dvector.vad import warm_up
+    from dvector.signal.vad import warm_up
 
     warm_up()
     for kernel in (frame_energy_db, track_noise_floor, remove_short_runs, dilate, keep_mask, gather_frames):

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dvector.build import build_shards
+from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
-from dvector.synth import write_corpus
+from dvector.demo.synth import write_corpus
 
 _CACHE: dict[str, SimpleNamespace] = {}
 
@@ -23,7 +23,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         files = write_corpus(root, 14, 8, seed=5, duration_s=(1.5, 3.0))
         shards = base / "shards"
         build_shards([str(root)], shards, BuildConfig(min_shards=4, block_size=4), workers=1)
-        from dvector.train import train
+        from dvector.training.loop import train
 
         run = base / "run"
         cfg = TrainConfig(steps=5, save_every=5, valid_every=5, log_every=5, n_speakers=4, n_utterances=4,

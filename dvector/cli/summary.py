@@ -1,0 +1,67 @@
+"""One-screen summaries printed at the end of long jobs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dvector.shards.build import FEW_UTTERANCES, BuildReport, display_path
+
+MAX_LISTED = 10
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def print_build_summary(report: BuildReport, console: Console) -> None:
+    table = Table(title=f"build-shards: {escape(str(report.out_dir))}", show_header=False, box=None)
+    table.add_row("shards", f"{report.shards_written} written, {report.shards_skipped} already complete, "
+                            f"{report.shards_total} in the plan")
+    table.add_row("utterances", f"{report.utterances_ok} written this run, {len(report.failures)} skipped in total")
+    table.add_row("speakers", str(report.speakers))
+    hours = report.audio_s / 3600
+    table.add_row("audio", f"{hours:.2f} h in {report.wall_s:.1f} s = {report.realtime_factor:.0f}x realtime")
+    if report.stage_s:
+        per = ", ".join(f"{k} {v:.1f}" for k, v in report.stage_s.items())
+        table.add_row("cpu seconds", per)
+    table.add_row("index", "written" if report.index_written else "not yet: other parts are still missing")
+    console.print(table)
+    for root, reason in report.scan_problems[:MAX_LISTED]:
+        console.print(f"[yellow]scan:[/] {escape(display_path(root))}: {escape(display_path(reason))}", highlight=False)
+    for root in report.empty_roots:
+        console.print(f"[yellow]warning:[/] root {escape(display_path(root))} holds no audio with the chosen extensions")
+    if report.few_utterance_speakers:
+        names = escape(", ".join(display_path(s) for s in report.few_utterance_speakers[:MAX_LISTED]))
+        more = len(report.few_utterance_speakers) - MAX_LISTED
+        console.print(f"[yellow]note:[/] {len(report.few_utterance_speakers)} speaker(s) have fewer than "
+                      f"{FEW_UTTERANCES} utterances: {names}{f' (+{more} more)' if more > 0 else ''}", highlight=False)
+    if report.failures:
+        kinds = Counter(_reason_kind(f["reason"]) for f in report.failures)
+        console.print(f"[yellow]skipped {len(report.failures)} file(s):[/] "
+                      + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), highlight=False)
+        for f in report.failures[:MAX_LISTED]:
+            console.print(escape(f"  {f['root']}/{display_path(f['source'])}: {display_path(f['reason'])}"), highlight=False)
+        if len(report.failures) > MAX_LISTED:
+            console.print(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}")
+
+
+def print_train_summary(result, console: Console) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title=f"train: {result.model_dir}", show_header=False, box=None)
+    table.add_row("steps", f"{result.steps_done} this run, at step {result.final_step}")
+    table.add_row("time", f"{result.seconds:.1f} s, {result.steps_done / max(result.seconds, 1e-9):.2f} steps/s, "
+                          f"{100 * result.data_wait:.1f}% waiting for data")
+    table.add_row("last loss", f"{result.last_loss:.4f}")
+    if result.sampling:
+        st = result.sampling
+        table.add_row("data (this rank)", f"{st['utterances']} utterances read, {st['uses']} segments used; "
+                                          f"{st['repeated_short']} segments tiled from utterances shorter than L, "
+                                          f"{st['dropped_short']} utterances too short to use")
+    table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
+    if result.checkpoints:
+        table.add_row("checkpoints", f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)")
+    table.add_row("logs", f"tensorboard --logdir {result.model_dir / 'logs'}")
+    console.print(table)

@@ -1,0 +1,70 @@
+"""Verify a shard folder against its index: every shard present, same size and sha256, decodable."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dvector.shards.format import ShardInfo, iter_shard, read_index, sha256_file
+
+
+@dataclass
+class CheckReport:
+    shards: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (shard, what is wrong)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def describe_tar(path: Path) -> ShardInfo:
+    """What a shard file holds, by reading every sample (raises on a corrupt shard)."""
+    info = ShardInfo(name=path.name, bytes=path.stat().st_size, sha256=sha256_file(path))
+    speakers = set()
+    for sample in iter_shard(str(path)):
+        info.samples += 1
+        info.frames += int(sample["mel"].shape[0])
+        speakers.add(int(sample["speaker_index"]))
+    info.speakers = sorted(speakers)
+    return info
+
+
+def check_one(path: Path, expected: dict[str, Any]) -> list[str]:
+    """What is wrong with one shard compared with its index entry (empty: nothing)."""
+    if not path.exists():
+        return ["missing"]
+    if path.stat().st_size != expected["bytes"]:
+        return [f"size {path.stat().st_size} bytes, index says {expected['bytes']}"]
+    try:
+        info = describe_tar(path)
+    except Exception as exc:  # any decoding failure means a broken shard
+        return [f"cannot be read: {exc}"]
+    problems = []
+    if info.sha256 != expected["sha256"]:
+        problems.append("sha256 differs from the index")
+    for name in ("samples", "frames", "speakers"):
+        if getattr(info, name) != expected[name]:
+            problems.append(f"{name} differ from the index")
+    return problems
+
+
+def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], None] = lambda: None) -> CheckReport:
+    """Check every shard listed in ``folder/index.json``."""
+    folder = Path(folder)
+    index = read_index(folder)
+    report = CheckReport(shards=len(index["shards"]))
+    entries = index["shards"]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(check_one, [folder / e["name"] for e in entries], entries)
+            for entry, problems in zip(entries, results):
+                report.problems.extend((entry["name"], p) for p in problems)
+                on_shard()
+    else:
+        for entry in entries:
+            report.problems.extend((entry["name"], p) for p in check_one(folder / entry["name"], entry))
+            on_shard()
+    return report

@@ -1,0 +1,78 @@
+"""One utterance from file to stored features: decode -> mono -> resample -> VAD -> log-mel (float16).
+
+Used by build-shards (in worker processes) and by embedding, so that both see identical features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dvector.signal.audio import DecodeError, decode, resample, to_mono
+from dvector.config import FeatureConfig, VadConfig
+from dvector.signal.features import log_mel, min_samples
+from dvector.signal.vad import trim_silence
+
+STAGES = ("decode", "resample", "vad", "features")
+
+
+class SkipUtterance(Exception):
+    """This file cannot give features; the message is the reason, for the index and the summary."""
+
+
+@dataclass
+class Processed:
+    mel: np.ndarray  # (frames, n_mels) float16
+    duration_s: float  # of the input audio
+    vad_kept: float  # fraction of samples the VAD kept
+    input_rate: int
+    seconds: dict[str, float] = field(default_factory=dict)  # time per stage
+
+
+def waveform_to_mel(
+    wav: np.ndarray, features: FeatureConfig, vad: VadConfig, seconds: dict[str, float] | None = None
+) -> tuple[np.ndarray, float]:
+    """Float32 log-mel of mono audio at the feature rate after VAD, and the kept fraction.
+
+    Raises SkipUtterance when nothing (or less than one frame) is left. ``seconds`` collects the
+    time spent in the "vad" and "features" stages.
+    """
+    clock = time.perf_counter
+    need = min_samples(features)
+    if wav.shape[0] < need:
+        raise SkipUtterance(f"too short: {wav.shape[0]} samples at {features.sample_rate} Hz, less than one frame ({need})")
+    t0 = clock()
+    trimmed, kept = trim_silence(wav, features.sample_rate, vad)
+    t1 = clock()
+    if trimmed.shape[0] == 0:
+        raise SkipUtterance("empty after VAD: no speech found")
+    if trimmed.shape[0] < need:
+        raise SkipUtterance(f"too short after VAD: {trimmed.shape[0]} samples of speech, less than one frame")
+    mel = log_mel(trimmed, features)
+    if seconds is not None:
+        seconds["vad"] = seconds.get("vad", 0.0) + t1 - t0
+        seconds["features"] = seconds.get("features", 0.0) + clock() - t1
+    return mel, kept
+
+
+def process_file(path: Path, features: FeatureConfig, vad: VadConfig) -> Processed:
+    """Features of one audio file; SkipUtterance with the reason when it cannot give any."""
+    clock = time.perf_counter
+    t0 = clock()
+    try:
+        data, rate = decode(path)
+    except DecodeError as exc:
+        raise SkipUtterance(str(exc)) from exc
+    if data.shape[0] == 0:
+        raise SkipUtterance("no audio samples")
+    if not np.all(np.isfinite(data)):
+        raise SkipUtterance("audio holds NaN or infinite samples")
+    wav = to_mono(data)
+    t1 = clock()
+    wav = resample(wav, rate, features.sample_rate)
+    seconds = {"decode": t1 - t0, "resample": clock() - t1}
+    mel, kept = waveform_to_mel(wav, features, vad, seconds)
+    return Processed(mel.astype(np.float16), data.shape[0] / rate, kept, rate, seconds)

@@ -1,0 +1,168 @@
+"""Embedding many inputs at once (files, folders, shards) and the .npz files that hold the results."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dvector.signal.audio import _walk_files, normalize_extensions
+from dvector.config import DEFAULT_EXTENSIONS
+from dvector.use.embedder import Embedder, model_identity
+from dvector.errors import DvectorError
+
+MODEL_KEY = "__model__"  # the .npz entry with the model's identity (a JSON string)
+TIMES_PREFIX = "__times__/"  # per-window .npz: KEY -> (K, D) vectors, __times__/KEY -> (K, 2) seconds
+
+def _is_shard_input(text: str) -> bool:
+    if text.startswith("pipe:") or "://" in text:
+        return True
+    if os.path.isdir(text):
+        return os.path.isfile(os.path.join(text, "index.json")) and any(
+            n.endswith(".tar") for n in os.listdir(text))
+    return text.endswith(".tar") or ("{" in text and ".." in text)
+
+
+@dataclass
+class Item:
+    key: str  # the name in the output: the path as reached from the input given, or root/source of a shard sample
+    path: Path | None = None  # an audio file
+    direct: bool = False  # named on the command line (a failure is an error) rather than found in a folder
+
+
+@dataclass
+class EmbedResult:
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (D,), or (K, D) per window
+    times: dict[str, np.ndarray] = field(default_factory=dict)  # per window: key -> (K, 2) start, end seconds
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    duplicates: int = 0  # files reached twice, embedded once
+
+
+def list_inputs(inputs: Sequence[str | os.PathLike[str]], extensions: Sequence[str] = DEFAULT_EXTENSIONS
+                ) -> tuple[list[Item], list[str], list[tuple[str, str]]]:
+    """Audio files (named, or found under folders) and shard URLs among ``inputs``, and scan problems."""
+    exts = frozenset(normalize_extensions(extensions))
+    items: list[Item] = []
+    shard_inputs: list[str] = []
+    problems: list[tuple[str, str]] = []
+    if not inputs:
+        raise DvectorError("give at least one audio file, folder or shard URL")
+    for raw in inputs:
+        text = os.fspath(raw)
+        if _is_shard_input(text):
+            shard_inputs.append(text)
+        elif os.path.isdir(text):
+            found = _walk_files(Path(text), exts, problems)
+            if not found:
+                problems.append((text, f"no audio files with extension {', '.join(sorted(exts))}"))
+            for f in found:
+                items.append(Item(os.path.normpath(os.path.join(text, os.path.relpath(f, text))), f))
+        elif os.path.isfile(text):
+            items.append(Item(os.path.normpath(text), Path(text), direct=True))
+        else:
+            raise DvectorError(f"{text}: no such file or folder")
+    return items, shard_inputs, problems
+
+
+def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
+                extensions: Sequence[str] = DEFAULT_EXTENSIONS, per_window: bool = False,
+                on_start: Callable[[int | None], None] | None = None,
+                on_item: Callable[[str], None] | None = None) -> EmbedResult:
+    """Embed every utterance reachable from ``inputs``: files, folders (recursively, by extension),
+    or shard URLs / shard folders (stored mels, already VAD-trimmed: not with ``per_window``).
+
+    Each file is embedded once, however many inputs reach it. A file named directly that cannot be
+    embedded is an error; one found in a folder or shard is skipped and listed in ``skipped``.
+    """
+    from dvector.stream.loader import resolve_shards
+    from dvector.shards.format import iter_shard
+
+    items, shard_inputs, problems = list_inputs(inputs, extensions)
+    if shard_inputs and per_window:
+        raise DvectorError("--per-window needs audio files: shards hold VAD-trimmed features without real times")
+    result = EmbedResult(skipped=list(problems))
+    sources = [resolve_shards(s) for s in shard_inputs]
+    shard_total = 0
+    for src in sources:
+        if src.index is None:
+            shard_total = -1
+            break
+        names = {u.rsplit("/", 1)[-1] for u in src.urls}
+        shard_total += sum(s["samples"] for s in src.index["shards"] if s["name"] in names)
+    if on_start:
+        on_start(None if shard_total < 0 else len(items) + shard_total)
+    seen: dict[str, str] = {}
+    for item in items:
+        assert item.path is not None
+        real = os.path.realpath(item.path)
+        if real in seen or item.key in result.vectors:
+            result.duplicates += 1
+            if on_item:
+                on_item(item.key)
+            continue
+        seen[real] = item.key
+        try:
+            if per_window:
+                w = embedder.per_window(item.path)
+                result.vectors[item.key] = w.vectors
+                result.times[item.key] = np.stack([w.starts_s, w.ends_s], axis=1)
+            else:
+                result.vectors[item.key] = embedder.embed(item.path)
+        except DvectorError as exc:
+            if item.direct:
+                raise
+            result.skipped.append((item.key, str(exc).split(": ", 1)[-1]))
+        if on_item:
+            on_item(item.key)
+    for src in sources:
+        for url in src.urls:
+            try:
+                for sample in iter_shard(url):
+                    key = f"{sample.get('root', '?')}/{sample.get('source', sample['__key__'])}"
+                    if key in result.vectors:
+                        result.duplicates += 1
+                    else:
+                        result.vectors[key] = embedder.embed_mel(sample["mel"].astype(np.float32))
+                    if on_item:
+                        on_item(key)
+            except DvectorError:
+                raise
+            except Exception as exc:  # a damaged or unreachable shard
+                result.skipped.append((url, f"cannot read shard: {exc}"))
+    return result
+
+
+def save_embeddings(path: str | os.PathLike[str], result: EmbedResult, embedder: Embedder) -> Path:
+    """Write ``key -> vector`` (or ``key -> (K, D)`` and ``__times__/key -> (K, 2)``) and ``__model__``."""
+    out = Path(path)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    if not result.vectors:
+        raise DvectorError("nothing was embedded: no usable audio in the inputs")
+    arrays: dict[str, np.ndarray] = {k: v.astype(np.float32) for k, v in result.vectors.items()}
+    for k, t in result.times.items():
+        arrays[TIMES_PREFIX + k] = t.astype(np.float64)
+    identity = {**model_identity(embedder), "per_window": bool(result.times)}
+    arrays[MODEL_KEY] = np.array(json.dumps(identity, sort_keys=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def load_embeddings(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
+    """Read an embeddings .npz back: (key -> vectors, the model identity, key -> window times)."""
+    with np.load(path, allow_pickle=False) as z:
+        info = json.loads(str(z[MODEL_KEY])) if MODEL_KEY in z.files else {}
+        vectors = {k: z[k] for k in z.files if k != MODEL_KEY and not k.startswith(TIMES_PREFIX)}
+        times = {k[len(TIMES_PREFIX):]: z[k] for k in z.files if k.startswith(TIMES_PREFIX)}
+    return vectors, info, times
