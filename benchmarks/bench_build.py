@@ -46,7 +46,8 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 
 from dvector import synth
-from dvector.signal.audio import decode, resample, scan_roots, to_mono
+from dvector.corpus import scan_roots
+from dvector.signal.audio import decode, resample, to_mono
 from dvector.shards.build import build_shards, keep_freed_memory
 from dvector.config import BuildConfig
 from dvector.signal.features import log_mel

@@ -51,7 +51,8 @@ import numpy as np
 
 from dvector.stream.loader import ge2e_loader
 from dvector.stream.sampling import SamplingStats, pair_cooccurrence
-from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_json_atomic, write_shard
+from dvector.files import write_json_atomic
+from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_shard
 
 N_MELS = 40
 

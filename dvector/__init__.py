@@ -1,9 +1,9 @@
 """dvector: speaker embeddings (d-vectors) trained with the GE2E loss."""
 
-from dvector.config import BuildConfig, FeatureConfig, ModelConfig, VadConfig
+from dvector.config import VERSION, BuildConfig, FeatureConfig, ModelConfig, VadConfig
 from dvector.errors import DvectorError
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = ["BuildConfig", "DvectorError", "Embedder", "FeatureConfig", "ModelConfig", "VadConfig", "__version__", "load"]
 

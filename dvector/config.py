@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Type, TypeVar
+from typing import Any, Iterable, Type, TypeVar
 
 from dvector.errors import DvectorError
 
 T = TypeVar("T", bound="_Config")
+
+VERSION = "0.1.0"  # dvector's version, recorded in what it makes (exports, embeddings, eval results)
+NORM_EPS = 1e-12  # eps of every L2 normalisation of embeddings (the network's output, pooled windows)
 
 
 class _Config:
@@ -151,6 +155,16 @@ class ModelConfig(_Config):
 DEFAULT_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 
 
+def normalize_extensions(extensions: str | Iterable[str]) -> tuple[str, ...]:
+    """``"WAV,.flac"`` or ``["WAV", ".flac", "wav"]`` -> ``("flac", "wav")``: lower case, no dots, sorted,
+    unique; the one spelling of a set of extensions (so that equal builds hash equal)."""
+    items = extensions.split(",") if isinstance(extensions, str) else extensions
+    out = tuple(sorted({e.strip().lower().lstrip(".") for e in items if e.strip()}))
+    if not out:
+        raise DvectorError("no audio extensions given (e.g. -e wav,flac)")
+    return out
+
+
 @dataclass(frozen=True)
 class BuildConfig(_Config):
     """How ``build-shards`` groups utterances; together with the features and VAD it fixes the output."""
@@ -165,13 +179,10 @@ class BuildConfig(_Config):
     vad: VadConfig = field(default_factory=VadConfig)
 
     def __post_init__(self) -> None:
-        # one spelling per set of extensions ("WAV,flac" == "flac,wav"), so that equal builds hash equal
-        exts = self.extensions.split(",") if isinstance(self.extensions, str) else self.extensions
-        object.__setattr__(self, "extensions", tuple(sorted({e.strip().lower().lstrip(".") for e in exts if e.strip()})))
+        object.__setattr__(self, "extensions", normalize_extensions(self.extensions))
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.min_shards >= 1, "min_shards must be >= 1")
         _check(self.block_size >= 1, "block_size must be >= 1")
-        _check(len(self.extensions) > 0, "need at least one extension")
 
 
 @dataclass(frozen=True)
@@ -230,16 +241,33 @@ class TrainConfig(_Config):
         return 0.01 * (self.n_speakers * self.n_utterances if self.reduction == "mean" else 1)
 
 
-def parse_seg_len(text: str | int) -> tuple[int, int]:
-    """``"160"`` -> (160, 160); ``"140-180"`` -> (140, 180)."""
-    try:
-        if isinstance(text, int):
-            return text, text
-        parts = [int(p) for p in str(text).split("-")]
-    except ValueError:
-        raise DvectorError(f"segment length must be frames like 160 or a range like 140-180, got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise DvectorError(f"segment length must be like 160 or 140-180, got {text!r}")
+def parse_seg_len(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Segment length L in frames as ``(lo, hi)``, checked: the one parser of L.
+
+    ``"160"`` or ``160`` -> (160, 160); ``"140-180"``, ``(140, 180)`` or ``[140, 180]`` -> (140, 180)
+    (a range: L drawn per batch in [lo, hi]). Raises :class:`DvectorError` unless lo and hi are
+    whole frames with ``1 <= lo <= hi``.
+    """
+    if isinstance(value, str):
+        try:
+            parts = [int(p) for p in value.split("-")]
+        except ValueError:
+            raise DvectorError(f"seg_len (segment length) must be frames like 160 or a range like 140-180, "
+                               f"got {value!r}") from None
+        if len(parts) not in (1, 2):
+            raise DvectorError(f"seg_len (segment length) must be like 160 or 140-180, got {value!r}")
+    elif isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise DvectorError(f"seg_len range must be (lo, hi), got {value!r}")
+        parts = list(value)
+    else:
+        parts = [value]
+    lo, hi = parts[0], parts[-1]
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise DvectorError(f"seg_len must be whole frames: an int L or a (lo, hi) pair, got {value!r}")
+    if lo < 1:
+        raise DvectorError(f"seg_len must be >= 1 frame, got {value!r}")
+    if hi < lo:
+        raise DvectorError(f"seg_len range must have lo <= hi, got ({lo}, {hi})")
+    return int(lo), int(hi)

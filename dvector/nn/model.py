@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvector.config import ModelConfig
-
-NORM_EPS = 1e-12
+from dvector.config import NORM_EPS, ModelConfig
 
 
 class DVector(nn.Module):

@@ -1,19 +1,14 @@
 """Run a build: one job per shard over a process pool, resumable, splittable into parts.
 
-Layout of an output folder::
-
-    shard-000000.tar ...     complete shards (written under a temporary name, then renamed)
-    .build/plan.json         the configuration and input digest every run and part must match
-    .build/shard-000000.json what each shard holds and which files failed (written after the tar)
-    index.json               written last, once every shard of the plan is complete
+The folder's layout and records are :mod:`dvector.shards.build_folder`'s; the index written at the
+end is :mod:`dvector.shards.index`'s. Work is spread over the pool by chunks of utterances, and
+results come back in plan order, so each shard's tar is written whole by this process.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,22 +19,19 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from dvector.signal.audio import scan_roots
 from dvector.config import BuildConfig, FeatureConfig, VadConfig
+from dvector.corpus import ScanResult, scan_roots
 from dvector.errors import DvectorError
+from dvector.files import display_path, write_json_atomic
+from dvector.shards.build_folder import (is_complete, plan_record, prepare_folder, remove_stale_temps,
+                                         sidecar_path)
+from dvector.shards.format import shard_name, write_shard
+from dvector.shards.index import write_index
 from dvector.shards.plan import Plan, PlannedUtterance, make_plan
 from dvector.signal.process import SkipUtterance, process_file
-from dvector.shards.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_json_atomic,
-                     write_shard)
 from dvector.signal.vad import warm_up
 
-STATE_DIR = ".build"
 CHUNK_UTTERANCES = 16  # utterances per task: work is spread by utterance, not only by shard
-
-
-def display_path(text: str) -> str:
-    """A printable form of a path that may hold undecodable bytes (non-UTF-8 file names)."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -84,72 +76,6 @@ def parse_part(text: str | None) -> tuple[int, int]:
     if n < 1 or not 1 <= i <= n:
         raise DvectorError(f"--part {text}: need 1 <= i <= n (parts count from 1; with a 0-based array id use $((ID+1))/n)")
     return i, n
-
-
-def _state_dir(out_dir: Path) -> Path:
-    return out_dir / STATE_DIR
-
-
-def _sidecar(out_dir: Path, number: int) -> Path:
-    return _state_dir(out_dir) / (shard_name(number)[: -len(".tar")] + ".json")
-
-
-def _plan_record(plan: Plan, cfg: BuildConfig, roots: dict[str, str]) -> dict[str, Any]:
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "config": cfg.to_dict(),
-        "config_hash": cfg.hash(),
-        "input_digest": plan.digest,
-        "roots": roots,
-        "speakers": plan.speakers,
-        "shards": [shard_name(i) for i in range(len(plan.shards))],
-    }
-
-
-def _prepare_folder(out_dir: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Create the folder, or check that what it holds was made with the same plan.
-
-    ``overwrite`` deletes an earlier build in the folder, whatever its configuration.
-    """
-    plan_file = _state_dir(out_dir) / "plan.json"
-    if overwrite:
-        _clear(out_dir)
-    elif plan_file.exists():
-        old = json.loads(plan_file.read_text())
-        if old.get("config_hash") != record["config_hash"] or old.get("input_digest") != record["input_digest"]:
-            what = "configuration" if old.get("config_hash") != record["config_hash"] else "input files"
-            raise DvectorError(
-                f"{out_dir} holds a build made with different {what}; "
-                "choose another output folder, or pass --overwrite to replace it"
-            )
-    elif (out_dir / INDEX_NAME).exists() or any(out_dir.glob("shard-*.tar")):
-        raise DvectorError(f"{out_dir} holds shards of an unknown build; pass --overwrite to replace them")
-    _state_dir(out_dir).mkdir(parents=True, exist_ok=True)
-    if not plan_file.exists():
-        write_json_atomic(plan_file, record)
-
-
-def _clear(out_dir: Path) -> None:
-    for path in out_dir.glob("shard-*.tar"):
-        path.unlink()
-    for path in (out_dir / INDEX_NAME,):
-        if path.exists():
-            path.unlink()
-    shutil.rmtree(_state_dir(out_dir), ignore_errors=True)
-
-
-def _remove_stale_temps(out_dir: Path, numbers: Sequence[int]) -> None:
-    """Delete temporary files left by a killed run, for this part's shards only."""
-    for number in numbers:
-        for tmp in out_dir.glob(f".{shard_name(number)}.tmp-*"):
-            tmp.unlink(missing_ok=True)
-        for tmp in _state_dir(out_dir).glob(f".{_sidecar(out_dir, number).name}.tmp-*"):
-            tmp.unlink(missing_ok=True)
-
-
-def _is_complete(out_dir: Path, number: int) -> bool:
-    return (out_dir / shard_name(number)).exists() and _sidecar(out_dir, number).exists()
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -202,6 +128,9 @@ def _process_chunk(
     return out
 
 
+FEW_UTTERANCES = 10  # speakers with fewer are reported: too few for typical GE2E batches (M=10)
+
+
 # ---- parent side -------------------------------------------------------------------------------
 
 def _chunks(plan: Plan, numbers: Sequence[int], roots: dict[str, str]) -> Iterator[tuple[int, list]]:
@@ -240,6 +169,78 @@ def _speaker_counts(samples: list[tuple[str, np.ndarray, dict]]) -> dict[str, li
     return counts
 
 
+class _ShardAssembler:
+    """Takes results in plan order, keeps one shard's samples and failures, writes each shard (tar
+    and record) as soon as results of the next one arrive, and counts everything in ``report``."""
+
+    def __init__(self, out: Path, scan: ScanResult, by_key: dict[str, PlannedUtterance], report: BuildReport,
+                 fail_fast: bool) -> None:
+        self.out, self.scan, self.by_key, self.report, self.fail_fast = out, scan, by_key, report, fail_fast
+        self.current: int | None = None
+        self.samples: list[tuple[str, np.ndarray, dict]] = []
+        self.failures: list[dict[str, str]] = []
+
+    def add(self, number: int, results: list[tuple[str, Any, dict[str, Any]]]) -> float:
+        """Take one chunk's results for shard ``number``; returns the seconds of audio they held."""
+        if number != self.current:
+            self.finish()
+            self.current, self.samples, self.failures = number, [], []
+        audio_s = 0.0
+        for key, mel, meta in results:
+            planned = self.by_key[key]
+            utt = planned.utterance
+            root = self.scan.root_names[utt.root]
+            if mel is None:
+                self._failed(planned, meta["reason"])
+                continue
+            for stage, secs in meta.pop("seconds").items():
+                self.report.stage_s[stage] = self.report.stage_s.get(stage, 0.0) + secs
+            meta.update(speaker=utt.speaker, speaker_index=planned.speaker_index, root=root, source=utt.source,
+                        n_frames=int(mel.shape[0]))
+            self.samples.append((key, mel, meta))
+            audio_s += meta["duration_s"]
+            self.report.utterances_ok += 1
+            self.report.frames += int(mel.shape[0])
+        self.report.audio_s += audio_s
+        return audio_s
+
+    def _failed(self, planned: PlannedUtterance, reason: str) -> None:
+        utt = planned.utterance
+        failure = {"root": self.scan.root_names[utt.root], "speaker": utt.speaker, "source": utt.source,
+                   "reason": reason}
+        self.failures.append(failure)
+        self.report.failures.append(failure)
+        if self.fail_fast:
+            raise DvectorError(f"{display_path(str(utt.path))}: {reason} (stopped by --fail-fast)")
+
+    def finish(self) -> None:
+        """Write the shard being assembled, if any: its tar, then its record."""
+        if self.current is None:
+            return
+        t0 = time.perf_counter()
+        info = write_shard(self.out / shard_name(self.current), self.samples)
+        write_json_atomic(sidecar_path(self.out, self.current), {
+            "shard": info.to_dict(), "failures": self.failures, "speakers": _speaker_counts(self.samples)})
+        self.report.stage_s["writing"] = self.report.stage_s.get("writing", 0.0) + time.perf_counter() - t0
+        self.report.shards_written += 1
+        self.current = None
+
+
+def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg: BuildConfig, workers: int,
+                  fail_fast: bool, progress: Progress, report: BuildReport) -> None:
+    """Process the utterances of the ``todo`` shards on ``workers`` processes and write those shards."""
+    assembler = _ShardAssembler(out, scan, {p.key: p for k in todo for p in plan.shards[k]}, report, fail_fast)
+    warm_up()  # before forking: the workers inherit the loaded kernels
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
+    try:
+        for number, items, results in _ordered_results(pool, _chunks(plan, todo, scan.root_names), cfg, 4 * workers):
+            progress.advance(len(items), assembler.add(number, results))
+        assembler.finish()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def build_shards(
     roots: Sequence[str],
     out_dir: str | os.PathLike[str],
@@ -250,8 +251,11 @@ def build_shards(
     fail_fast: bool = False,
     progress: Progress | None = None,
 ) -> BuildReport:
-    """Build (or finish building) the shards of ``roots`` in ``out_dir``; see the module doc."""
+    """Build (or finish building) the shards of ``roots`` in ``out_dir``: part ``i`` of ``n`` of the
+    plan's shards (every shard by default), skipping those an earlier run completed; the index is
+    written once every shard of the plan is complete."""
     started = time.perf_counter()
+    keep_freed_memory()  # this process receives and writes every utterance's features
     progress = progress or Progress()
     out = Path(out_dir)
     scan = scan_roots(roots, cfg.extensions, cfg.merge_speakers)
@@ -259,121 +263,20 @@ def build_shards(
         raise DvectorError(f"no audio files with extensions {','.join(cfg.extensions)} under {', '.join(roots)}")
     plan = make_plan(scan, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_folder(out, _plan_record(plan, cfg, scan.root_names), overwrite)
+    prepare_folder(out, plan_record(plan, cfg, scan.root_names), overwrite)
     report = BuildReport(out_dir=out, shards_total=len(plan.shards), speakers=len(plan.speakers),
                          empty_roots=scan.empty_roots, scan_problems=scan.problems)
     i, n = part
     mine = [k for k in range(len(plan.shards)) if k % n == i - 1]
-    _remove_stale_temps(out, mine)
-    todo = [k for k in mine if not _is_complete(out, k)]
+    remove_stale_temps(out, mine)
+    todo = [k for k in mine if not is_complete(out, k)]
     report.shards_skipped = len(mine) - len(todo)
     progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
-    workers = workers or os.cpu_count() or 1
-    by_key = {p.key: p for k in todo for p in plan.shards[k]}
-    warm_up()  # before forking: the workers inherit the loaded kernels
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
-    try:
-        current: int | None = None
-        samples: list[tuple[str, np.ndarray, dict]] = []
-        failures: list[dict[str, str]] = []
-
-        def finish_shard(number: int) -> None:
-            t0 = time.perf_counter()
-            info = write_shard(out / shard_name(number), samples)
-            write_json_atomic(_sidecar(out, number), {
-                "shard": info.to_dict(), "failures": failures, "speakers": _speaker_counts(samples)})
-            report.stage_s["writing"] = report.stage_s.get("writing", 0.0) + time.perf_counter() - t0
-            report.shards_written += 1
-
-        for number, items, results in _ordered_results(pool, _chunks(plan, todo, scan.root_names), cfg, 4 * workers):
-            if number != current:
-                if current is not None:
-                    finish_shard(current)
-                current, samples, failures = number, [], []
-            audio_s = 0.0
-            for key, mel, meta in results:
-                planned: PlannedUtterance = by_key[key]
-                utt = planned.utterance
-                if mel is None:
-                    failure = {"root": scan.root_names[utt.root], "speaker": utt.speaker, "source": utt.source,
-                               "reason": meta["reason"]}
-                    failures.append(failure)
-                    report.failures.append(failure)
-                    if fail_fast:
-                        raise DvectorError(f"{display_path(str(utt.path))}: {meta['reason']} (stopped by --fail-fast)")
-                    continue
-                for stage, secs in meta.pop("seconds").items():
-                    report.stage_s[stage] = report.stage_s.get(stage, 0.0) + secs
-                meta.update(speaker=utt.speaker, speaker_index=planned.speaker_index, root=scan.root_names[utt.root],
-                            source=utt.source, n_frames=int(mel.shape[0]))
-                samples.append((key, mel, meta))
-                audio_s += meta["duration_s"]
-                report.utterances_ok += 1
-                report.frames += int(mel.shape[0])
-            report.audio_s += audio_s
-            progress.advance(len(items), audio_s)
-        if current is not None:
-            finish_shard(current)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    if all(_is_complete(out, k) for k in range(len(plan.shards))):
+    _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
+    if all(is_complete(out, k) for k in range(len(plan.shards))):
         index = write_index(out)
         report.index_written = True
         report.failures = index["failures"]
         report.few_utterance_speakers = [s["id"] for s in index["speakers"] if s["utterances"] < FEW_UTTERANCES]
     report.wall_s = time.perf_counter() - started
     return report
-
-
-FEW_UTTERANCES = 10  # speakers with fewer are reported: too few for typical GE2E batches (M=10)
-
-
-def collect_index(out_dir: Path) -> dict[str, Any]:
-    """The index of a complete build, from its plan and per-shard records (no timing, no paths)."""
-    state = _state_dir(out_dir)
-    plan_file = state / "plan.json"
-    if not plan_file.exists():
-        raise DvectorError(f"{out_dir} has no {STATE_DIR}/plan.json: it was not made by `dvector build-shards`")
-    record = json.loads(plan_file.read_text())
-    shards, failures = [], []
-    speaker_totals = {i: [0, 0] for i in range(len(record["speakers"]))}
-    missing = []
-    for number, name in enumerate(record["shards"]):
-        sidecar = _sidecar(out_dir, number)
-        if not (out_dir / name).exists() or not sidecar.exists():
-            missing.append(name)
-            continue
-        data = json.loads(sidecar.read_text())
-        shards.append(data["shard"])
-        failures.extend(data["failures"])
-        for spk, (utts, frames) in data["speakers"].items():
-            speaker_totals[int(spk)][0] += utts
-            speaker_totals[int(spk)][1] += frames
-    if missing:
-        raise DvectorError(f"{len(missing)} of {len(record['shards'])} shards are not built yet "
-                           f"(first: {missing[0]}); run the remaining parts, then `dvector index {out_dir}`")
-    speakers = [{"id": spk, "index": i, "utterances": speaker_totals[i][0], "frames": speaker_totals[i][1]}
-                for i, spk in enumerate(record["speakers"])]
-    failures.sort(key=lambda f: (f["root"], f["source"]))
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "config": record["config"],
-        "config_hash": record["config_hash"],
-        "input_digest": record["input_digest"],
-        "roots": record["roots"],
-        "totals": {"shards": len(shards), "utterances": sum(s["samples"] for s in shards),
-                   "frames": sum(s["frames"] for s in shards), "speakers": len(speakers), "failures": len(failures)},
-        "speakers": speakers,
-        "shards": shards,
-        "failures": failures,
-    }
-
-
-def write_index(out_dir: Path) -> dict[str, Any]:
-    """Write ``index.json`` (atomically) from what is on disk; used at the end of a build and by `dvector index`."""
-    index = collect_index(Path(out_dir))
-    write_json_atomic(Path(out_dir) / INDEX_NAME, index)
-    return index
-

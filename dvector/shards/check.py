@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dvector.shards.format import ShardInfo, iter_shard, read_index, sha256_file
+from dvector.files import sha256_file
+from dvector.shards.format import ShardInfo
+from dvector.shards.index import read_index
+from dvector.shards.reader import iter_shard
 
 
 @dataclass
@@ -52,7 +56,8 @@ def check_one(path: Path, expected: dict[str, Any]) -> list[str]:
 
 
 def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], None] = lambda: None) -> CheckReport:
-    """Check every shard listed in ``folder/index.json``."""
+    """Check every shard listed in ``folder/index.json`` on ``workers`` processes (0: every core)."""
+    workers = workers or os.cpu_count() or 1
     folder = Path(folder)
     index = read_index(folder)
     report = CheckReport(shards=len(index["shards"]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dvector.signal.audio import ScanResult, Utterance
+from dvector.corpus import ScanResult, Utterance
 from dvector.config import BuildConfig
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvector.nn.model import NORM_EPS
+from dvector.config import NORM_EPS
 
 WINDOW_BATCH = 256  # windows per network call (bounds memory on very long audio)
 

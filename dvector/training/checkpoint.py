@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from dvector.errors import DvectorError
+from dvector.files import atomic_write, stale_temps
 
 FORMAT = "dvector-checkpoint"
 VERSION = 1
@@ -23,36 +24,25 @@ def checkpoint_dir(model_dir: Path) -> Path:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``torch.save`` to ``path`` atomically: a killed save never leaves a half-written checkpoint."""
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` (a hard link, else a copy), atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(dst, sync=False) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(state: dict[str, Any], model_dir: Path, keep: int, best: bool = False) -> Path:
     """Write ``step-NNNNNNNNN.pt``, point ``latest.pt`` (and ``best.pt``) at it, keep the last ``keep``."""
     folder = checkpoint_dir(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp-*"):  # left by a save that was killed
+    for stale in stale_temps(folder):  # left by a save that was killed
         stale.unlink(missing_ok=True)
     path = folder / f"step-{int(state['step']):09d}.pt"
     save_atomic({"format": FORMAT, "version": VERSION, **state}, path)

@@ -10,7 +10,8 @@ import torch
 
 from dvector.errors import DvectorError
 from dvector.metrics import all_pairs_scores, eer
-from dvector.shards.format import iter_shard
+from dvector.stream import iter_shard
+from dvector.stream.sampling import crop
 
 MAX_VALID_SPEAKERS = 64
 
@@ -34,16 +35,16 @@ class ValidationSet:
 
     @property
     def n_speakers(self) -> int:
+        """How many speakers the set holds."""
         return len(np.unique(self.speakers))
 
 
 def _fixed_length(mel: np.ndarray, frames: int) -> np.ndarray:
-    """The middle ``frames`` of an utterance, or the utterance tiled to ``frames`` if shorter."""
+    """The middle ``frames`` of an utterance (T, n_mels), or the utterance tiled from its start to
+    ``frames`` if shorter, as a new (frames, n_mels) float32 array."""
     T = mel.shape[0]
-    if T >= frames:
-        start = (T - frames) // 2
-        return mel[start:start + frames]
-    return mel[np.arange(frames) % T]
+    start = (T - frames) // 2 if T >= frames else 0
+    return crop(mel, start, frames, np.empty((frames, mel.shape[1]), np.float32))
 
 
 def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speakers: Sequence[int] | None,
@@ -64,7 +65,7 @@ def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speake
                 continue
             bucket = taken.setdefault(spk, [])
             if len(bucket) < per_speaker:
-                bucket.append(_fixed_length(sample["mel"], frames).astype(np.float32))
+                bucket.append(_fixed_length(sample["mel"], frames))
         if wanted is not None and len(taken) == len(wanted) and all(len(v) >= per_speaker for v in taken.values()):
             break
     taken = {k: v for k, v in taken.items() if len(v) >= 2}
@@ -77,6 +78,7 @@ def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speake
 
 @torch.no_grad()
 def embed_batches(model: torch.nn.Module, mels: torch.Tensor, device: torch.device, batch: int = 256) -> np.ndarray:
+    """Embeddings (U, D) of ``mels`` (U, L, n_mels), ``batch`` at a time in eval mode, as float32 numpy."""
     was_training = model.training
     model.eval()
     out = [model(mels[i:i + batch].to(device)).float().cpu() for i in range(0, len(mels), batch)]

@@ -6,14 +6,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from dvector.signal.audio import _walk_files, normalize_extensions
-from dvector.config import DEFAULT_EXTENSIONS
-from dvector.use.embedder import Embedder, model_identity
+from dvector.config import DEFAULT_EXTENSIONS, normalize_extensions
+from dvector.corpus import walk_files
+from dvector.shards.locate import resolve_shards
+from dvector.shards.reader import iter_shard
+from dvector.use.embedder import EmbedError, Embedder, model_identity
 from dvector.errors import DvectorError
+from dvector.files import atomic_write
 
 MODEL_KEY = "__model__"  # the .npz entry with the model's identity (a JSON string)
 TIMES_PREFIX = "__times__/"  # per-window .npz: KEY -> (K, D) vectors, __times__/KEY -> (K, 2) seconds
@@ -56,7 +59,7 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]], extensions: Sequence[s
         if _is_shard_input(text):
             shard_inputs.append(text)
         elif os.path.isdir(text):
-            found = _walk_files(Path(text), exts, problems)
+            found = walk_files(Path(text), exts, problems)
             if not found:
                 problems.append((text, f"no audio files with extension {', '.join(sorted(exts))}"))
             for f in found:
@@ -66,6 +69,29 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]], extensions: Sequence[s
         else:
             raise DvectorError(f"{text}: no such file or folder")
     return items, shard_inputs, problems
+
+
+Embedded = TypeVar("Embedded")
+
+
+def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded],
+               strict: bool | Callable[[str], bool] = False, on_item: Callable[[str], None] | None = None,
+               ) -> tuple[dict[str, Embedded], list[tuple[str, str]]]:
+    """``embed(source)`` for each ``(key, source)``, in order: the results by key, and ``(key, reason)``
+    for each input that could not be embedded. Where ``strict`` holds (a bool, or a predicate of
+    the key) a failure raises instead. The one loop behind ``embed``, ``eval`` and ``visualize``."""
+    results: dict[str, Embedded] = {}
+    skipped: list[tuple[str, str]] = []
+    for key, source in items:
+        try:
+            results[key] = embed(source)
+        except DvectorError as exc:
+            if strict(key) if callable(strict) else strict:
+                raise
+            skipped.append((key, exc.reason if isinstance(exc, EmbedError) else str(exc)))
+        if on_item:
+            on_item(key)
+    return results, skipped
 
 
 def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
@@ -78,8 +104,6 @@ def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
     Each file is embedded once, however many inputs reach it. A file named directly that cannot be
     embedded is an error; one found in a folder or shard is skipped and listed in ``skipped``.
     """
-    from dvector.stream.loader import resolve_shards
-    from dvector.shards.format import iter_shard
 
     items, shard_inputs, problems = list_inputs(inputs, extensions)
     if shard_inputs and per_window:
@@ -95,29 +119,28 @@ def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
         shard_total += sum(s["samples"] for s in src.index["shards"] if s["name"] in names)
     if on_start:
         on_start(None if shard_total < 0 else len(items) + shard_total)
-    seen: dict[str, str] = {}
+    unique: list[Item] = []
+    seen: set[str] = set()
     for item in items:
         assert item.path is not None
         real = os.path.realpath(item.path)
-        if real in seen or item.key in result.vectors:
+        if real in seen or item.key in seen:
             result.duplicates += 1
             if on_item:
                 on_item(item.key)
             continue
-        seen[real] = item.key
-        try:
-            if per_window:
-                w = embedder.per_window(item.path)
-                result.vectors[item.key] = w.vectors
-                result.times[item.key] = np.stack([w.starts_s, w.ends_s], axis=1)
-            else:
-                result.vectors[item.key] = embedder.embed(item.path)
-        except DvectorError as exc:
-            if item.direct:
-                raise
-            result.skipped.append((item.key, str(exc).split(": ", 1)[-1]))
-        if on_item:
-            on_item(item.key)
+        seen.update((real, item.key))
+        unique.append(item)
+    direct = {item.key for item in unique if item.direct}
+    pairs = [(item.key, item.path) for item in unique]
+    if per_window:
+        windows, skipped = embed_each(pairs, embedder.per_window, strict=direct.__contains__, on_item=on_item)
+        for key, w in windows.items():
+            result.vectors[key] = w.vectors
+            result.times[key] = np.stack([w.starts_s, w.ends_s], axis=1)
+    else:
+        result.vectors, skipped = embed_each(pairs, embedder.embed, strict=direct.__contains__, on_item=on_item)
+    result.skipped.extend(skipped)
     for src in sources:
         for url in src.urls:
             try:
@@ -149,13 +172,8 @@ def save_embeddings(path: str | os.PathLike[str], result: EmbedResult, embedder:
     identity = {**model_identity(embedder), "per_window": bool(result.times)}
     arrays[MODEL_KEY] = np.array(json.dumps(identity, sort_keys=True))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
-    try:
+    with atomic_write(out, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

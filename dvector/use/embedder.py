@@ -22,7 +22,6 @@ takes a waveform).
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,18 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvector.signal.audio import DecodeError, decode, resample, to_mono
-from dvector.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_checkpoint
-from dvector.config import FeatureConfig, ModelConfig, VadConfig
+from dvector.config import VERSION, FeatureConfig, ModelConfig, VadConfig
 from dvector.errors import DvectorError
-from dvector.signal.windows import WINDOW_BATCH, embed_windows, window_embeddings, window_starts
-from dvector.signal.features import log_mel, min_samples
+from dvector.files import sha256_file
 from dvector.nn.model import DVector
+from dvector.signal.audio import DecodeError, decode, resample, to_mono
+from dvector.signal.features import log_mel, min_samples
 from dvector.signal.process import SkipUtterance, waveform_to_mel
-from dvector.shards.format import sha256_file
+from dvector.signal.windows import WINDOW_BATCH, embed_windows, window_embeddings, window_starts
+from dvector.training.checkpoint import load_checkpoint
+from dvector.use.bundle import checkpoint_settings, find_checkpoint, find_export, find_key, read_export
 
-EXPORT_MODULE = "dvector.pt"
-EXPORT_META = "dvector.json"
+
+class EmbedError(DvectorError):
+    """One input could not be embedded: ``where`` (the file, or "the waveform") and ``reason``.
+
+    The message is ``where: reason``; loops over many inputs list ``reason`` against their own key.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
 
 
 # ---- the windowing: the export's code, shared, so both paths cut and pool windows identically ----
@@ -176,17 +184,17 @@ class Embedder:
             path = Path(source)
             where = _display(path)
             if not path.is_file():
-                raise DvectorError(f"{where}: no such file")
+                raise EmbedError(where, "no such file")
             try:
                 data, rate = decode(path)
             except DecodeError as exc:
-                raise DvectorError(f"{where}: {exc}") from exc
+                raise EmbedError(where, str(exc)) from exc
         if data.shape[0] == 0:
-            raise DvectorError(f"{where}: no audio samples")
+            raise EmbedError(where, "no audio samples")
         if not np.all(np.isfinite(data)):
-            raise DvectorError(f"{where}: audio holds NaN or infinite samples")
+            raise EmbedError(where, "audio holds NaN or infinite samples")
         if rate <= 0:
-            raise DvectorError(f"{where}: sample rate must be positive, got {rate}")
+            raise EmbedError(where, f"sample rate must be positive, got {rate}")
         return resample(to_mono(data), rate, self.sample_rate)
 
     def mel(self, source: Any) -> np.ndarray:
@@ -210,7 +218,7 @@ class Embedder:
     def _check_length(self, wav: np.ndarray, source: Any) -> None:
         need = min_samples(self.features)
         if wav.shape[0] < need:
-            raise DvectorError(f"{self._where(source)}: too short: {wav.shape[0]} samples at {self.sample_rate} Hz, "
+            raise EmbedError(self._where(source), f"too short: {wav.shape[0]} samples at {self.sample_rate} Hz, "
                                f"less than one analysis window ({need} samples)")
 
     # -- embeddings out --------------------------------------------------------------------------
@@ -242,7 +250,7 @@ class Embedder:
                 out = self.scripted(torch.from_numpy(np.ascontiguousarray(wav)).to(device))
             except Exception as exc:  # TorchScript raises its own error types
                 message = str(exc).strip().splitlines()
-                raise DvectorError(f"{self._where(source)}: the exported model failed: "
+                raise EmbedError(self._where(source), "the exported model failed: "
                                    f"{message[-1] if message else type(exc).__name__}") from exc
             return out.detach().float().reshape(-1).cpu().numpy()
         return embed_windows(self.runner, torch.from_numpy(self.mel(source)), self.seg_len).numpy()
@@ -277,55 +285,24 @@ class Embedder:
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive (``torch.jit.save``) holds code; a ``torch.save`` checkpoint does not."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def _is_export(path: Path) -> Path | None:
-    """The ``dvector.pt`` of an exported bundle at ``path`` (its folder or the file), else None."""
-    if path.is_dir():
-        if (path / EXPORT_MODULE).is_file() and (path / EXPORT_META).is_file():
-            return path / EXPORT_MODULE
-        return None
-    if path.is_file() and _is_torchscript(path):
-        return path
-    return None
-
-
-def _checkpoint_file(path: Path) -> Path:
-    """A run folder's best checkpoint (else its latest), or a checkpoint file as given."""
-    if path.is_dir():
-        for best in (checkpoint_dir(path) / "best.pt", path / "best.pt"):
-            if best.is_file():
-                return best
-    return resolve_checkpoint(path)
-
-
 def _from_checkpoint(path: Path, device: str, threads: int | None) -> Embedder:
-    file = _checkpoint_file(path)
+    file = find_checkpoint(path)
     state = load_checkpoint(file, map_location="cpu")
     try:
-        model_cfg = ModelConfig.from_dict(state["model_config"])
-        features = FeatureConfig.from_dict(state["feature_config"]) if state.get("feature_config") else \
-            FeatureConfig(n_mels=model_cfg.n_mels)
-        vad = VadConfig.from_dict(state["vad_config"]) if state.get("vad_config") else VadConfig()
-        seg_len = int(state["train_config"]["seg_len"][1])
-        model = DVector(model_cfg)
+        settings = checkpoint_settings(state)
+        model = DVector(settings.model)
         model.load_state_dict(state["model"])
+        step = int(state["step"])
+    except DvectorError as exc:
+        raise DvectorError(f"{file}: {exc}") from exc
     except (KeyError, TypeError, RuntimeError) as exc:
         raise DvectorError(f"{file}: not a usable dvector checkpoint ({type(exc).__name__}: {exc})") from exc
+    model_cfg, features, vad, seg_len = settings.model, settings.features, settings.vad, settings.seg_len
     info = {
-        "kind": "checkpoint", "path": str(file), "step": int(state["step"]), "sha256": sha256_file(file),
+        "kind": "checkpoint", "path": str(file), "step": step, "sha256": sha256_file(file),
         "best_eer": state.get("best_eer"), "embed_dim": model_cfg.embed_dim, "seg_len": seg_len,
         "model_config": model_cfg.to_dict(), "feature_config": features.to_dict(), "vad_config": vad.to_dict(),
-        "train_seed": int(state["train_config"].get("seed", 0)),
+        "train_seed": int((state.get("train_config") or {}).get("seed", 0)),
     }
     return Embedder(model.to(device), features, vad, seg_len, info, threads=threads)
 
@@ -341,61 +318,32 @@ def untrained_twin(embedder: Embedder) -> Embedder:
                                name=f"untrained twin of {embedder.info.get('path')}", threads=embedder.threads)
 
 
-def _find(meta: dict[str, Any], *names: str) -> Any:
-    """The first of ``names`` found at the top of ``meta`` or one level down."""
-    for name in names:
-        if name in meta:
-            return meta[name]
-    for value in meta.values():
-        if isinstance(value, dict):
-            for name in names:
-                if name in value:
-                    return value[name]
+def _scripted_network(scripted: torch.nn.Module) -> torch.nn.Module | None:
+    """The scripted DVector inside an exported module (it serves per-window embeddings), if any."""
+    for _, sub in scripted.named_modules():
+        if getattr(sub, "original_name", None) == "DVector":
+            return sub
     return None
 
 
 def _from_export(module_path: Path, device: str, threads: int | None) -> Embedder:
-    from dvector.use.export import load_exported
-
-    scripted, meta = load_exported(module_path)  # the record stored inside dvector.pt
-    meta_path = module_path.with_suffix(".json")
-    if not meta_path.is_file():
-        meta_path = module_path.parent / EXPORT_META
-    if meta_path.is_file():
-        try:
-            meta = {**meta, **json.loads(meta_path.read_text(encoding="utf-8"))}
-        except (OSError, ValueError) as exc:
-            raise DvectorError(f"cannot read {meta_path}: {exc}") from exc
+    scripted, meta, settings = read_export(module_path)
     scripted = scripted.to(device).eval()
-    feature_dict = _find(meta, "feature_config", "features")
-    vad_dict = _find(meta, "vad_config", "vad")
-    try:
-        features = FeatureConfig.from_dict(feature_dict) if isinstance(feature_dict, dict) else \
-            FeatureConfig(sample_rate=int(getattr(scripted, "sample_rate", 16000)))
-        vad = VadConfig.from_dict(vad_dict) if isinstance(vad_dict, dict) else VadConfig()
-    except DvectorError as exc:
-        raise DvectorError(f"{module_path}: {exc}") from exc
-    seg_len = _find(meta, "seg_len") or getattr(scripted, "seg_len", None)
-    if isinstance(seg_len, (list, tuple)):
-        seg_len = seg_len[-1]
-    # the scripted DVector inside the bundle serves per_window
-    inner: torch.nn.Module | None = None
-    for _, sub in scripted.named_modules():
-        if getattr(sub, "original_name", None) == "DVector":
-            inner = sub
-            break
-    embed_dim = _find(meta, "embed_dim") or getattr(scripted, "embed_dim", None)
+    features = settings.features
+    embed_dim = find_key(meta, "embed_dim") or getattr(scripted, "embed_dim", None)
     if embed_dim is None:
         with torch.inference_mode():
             embed_dim = int(scripted(torch.zeros(max(min_samples(features), features.sample_rate))).numel())
     info = {
-        "kind": "export", "path": str(module_path), "step": _find(meta, "step"), "sha256": sha256_file(module_path),
-        "best_eer": _find(meta, "best_eer"), "embed_dim": int(embed_dim), "seg_len": seg_len,
-        "feature_config": features.to_dict(), "vad_config": vad.to_dict(),
-        "source_checkpoint": _find(meta, "source_checkpoint"),
+        "kind": "export", "path": str(module_path), "step": find_key(meta, "step"),
+        "sha256": sha256_file(module_path), "best_eer": find_key(meta, "best_eer"), "embed_dim": int(embed_dim),
+        "seg_len": settings.seg_len, "feature_config": features.to_dict(), "vad_config": settings.vad.to_dict(),
+        "source_checkpoint": find_key(meta, "source_checkpoint"),
     }
+    inner = _scripted_network(scripted)
     model = inner if inner is not None else _NoWindows(module_path)
-    return Embedder(model, features, vad, int(seg_len or 1), info, scripted=scripted, threads=threads)
+    return Embedder(model, features, settings.vad, int(settings.seg_len or 1), info, scripted=scripted,
+                    threads=threads)
 
 
 class _NoWindows(torch.nn.Module):
@@ -412,12 +360,13 @@ class _NoWindows(torch.nn.Module):
 def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None) -> Embedder:
     """An ``Embedder`` from a run folder, a checkpoint file, or an exported bundle (folder or dvector.pt).
 
-    ``threads``: torch CPU threads while embedding (None: torch's current setting).
+    ``threads``: torch CPU threads while embedding (None or 0: torch's current setting).
     """
+    threads = threads or None
     p = Path(path)
     if not p.exists():
         raise DvectorError(f"model {p} does not exist (give a run folder, a checkpoint, or an exported folder)")
-    exported = _is_export(p)
+    exported = find_export(p)
     if exported is not None:
         return _from_export(exported, device, threads)
     return _from_checkpoint(p, device, threads)
@@ -425,8 +374,6 @@ def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None 
 
 def model_identity(embedder: Embedder) -> dict[str, Any]:
     """What the .npz and eval.json record about the model."""
-    from dvector import __version__
-
     keys = ("kind", "path", "step", "sha256", "best_eer", "embed_dim", "seg_len", "feature_config", "vad_config",
             "source_checkpoint")
-    return {**{k: embedder.info.get(k) for k in keys}, "dvector_version": __version__}
+    return {**{k: embedder.info.get(k) for k in keys}, "dvector_version": VERSION}

@@ -34,27 +34,26 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import Tensor, nn
 
-from dvector import __version__
-from dvector.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_checkpoint
-from dvector.config import FeatureConfig, ModelConfig, VadConfig
+from dvector.config import VERSION, FeatureConfig, VadConfig
 from dvector.errors import DvectorError
+from dvector.files import atomic_write, sha256_file
+from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
 from dvector.signal.torch_frontend import TorchLogMel, TorchVad
-from dvector.nn.model import DVector
-from dvector.shards.format import sha256_file
 from dvector.signal.windows import MelEncoder, embed_windows
+from dvector.training.checkpoint import load_checkpoint
+from dvector.use.bundle import EXPORT_META, EXPORT_MODULE, checkpoint_settings, find_checkpoint
 
 EXPORT_FORMAT = "dvector-export"
 EXPORT_VERSION = 1
-MODEL_FILE = "dvector.pt"
-META_FILE = "dvector.json"
+MODEL_FILE = EXPORT_MODULE
+META_FILE = EXPORT_META
 README_FILE = "README.txt"
-DEFAULT_SEG_LEN = 160
 
 
 
@@ -86,7 +85,7 @@ class EmbeddingModule(nn.Module):
         self.hop_length: int = features.hop_length
         self.min_samples: int = min_samples(features)
         self.vad_enabled: bool = bool(vad.enabled)
-        self.dvector_version: str = __version__
+        self.dvector_version: str = VERSION
         self.log_mel = TorchLogMel(features)
         self.vad = TorchVad(vad, features.sample_rate)
         self.model = model.eval()
@@ -118,49 +117,12 @@ class EmbeddingModule(nn.Module):
 # ---- from a checkpoint to an exported bundle ----------------------------------------------------
 
 
-def find_checkpoint(checkpoint_or_run: str | os.PathLike[str]) -> Path:
-    """A checkpoint file as given; for a run folder, ``checkpoints/best.pt`` if present, else the latest."""
-    p = Path(checkpoint_or_run)
-    if p.is_dir():
-        for candidate in (checkpoint_dir(p) / "best.pt", p / "best.pt"):
-            if candidate.is_file():
-                return candidate
-    return resolve_checkpoint(p)
-
-
-def configs_from_checkpoint(state: dict[str, Any]) -> Tuple[ModelConfig, FeatureConfig, VadConfig, int, List[str]]:
-    """Model, feature and VAD settings and the window length L of a checkpoint, and which were defaulted.
-
-    A checkpoint trained on shards without an index records no feature or VAD settings; the
-    defaults (with the network's ``n_mels``) are used then and named in the returned list.
-    """
-    model_cfg = ModelConfig.from_dict(state["model_config"])
-    defaulted: List[str] = []
-    if state.get("feature_config"):
-        features = FeatureConfig.from_dict(state["feature_config"])
-    else:
-        features = FeatureConfig(n_mels=model_cfg.n_mels)
-        defaulted.append("feature_config")
-    if state.get("vad_config"):
-        vad = VadConfig.from_dict(state["vad_config"])
-    else:
-        vad = VadConfig()
-        defaulted.append("vad_config")
-    seg_len = (state.get("train_config") or {}).get("seg_len")
-    if seg_len is None:
-        L = DEFAULT_SEG_LEN
-        defaulted.append("seg_len")
-    else:
-        L = int(seg_len[1]) if isinstance(seg_len, (list, tuple)) else int(seg_len)
-    return model_cfg, features, vad, L, defaulted
-
-
 def embedding_module(state: dict[str, Any]) -> EmbeddingModule:
     """The eager ``EmbeddingModule`` of a loaded checkpoint (what ``export_model`` scripts)."""
-    model_cfg, features, vad, L, _ = configs_from_checkpoint(state)
-    model = DVector(model_cfg)
+    settings = checkpoint_settings(state)
+    model = DVector(settings.model)
     model.load_state_dict(state["model"])
-    return EmbeddingModule(model, features, vad, L)
+    return EmbeddingModule(model, settings.features, settings.vad, settings.seg_len)
 
 
 README_TEXT = """\
@@ -202,24 +164,6 @@ def script_module(module: EmbeddingModule) -> torch.jit.ScriptModule:
             module.model = eager
 
 
-def load_exported(path: str | os.PathLike[str]) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """An exported module (``dvector.pt`` or its folder) and its metadata record."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / MODEL_FILE
-    if not p.is_file():
-        raise DvectorError(f"no exported model at {p}")
-    extra = {META_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
-        raise DvectorError(f"cannot load exported model {p}: {exc}") from exc
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
-    return module, meta
-
-
 def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Script the checkpoint's embedding chain into ``out_dir/dvector.pt``; returns that path.
 
@@ -228,7 +172,8 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
     """
     source = find_checkpoint(checkpoint_or_run)
     state = load_checkpoint(source)
-    model_cfg, features, vad, L, defaulted = configs_from_checkpoint(state)
+    settings = checkpoint_settings(state)
+    model_cfg, features, vad, L = settings.model, settings.features, settings.vad, settings.seg_len
     module = embedding_module(state)
     scripted = script_module(module)
 
@@ -247,24 +192,18 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
         "vad": vad.to_dict(),
         "model": model_cfg.to_dict(),
         "train": state.get("train_config"),
-        "defaulted": defaulted,
+        "defaulted": settings.defaulted,
         "source_checkpoint": str(source.resolve()),
         "step": int(state.get("step", 0)),
         "best_eer": state.get("best_eer"),
-        "dvector_version": __version__,
+        "dvector_version": VERSION,
         "torch_version": torch.__version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     target = out / MODEL_FILE
-    tmp = out / f".{MODEL_FILE}.tmp-{os.getpid()}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, str(tmp), _extra_files={META_FILE: json.dumps(meta, indent=2)})
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(target) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={META_FILE: json.dumps(meta, indent=2)})
     meta["sha256"] = sha256_file(target)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / README_FILE).write_text(README_TEXT.format(sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim,

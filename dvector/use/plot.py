@@ -12,7 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from dvector.corpus import scan_roots
 from dvector.errors import DvectorError
+from dvector.use.embed_inputs import embed_each
 
 LEGEND_MAX = 20  # speakers: a legend up to this many
 LABEL_MAX = 60  # text labels at cluster centres up to this many; beyond, colours only
@@ -157,8 +159,6 @@ def sample_speaker_files(root: str | os.PathLike[str], extensions: Sequence[str]
                          per_speaker: int, seed: int = 0) -> dict[str, list[Path]]:
     """Up to ``max_speakers`` speakers of ``root`` (a seeded sample when there are more) and up to
     ``per_speaker`` files of each (likewise)."""
-    from dvector.signal.audio import scan_roots
-
     if max_speakers < 1 or per_speaker < 1:
         raise DvectorError("--max-speakers and --per-speaker must be >= 1")
     scan = scan_roots([str(root)], extensions)
@@ -187,17 +187,11 @@ def visualize(embedder, root: str | os.PathLike[str], out: str | os.PathLike[str
     total = sum(len(v) for v in files.values())
     if on_start:
         on_start(total)
-    vectors, labels, skipped = [], [], []
-    for speaker, paths in files.items():
-        for path in paths:
-            try:
-                vectors.append(embedder.embed(path))
-                labels.append(speaker)
-            except DvectorError as exc:
-                skipped.append((str(path), str(exc).split(": ", 1)[-1]))
-            if on_file:
-                on_file()
+    speaker_of = {str(path): speaker for speaker, paths in files.items() for path in paths}
+    embedded, skipped = embed_each(((str(p), p) for paths in files.values() for p in paths), embedder.embed,
+                                   on_item=(lambda _key: on_file()) if on_file else None)
+    vectors, labels = list(embedded.values()), [speaker_of[key] for key in embedded]
     if len(vectors) < 3:
         raise DvectorError(f"only {len(vectors)} files of {root} could be embedded: too few to map")
-    png = plot_tsne(np.stack(vectors), labels, out, seed=seed, threads=threads)
+    png = plot_tsne(np.stack(vectors), labels, out, seed=seed, threads=threads or 1)  # t-SNE: 0 means one
     return png, len(vectors), len(set(labels)), skipped

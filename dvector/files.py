@@ -1,0 +1,85 @@
+"""Files written safely and named printably: the one atomic-write helper, JSON, sha256, display names.
+
+A file under its final name is always complete: it is written to a hidden temporary name beside
+it (unique to the process), flushed to disk, then renamed over the final name. A write that fails
+or is killed leaves at most a ``.NAME.tmp-PID`` file, never a half-written NAME.
+
+Imports nothing from the rest of the package: every part may use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def temp_name(path: Path, suffix: str = "") -> Path:
+    """Where ``path`` is written before its atomic rename: hidden, and unique to this process.
+
+    ``suffix`` is appended for writers that insist on an extension (``np.savez`` adds ``.npz``).
+    """
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def stale_temps(folder: Path, name: str = "*") -> list[Path]:
+    """Temporary files that writes of ``folder/name`` (a glob) left behind when they were killed."""
+    return sorted(Path(folder).glob(f".{name}.tmp-*"))
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to disk; folders that cannot be opened are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], suffix: str = "", sync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; on success it replaces ``path``.
+
+    The temporary file is flushed to disk (``sync``) before the rename, and removed if the block
+    raises. Usage: ``with atomic_write(target) as tmp: torch.save(obj, tmp)``.
+    """
+    final = Path(path)
+    tmp = temp_name(final, suffix)
+    try:
+        yield tmp
+        if sync:
+            fsync_path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """``data`` as ASCII JSON (sorted keys, one space indent) under ``path``, atomically."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", encoding="ascii") as f:
+            json.dump(data, f, indent=1, sort_keys=True, ensure_ascii=True)
+            f.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def display_path(text: str | os.PathLike[str]) -> str:
+    """A printable form of a path that may hold undecodable bytes (non-UTF-8 file names)."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
