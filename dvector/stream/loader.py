@@ -1,178 +1,32 @@
-"""Speaker-balanced GE2E batches from one consumer's sample stream, and the torch DataLoader around them.
+"""The torch DataLoader around one rank's GE2E batches (:mod:`dvector.stream.batches`), and the
+format of the loader's saved position in a checkpoint, which only this module reads and writes.
 
-Each consumer (rank, DataLoader worker) streams forever (:mod:`dvector.stream.samples`): it reads a
-bounded pool of samples, draws batches from it (:func:`dvector.stream.sampling.draw_round`), and reads
-the next pool. A worker's position is (round, stream position where the round's pool began,
-batches drawn from it): small, and enough to resume exactly, re-reading at most one pool. Between
-pools the shard stream stays open, so that a remote shard is downloaded once per pass.
-
-Batches are built in their final dtype (float32) in the worker, straight into shared memory, and
-the float16 -> float32 cast is torch's (several times numpy's speed).
+Each DataLoader worker is a consumer of its own slice of the rank's data; batches are built in the
+worker straight into shared memory. A checkpoint holds ``{"world": W, "ranks": [...]}``: the
+position of every rank (:meth:`GE2ELoader.checkpoint_entry`), restored by
+:meth:`GE2ELoader.restore`, which starts a fresh pass when the position no longer applies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvector.errors import DvectorError
-from dvector.stream.sampling import DEFAULT_MIN_FRAMES, Batch, SamplingStats, SegLen, SegmentSpec, draw_round
-from dvector.stream.sources import Consumer, ShardSource, StreamPosition, resolve_shards, shard_order
-from dvector.stream.samples import SampleStream, ShardFormatError, load_npy
+from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches
+from dvector.stream.sampling import SamplingStats, SegLen
+from dvector.stream import ShardSource, resolve_shards
+from dvector.stream.sources import Consumer, StreamPosition
 
-__all__ = ["BatchSettings", "Consumer", "GE2EDataset", "GE2ELoader", "SampleStream", "ShardFormatError",
-           "ShardSource", "StreamPosition", "WorkerState", "consumer_batches", "crop_batch",
-           "distributed_rank_world", "ge2e_loader", "load_npy", "resolve_shards", "shard_order"]
+__all__ = ["GE2EDataset", "GE2ELoader", "distributed_rank_world", "ge2e_loader"]
 
 log = logging.getLogger(__name__)
 
-
-# ---- batches of one consumer --------------------------------------------------------------------
-
-@dataclass
-class BatchSettings:
-    n_speakers: int = 64
-    n_utterances: int = 10
-    seg_len: SegLen = 160
-    pool_size: int = 0  # utterances per pool (0: 8 x N x M)
-    max_uses: int = 2
-    short_policy: str = "repeat"
-    min_frames: int = DEFAULT_MIN_FRAMES
-    seed: int = 0
-    on_error: str = "warn"
-    exclude_speakers: tuple[int, ...] = ()  # speaker indices never drawn (held out for validation)
-
-    @property
-    def pool(self) -> int:
-        return self.pool_size or 8 * self.n_speakers * self.n_utterances
-
-    def shape_key(self) -> dict[str, Any]:
-        """What shapes the batch stream: a saved position only applies with the same settings."""
-        spec = SegmentSpec.parse(self.seg_len)
-        return {"n_speakers": self.n_speakers, "n_utterances": self.n_utterances, "seg_len": [spec.lo, spec.hi],
-                "pool": self.pool, "max_uses": self.max_uses, "short_policy": self.short_policy,
-                "min_frames": self.min_frames, "seed": self.seed, "exclude_speakers": list(self.exclude_speakers)}
-
-
-@dataclass
-class WorkerState:
-    round: int = 0
-    start: StreamPosition = field(default_factory=StreamPosition)  # where this round's pool began
-    drawn: int = 0  # batches already drawn from this round
-
-    def to_dict(self) -> dict[str, int]:
-        return {"round": self.round, "pass": self.start.pass_, "shard": self.start.shard,
-                "sample": self.start.sample, "drawn": self.drawn}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "WorkerState":
-        return cls(int(d["round"]), StreamPosition(int(d["pass"]), int(d["shard"]), int(d["sample"])), int(d["drawn"]))
-
-
-def _difference(a: SamplingStats, b: SamplingStats) -> SamplingStats:
-    return SamplingStats(**{k: v - getattr(b, k) for k, v in a.to_dict().items()})
-
-
-def crop_batch(pool: Sequence[dict], batch: Batch, out: np.ndarray, scratch: dict | None = None) -> np.ndarray:
-    """Fill ``out`` (N*M, L, n_mels) with the crops ``batch`` names (as draw_round would), casting to its dtype.
-
-    Crops are copied as stored, then cast in one go by torch where the dtypes differ: numpy's
-    float16 -> float32 cast is ~8x slower than torch's. ``scratch`` keeps that staging buffer.
-    """
-    L = batch.seg_len
-    assert out.shape[:2] == (len(batch.pool_index), L), f"out {out.shape} for {len(batch.pool_index)} rows of {L}"
-    stored = pool[batch.pool_index[0]]["mel"].dtype.newbyteorder("=")
-    cast = stored != out.dtype and out.dtype.isnative and stored.kind == "f" and out.dtype.kind == "f"
-    if cast:
-        scratch = {} if scratch is None else scratch
-        stage = scratch.get((out.shape, stored))
-        if stage is None:
-            scratch.clear()  # one shape at a time (L may vary per batch)
-            stage = scratch[out.shape, stored] = np.empty(out.shape, stored)
-    else:
-        stage = out
-    ramp = None
-    for r, (p, o) in enumerate(zip(batch.pool_index.tolist(), batch.offset.tolist())):
-        mel = pool[p]["mel"]
-        T = mel.shape[0]
-        if T >= L:
-            stage[r] = mel[o:o + L]
-        else:  # "repeat": tile from the wrap start
-            if ramp is None:
-                ramp = np.arange(L, dtype=np.int64)
-            stage[r] = mel[(ramp + o) % T]
-    if cast:
-        torch.from_numpy(out).copy_(torch.from_numpy(stage))
-    return out
-
-
-Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
-
-
-def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Consumer,
-                     state: WorkerState | None = None, *, dtype: Any = None,
-                     allocate: Allocate | None = None) -> Iterator[tuple[Batch, WorkerState, SamplingStats]]:
-    """Endless (batch, state after it, stats of it) for one consumer, resuming from ``state``.
-
-    ``batch.mels`` is (N*M, L, n_mels) in ``dtype`` (default: as stored, float16), in a buffer
-    from ``allocate(shape, dtype)`` where given (e.g. shared memory), else a new array.
-    The shard stream stays open from one pool to the next; ``state`` records where each pool began.
-    """
-    state = WorkerState.from_dict(state.to_dict()) if state else WorkerState()
-    stream = SampleStream(urls, consumer, settings.seed, settings.on_error, settings.exclude_speakers)
-    seen: set[str] = set()  # keys in the pool being read: a pool holds an utterance once
-    scratch: dict = {}  # crop_batch's staging buffer
-    samples = stream.samples(state.start, skip_key=seen.__contains__)
-    carry = SamplingStats()
-    while True:
-        pool: list[dict] = []
-        seen.clear()
-        next_start = state.start
-        for pos, sample in samples:
-            next_start = pos
-            if sample is None or sample["__key__"] in seen:  # the pool wrapped around the consumer's data
-                if pos.pass_ > state.start.pass_ + 1:
-                    break
-                continue
-            seen.add(sample["__key__"])
-            pool.append(sample)
-            if len(pool) >= settings.pool:
-                break
-        rng = np.random.default_rng([settings.seed, consumer.rank, consumer.worker, state.round])
-        stats = SamplingStats()  # draw_round updates it as the round goes
-        reported = SamplingStats()  # what earlier batches of the round already reported
-        drawn_before = state.drawn
-        produced = 0
-        out_dtype = np.dtype(dtype) if dtype is not None else (pool[0]["mel"].dtype if pool else np.float16)
-        for batch in draw_round(pool, settings.n_speakers, settings.n_utterances, settings.seg_len, rng,
-                                settings.max_uses, settings.short_policy, settings.min_frames, stats,
-                                materialize=False, skip=drawn_before):
-            produced += 1
-            state.drawn = drawn_before + produced
-            delta = _difference(stats, reported) + carry
-            reported, carry = SamplingStats(**stats.to_dict()), SamplingStats()
-            shape = (len(batch.pool_index), batch.seg_len, pool[0]["mel"].shape[1])
-            out = allocate(shape, out_dtype) if allocate is not None else np.empty(shape, out_dtype)
-            mels = crop_batch(pool, batch, out, scratch)
-            yield batch._replace(mels=mels), WorkerState.from_dict(state.to_dict()), delta
-        carry += _difference(stats, reported)  # end-of-round counts ride on the next batch
-        if drawn_before + produced == 0:
-            speakers = len({s["speaker_index"] for s in pool})
-            raise DvectorError(
-                f"cannot form a batch of {settings.n_speakers} speakers x {settings.n_utterances} utterances: "
-                f"this process's share of the data holds {len(pool)} usable utterances of {speakers} speakers "
-                f"(consumer {consumer}); lower -n/-m, use fewer workers, or add data")
-        state = WorkerState(state.round + 1, next_start, 0)
-
-
-
-# ---- torch DataLoader ---------------------------------------------------------------------------
 
 def distributed_rank_world() -> tuple[int, int]:
     """Rank and world size from torch.distributed, else the torchrun environment, else (0, 1)."""
@@ -214,6 +68,7 @@ class GE2EDataset(IterableDataset):
         self.workers, self.states, self.rotation, self.dtype = max(1, workers), states or {}, rotation, dtype
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, bytes, int, dict, dict]]:
+        """This worker's endless batches (in a DataLoader worker: built in shared memory)."""
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.rotation) % self.workers  # the DataLoader always starts at worker 0
@@ -236,7 +91,8 @@ class GE2ELoader:
     """Iterable of ``(mels, speakers)``: mels ``(N*M, L, n_mels)`` tensor, speakers ``(N*M,)`` int64.
 
     Endless; count steps yourself. ``state_dict()``/``load_state_dict()`` save and restore the
-    position of every worker of this rank; ``stats`` adds up what sampling dropped, tiled and used.
+    position of every worker of this rank; ``checkpoint_entry()``/``restore()`` those of every
+    rank, as a checkpoint holds them; ``stats`` adds up what sampling dropped, tiled and used.
     With ``workers > 0`` batches come from DataLoader worker processes (forked), built there in
     ``dtype`` straight into shared memory.
     """
@@ -256,6 +112,7 @@ class GE2ELoader:
         self.n_mels = source.index["config"]["features"]["n_mels"] if source.index else None
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's position (plain values): its batch settings, world, workers and every worker's state."""
         return {"settings": self.settings.shape_key(), "rank": self.rank, "world": self.world,
                 "workers": self.workers, "next_worker": self.next_worker,
                 "states": {str(k): v.to_dict() for k, v in self.states.items()}}
@@ -272,14 +129,48 @@ class GE2ELoader:
         self.next_worker = int(state["next_worker"])
         return True
 
-    def restart_at_new_pass(self) -> None:
-        """Start a deterministic new stream after the last pass any worker reached."""
-        last = max((s.start.pass_ for s in self.states.values()), default=-1)
-        self.states = {k: WorkerState(round=10**6 * (last + 1), start=StreamPosition(last + 1, 0, 0))
+    def restart_at_pass(self, pass_: int) -> None:
+        """Start every worker of this rank at the beginning of pass ``pass_`` (a deterministic new stream)."""
+        self.states = {k: WorkerState(round=1_000_000 * pass_, start=StreamPosition(pass_, 0, 0))
                        for k in range(max(1, self.workers))}
         self.next_worker = 0
 
+    def checkpoint_entry(self) -> dict[str, Any]:
+        """This loader's entry of a checkpoint: ``{"world": W, "ranks": [state_dict() of rank 0..W-1]}``.
+
+        With several ranks it gathers every rank's position (``all_gather_object``): every rank
+        must call it at the same step.
+        """
+        states: list[Any] = [self.state_dict()]
+        if self.world > 1:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise DvectorError(f"a loader of rank {self.rank} of {self.world} needs the torch.distributed "
+                                   "process group to gather every rank's position")
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, self.state_dict())
+        return {"world": self.world, "ranks": states}
+
+    def restore(self, saved: dict[str, Any] | None) -> str | None:
+        """Put the stream where a checkpoint's entry (:meth:`checkpoint_entry`) left it.
+
+        Returns None when it resumes exactly (or ``saved`` is empty). When the batch settings, the
+        world size or the workers changed, every worker starts the pass after the last pass any
+        rank or worker reached, so every rank starts the same pass (and, if the world size changed,
+        nobody silently re-reads pass 0); returns a message saying so.
+        """
+        if not saved:
+            return None
+        ranks = saved.get("ranks") or []
+        if saved.get("world") == self.world and self.rank < len(ranks) and self.load_state_dict(ranks[self.rank]):
+            return None
+        passes = [int(s["pass"]) for r in ranks if r for s in r.get("states", {}).values()]
+        new_pass = max(passes, default=-1) + 1
+        self.restart_at_pass(new_pass)
+        return (f"batch options, world size or workers changed since the checkpoint: "
+                f"the data stream restarts at a new pass ({new_pass})")
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless ``(mels, speakers)`` from where the saved position says; updates it batch by batch."""
         workers = max(0, self.workers)
         dataset = GE2EDataset(self.source.urls, self.settings, self.rank, self.world, workers,
                               dict(self.states), rotation=self.next_worker, dtype=self.transfer_dtype)

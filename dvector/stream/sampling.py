@@ -31,6 +31,7 @@ from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 
+from dvector.config import parse_seg_len
 from dvector.errors import DvectorError
 
 SHORT_POLICIES = ("repeat", "drop")
@@ -45,6 +46,7 @@ class SegmentSpec:
     hi: int
 
     def __post_init__(self) -> None:
+        """Refuse lengths that are not whole frames with 1 <= lo <= hi."""
         for v in (self.lo, self.hi):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise DvectorError(f"seg_len must be whole frames, got {self.lo!r}..{self.hi!r}")
@@ -55,19 +57,16 @@ class SegmentSpec:
 
     @classmethod
     def parse(cls, seg_len: "SegLen") -> "SegmentSpec":
-        """Accept a ``SegmentSpec``, an int L, or a ``(lo, hi)`` pair (inclusive; the paper: 140–180)."""
+        """Accept a ``SegmentSpec``, an int L, a ``(lo, hi)`` pair (inclusive; the paper: 140–180) or
+        a string like ``"160"`` / ``"140-180"``; checked by :func:`dvector.config.parse_seg_len`."""
         if isinstance(seg_len, SegmentSpec):
             return seg_len
-        if isinstance(seg_len, (tuple, list)):
-            if len(seg_len) != 2:
-                raise DvectorError(f"seg_len range must be (lo, hi), got {seg_len!r}")
-            return cls(seg_len[0], seg_len[1])
-        if isinstance(seg_len, bool) or not isinstance(seg_len, (int, np.integer)):
-            raise DvectorError(f"seg_len must be an int or a (lo, hi) pair, got {seg_len!r}")
-        return cls(int(seg_len), int(seg_len))
+        lo, hi = parse_seg_len(seg_len)
+        return cls(lo, hi)
 
     @property
     def fixed(self) -> bool:
+        """Whether every batch has the same L."""
         return self.lo == self.hi
 
     def draw(self, rng: np.random.Generator) -> int:
@@ -77,7 +76,7 @@ class SegmentSpec:
         return int(rng.integers(self.lo, self.hi + 1))
 
 
-SegLen = Union[int, tuple, list, SegmentSpec]
+SegLen = Union[int, str, tuple, list, SegmentSpec]
 
 
 class Batch(NamedTuple):
@@ -119,6 +118,7 @@ class SamplingStats:
     leftover_uses: int = 0
 
     def __add__(self, other: "SamplingStats") -> "SamplingStats":
+        """Counter by counter sum."""
         if not isinstance(other, SamplingStats):
             return NotImplemented
         return SamplingStats(
@@ -126,6 +126,7 @@ class SamplingStats:
         )
 
     def __iadd__(self, other: "SamplingStats") -> "SamplingStats":
+        """Add ``other``'s counters to these, in place."""
         if not isinstance(other, SamplingStats):
             return NotImplemented
         for f in dataclasses.fields(self):
@@ -133,10 +134,12 @@ class SamplingStats:
         return self
 
     def to_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
         return dataclasses.asdict(self)
 
 
 def _check_int(name: str, value: Any, lowest: int) -> int:
+    """``value`` as an int, or a DvectorError naming ``name`` unless it is an int >= ``lowest``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
         raise DvectorError(f"{name} must be an int >= {lowest}, got {value!r}")
     return int(value)
@@ -158,8 +161,9 @@ def draw_round(
     """Draw GE2E batches (N speakers x M utterances x L frames) from one pool until it is used up.
 
     ``samples``: the pool, dicts with ``"mel"`` (T, n_mels) and ``"speaker_index"`` (int); the
-    arrays are referenced, never modified. ``seg_len``: int, ``(lo, hi)`` drawn per batch, or a
-    :class:`SegmentSpec`. ``max_uses``: batches one utterance may serve (a fresh crop each time).
+    arrays are referenced, never modified. ``seg_len``: int, ``(lo, hi)`` drawn per batch, a string
+    (``"160"``, ``"140-180"``) or a :class:`SegmentSpec`. ``max_uses``: batches one utterance may
+    serve (a fresh crop each time).
     ``short_policy``: for utterances with T < L, ``"repeat"`` tiles the utterance (wrapping from a
     random start) up to L frames (real frames, unlike zero padding of log-mels, which is not
     silence) and ``"drop"`` never uses utterances shorter than the longest L (``hi``).
@@ -190,22 +194,36 @@ def draw_round(
     )
 
 
-def _draw(
-    samples: Sequence[dict],
-    N: int,
-    M: int,
-    spec: SegmentSpec,
-    rng: np.random.Generator,
-    max_uses: int,
-    short_policy: str,
-    min_frames: int,
-    stats: SamplingStats,
-    materialize: bool,
-    skip: int,
-) -> Iterator[Batch]:
-    # --- the pool: one Python pass over the samples, then everything per speaker is numpy ---
+def crop(mel: np.ndarray, offset: int, L: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``L`` frames of ``mel`` (T, n_mels) from frame ``offset``: the one cropper of the package.
+
+    ``mel[offset:offset + L]`` when ``T >= L``; when shorter, the utterance tiled from ``offset``
+    (row i is frame ``(offset + i) % T``: the "repeat" policy's wrap, or ``offset=0`` to tile from
+    the start). Written into ``out`` (L, n_mels), cast to its dtype, and returned; without ``out``
+    the result is a view (long) or a new array (short) of ``mel``'s dtype.
+    """
+    T = mel.shape[0]
+    if T >= L:
+        rows = mel[offset : offset + L]  # (L, n_mels)
+    else:
+        rows = mel[(np.arange(L, dtype=np.int64) + offset) % T]  # (L, n_mels)
+    if out is None:
+        return rows
+    out[...] = rows
+    return out
+
+
+def crop_rows(mels: Sequence[np.ndarray], offsets: Sequence[int], L: int, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (R, L, n_mels) with :func:`crop` of each ``mels[r]`` (T_r, n_mels) at ``offsets[r]``."""
+    for r, (mel, o) in enumerate(zip(mels, offsets)):
+        crop(mel, o, L, out[r])
+    return out
+
+
+def _read_pool(samples: Sequence[dict]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, int, Any]:
+    """Check the pool in one Python pass: ``(mels, lengths (P,), speakers (P,), n_mels, dtype)``."""
     n = len(samples)
-    mels_all: list[np.ndarray] = []
+    mels: list[np.ndarray] = []
     lengths = np.empty(n, dtype=np.int64)
     speakers = np.empty(n, dtype=np.int64)
     n_mels = -1
@@ -226,68 +244,126 @@ def _draw(
                 f"pool sample {i} has {mel.shape[1]} mel bands, earlier ones {n_mels}: mixed feature settings"
             )
         lengths[i] = mel.shape[0]
-        mels_all.append(mel)
+        mels.append(mel)
+    return mels, lengths, speakers, n_mels, dtype
 
+
+@dataclass
+class _Usable:
+    """A pool's usable utterances in CSR order (grouped by local speaker id, pool order within a
+    speaker) and their remaining uses, updated as the round draws batches. U utterances, S speakers."""
+
+    spk_ids: np.ndarray  # (S,) local speaker -> global speaker id
+    csr_pool: np.ndarray  # (U,) CSR position -> pool index
+    csr_spk: np.ndarray  # (U,) CSR position -> local speaker
+    csr_len: np.ndarray  # (U,) frames
+    csr_mels: list[np.ndarray]  # (U,) the utterances, (T, n_mels) each
+    counts: np.ndarray  # (S,) usable utterances per speaker
+    starts: np.ndarray  # (S,) first CSR position of each speaker
+    uses_left: np.ndarray  # (U,)
+    n_live: np.ndarray  # (S,) utterances with uses left, per speaker
+    weight: np.ndarray  # (S,) remaining uses, per speaker
+
+    @classmethod
+    def index(
+        cls, mels: list[np.ndarray], lengths: np.ndarray, speakers: np.ndarray, usable: np.ndarray, max_uses: int
+    ) -> "_Usable":
+        """The CSR layout of the pool utterances ``usable`` (pool indices), each with ``max_uses`` uses."""
+        spk_ids, local = np.unique(speakers[usable], return_inverse=True)
+        local = local.reshape(-1)
+        order = np.argsort(local, kind="stable")
+        csr_pool = usable[order]
+        csr_spk = local[order]
+        counts = np.bincount(csr_spk, minlength=len(spk_ids)).astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        return cls(
+            spk_ids=spk_ids, csr_pool=csr_pool, csr_spk=csr_spk, csr_len=lengths[csr_pool],
+            csr_mels=[mels[i] for i in csr_pool.tolist()], counts=counts, starts=starts,
+            uses_left=np.full(len(csr_pool), max_uses, dtype=np.int64), n_live=counts.copy(),
+            weight=counts * max_uses,
+        )
+
+    def use(self, rows: np.ndarray, chosen_spk: np.ndarray, M: int) -> None:
+        """Spend one use of each CSR position in ``rows`` (N*M,), M of each speaker in ``chosen_spk`` (N,)."""
+        self.uses_left[rows] -= 1
+        spent = rows[self.uses_left[rows] == 0]
+        if len(spent):
+            self.n_live -= np.bincount(self.csr_spk[spent], minlength=len(self.spk_ids))
+        self.weight[chosen_spk] -= M
+
+
+def _choose_speakers(eligible: np.ndarray, weight: np.ndarray, N: int, rng: np.random.Generator) -> np.ndarray:
+    """N of the ``eligible`` local speakers without replacement, weighted by (remaining uses)^2, in
+    random order (Efraimidis-Spirakis: the N smallest Exp(1)/w). The square drains speakers evenly,
+    so few are left with data when the round ends; the mix stays as random as uniform choice (see
+    pair_cooccurrence_ratio and the tests). Returns (N,) local speaker ids."""
+    w = weight[eligible].astype(np.float64)
+    keys = rng.exponential(size=len(eligible)) / (w * w)
+    return eligible[np.argsort(keys, kind="stable")[:N]]  # (N,)
+
+
+def _choose_utterances(
+    pool: _Usable, chosen_spk: np.ndarray, M: int, max_uses: int, rng: np.random.Generator
+) -> np.ndarray:
+    """M distinct utterances of each chosen speaker: most uses left first, ties at random.
+
+    The candidates are the chosen speakers' utterances, group by group; groups are separated by
+    (max_uses + 1) in the sort key. Returns (N*M,) CSR positions, speaker-major.
+    """
+    N = len(chosen_spk)
+    k = pool.counts[chosen_spk]  # (N,)
+    group_start = np.concatenate(([0], np.cumsum(k)[:-1]))  # (N,)
+    total = int(k.sum())
+    group = np.repeat(np.arange(N, dtype=np.int64), k)  # (total,)
+    cand = np.arange(total, dtype=np.int64) - np.repeat(group_start, k) + np.repeat(pool.starts[chosen_spk], k)
+    sort_key = group * (max_uses + 1) + (max_uses - pool.uses_left[cand]) + rng.random(total)
+    ranked = cand[np.argsort(sort_key, kind="stable")]  # (total,)
+    rows = ranked[(group_start[:, None] + np.arange(M, dtype=np.int64)[None, :]).reshape(-1)]  # (N*M,)
+    assert np.all(pool.uses_left[rows] > 0), f"picked a spent utterance: {pool.uses_left[rows]}"
+    return rows
+
+
+def _crop_offsets(row_len: np.ndarray, L: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random crop offsets for rows of ``row_len`` (R,) frames: in [0, T-L] for long utterances, the
+    wrap start in [0, T) for short ones. Returns ``(offset (R,) int64, short (R,) bool)``."""
+    u = rng.random(len(row_len))
+    short = row_len < L
+    offset = np.floor(u * np.where(short, row_len, row_len - L + 1)).astype(np.int64)
+    return offset, short
+
+
+def _draw(
+    samples: Sequence[dict],
+    N: int,
+    M: int,
+    spec: SegmentSpec,
+    rng: np.random.Generator,
+    max_uses: int,
+    short_policy: str,
+    min_frames: int,
+    stats: SamplingStats,
+    materialize: bool,
+    skip: int,
+) -> Iterator[Batch]:
+    """:func:`draw_round` once its settings are checked: the pool is indexed on the first ``next``."""
+    mels_all, lengths, speakers, n_mels, dtype = _read_pool(samples)
     shortest = max(min_frames, spec.hi if short_policy == "drop" else 1)
     usable = np.flatnonzero(lengths >= shortest)
-    stats.utterances += n
-    stats.dropped_short += n - len(usable)
-
-    # Usable utterances in CSR order: grouped by local speaker id, pool order within a speaker.
-    spk_ids, local = np.unique(speakers[usable], return_inverse=True)
-    local = local.reshape(-1)
-    order = np.argsort(local, kind="stable")
-    csr_pool = usable[order]  # CSR position -> pool index
-    csr_spk = local[order]  # CSR position -> local speaker
-    csr_len = lengths[csr_pool]
-    n_spk = len(spk_ids)
-    counts = np.bincount(csr_spk, minlength=n_spk).astype(np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    uses_left = np.full(len(csr_pool), max_uses, dtype=np.int64)
-    n_live = counts.copy()  # utterances with uses left, per speaker
-    weight = counts * max_uses  # remaining uses, per speaker
-    csr_mels = [mels_all[i] for i in csr_pool.tolist()]
-    csr_len_list = csr_len.tolist()
-    row_group = np.repeat(np.arange(N, dtype=np.int64), M)
-    arange_m = np.arange(M, dtype=np.int64)
+    stats.utterances += len(samples)
+    stats.dropped_short += len(samples) - len(usable)
+    pool = _Usable.index(mels_all, lengths, speakers, usable, max_uses)
+    row_group = np.repeat(np.arange(N, dtype=np.int64), M)  # (N*M,) row -> chosen speaker
 
     drawn = 0
     while True:
-        eligible = np.flatnonzero(n_live >= M)
+        eligible = np.flatnonzero(pool.n_live >= M)
         if len(eligible) < N:
             break
         L = spec.draw(rng)
-        # N speakers without replacement, weighted by (remaining uses)^2, in random order
-        # (Efraimidis-Spirakis: the N smallest Exp(1)/w). The square drains speakers evenly, so
-        # few are left with data when the round ends; the mix stays as random as uniform choice
-        # (see pair_cooccurrence_ratio and the tests).
-        w = weight[eligible].astype(np.float64)
-        keys = rng.exponential(size=len(eligible)) / (w * w)
-        chosen_spk = eligible[np.argsort(keys, kind="stable")[:N]]  # (N,)
-
-        # Candidate utterances of the chosen speakers, group by group, then per group: most uses
-        # left first, ties at random. Groups are separated by (max_uses + 1) in the key.
-        k = counts[chosen_spk]  # (N,)
-        group_start = np.concatenate(([0], np.cumsum(k)[:-1]))
-        total = int(k.sum())
-        group = np.repeat(np.arange(N, dtype=np.int64), k)
-        cand = np.arange(total, dtype=np.int64) - np.repeat(group_start, k) + np.repeat(starts[chosen_spk], k)
-        sort_key = group * (max_uses + 1) + (max_uses - uses_left[cand]) + rng.random(total)
-        ranked = cand[np.argsort(sort_key, kind="stable")]
-        rows = ranked[(group_start[:, None] + arange_m[None, :]).reshape(-1)]  # (N*M,) CSR positions
-        assert np.all(uses_left[rows] > 0), f"picked a spent utterance: {uses_left[rows]}"
-
-        # Crop offsets: [0, T-L] for long utterances, the wrap start [0, T) for short ones.
-        row_len = csr_len[rows]
-        u = rng.random(N * M)
-        short = row_len < L
-        offset = np.floor(u * np.where(short, row_len, row_len - L + 1)).astype(np.int64)
-
-        uses_left[rows] -= 1
-        spent = rows[uses_left[rows] == 0]
-        if len(spent):
-            n_live -= np.bincount(csr_spk[spent], minlength=n_spk)
-        weight[chosen_spk] -= M
+        chosen_spk = _choose_speakers(eligible, pool.weight, N, rng)  # (N,)
+        rows = _choose_utterances(pool, chosen_spk, M, max_uses, rng)  # (N*M,)
+        offset, short = _crop_offsets(pool.csr_len[rows], L, rng)  # (N*M,)
+        pool.use(rows, chosen_spk, M)
 
         stats.batches += 1
         stats.uses += N * M
@@ -297,27 +373,19 @@ def _draw(
             continue
         mels = None
         if materialize:
-            mels = np.empty((N * M, L, n_mels), dtype=dtype)
-            ramp = None
-            for r, (c, o) in enumerate(zip(rows.tolist(), offset.tolist())):
-                T = csr_len_list[c]
-                if T >= L:
-                    mels[r] = csr_mels[c][o : o + L]
-                else:
-                    if ramp is None:
-                        ramp = np.arange(L, dtype=np.int64)
-                    mels[r] = csr_mels[c][(ramp + o) % T]
+            mels = crop_rows([pool.csr_mels[c] for c in rows.tolist()], offset.tolist(), L,
+                             np.empty((N * M, L, n_mels), dtype=dtype))  # (N*M, L, n_mels)
         yield Batch(
             mels=mels,
-            speaker_index=spk_ids[chosen_spk][row_group],
+            speaker_index=pool.spk_ids[chosen_spk][row_group],
             seg_len=L,
-            pool_index=csr_pool[rows],
+            pool_index=pool.csr_pool[rows],
             offset=offset,
         )
 
     stats.rounds += 1
-    stats.unused += int(np.count_nonzero(uses_left == max_uses))
-    stats.leftover_uses += int(uses_left.sum())
+    stats.unused += int(np.count_nonzero(pool.uses_left == max_uses))
+    stats.leftover_uses += int(pool.uses_left.sum())
 
 
 def pair_cooccurrence(batches_speakers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

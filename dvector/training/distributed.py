@@ -1,0 +1,119 @@
+"""torchrun / DDP for training: the process group, this process's device and CPU threads, and
+decisions that rank 0 makes for every rank.
+
+Without torchrun (``WORLD_SIZE`` unset or 1) everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from dvector.config import TrainConfig
+from dvector.errors import DvectorError
+
+R = TypeVar("R")
+
+
+@dataclass
+class Distributed:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs, validates and saves."""
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Distributed:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def cpu_threads(cfg: TrainConfig, ddp: Distributed) -> int:
+    """Torch threads per training process on CPU: ``cfg.threads``, or the cores left over once the
+    loader's workers have one each. More threads than cores makes small LSTM steps many times slower."""
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+    return max(1, cores // max(1, local_world) - cfg.workers)
+
+
+def choose_device(requested: str | None, ddp: Distributed) -> torch.device:
+    """The device asked for (default: CUDA when torch sees a GPU, else CPU); on CUDA, this rank's GPU."""
+    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DvectorError("--device cuda was asked for, but torch sees no CUDA GPU")
+        torch.cuda.set_device(ddp.local_rank)
+        return torch.device("cuda", ddp.local_rank)
+    return torch.device(kind)
+
+
+def setup_process(device: str | None, cfg: TrainConfig) -> tuple[Distributed, torch.device]:
+    """Join the process group (under torchrun), pick this process's device and, on CPU, its threads."""
+    ddp_probe_kind = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    ddp = setup_distributed(ddp_probe_kind)
+    dev = choose_device(device, ddp)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg, ddp))
+    return ddp, dev
+
+
+def main_flag(flag: bool, ddp: Distributed, dev: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (a broadcast; every rank must call it at the same point)."""
+    if ddp.world <= 1:
+        return flag
+    shared = torch.tensor([int(flag)], device=dev if dev.type == "cuda" else torch.device("cpu"))
+    dist.broadcast(shared, src=0)
+    return bool(shared.item())
+
+
+def main_value(value: Any, ddp: Distributed) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; every rank must call it at the same point."""
+    if ddp.world <= 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def out_of_time(started: float, max_minutes: float, ddp: Distributed, dev: torch.device) -> bool:
+    """Whether ``max_minutes`` have passed since ``started`` (perf_counter); rank 0's clock decides
+    for every rank."""
+    return main_flag(time.perf_counter() - started > 60.0 * max_minutes, ddp, dev)
+
+
+def ends_own_process_group(fn: Callable[..., R]) -> Callable[..., R]:
+    """Under torchrun, a process group the call starts is also ended by it (a process that exits
+    with a live gloo group aborts with "terminate called without an active exception")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+        try:
+            result = fn(*args, **kwargs)
+            if owns_group and dist.is_initialized():
+                dist.barrier()  # no rank tears down gloo while a peer still talks to it (aborts seen in CI)
+            return result
+        finally:
+            if owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper

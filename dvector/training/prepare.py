@@ -1,0 +1,235 @@
+"""Everything :func:`dvector.training.loop.train` sets up before its first step.
+
+The process (group, device, threads), the shards, the checkpoint and the model config
+(:func:`setup_run`); the validation speakers (:func:`validation_speakers`); the model, loss,
+optimizer and scheduler (:func:`build_parts`, restored by :func:`restore_parts`); this rank's batch
+stream (:func:`make_loader`) and what a step calls (:func:`make_runner`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from dvector.config import FeatureConfig, ModelConfig, TrainConfig
+from dvector.errors import DvectorError
+from dvector.nn.loss import GE2ELoss
+from dvector.nn.model import DVector, count_parameters
+from dvector.stream.batches import BatchSettings
+from dvector.stream.loader import GE2ELoader
+from dvector.stream import ShardSource, resolve_shards
+from dvector.training.checkpoint import checkpoint_dir, load_checkpoint
+from dvector.training.distributed import Distributed, setup_process
+from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers
+
+
+class GE2ETrainee(nn.Module):
+    """The network and the loss's w, b as one module, so DDP averages every gradient."""
+
+    def __init__(self, model: DVector, criterion: GE2ELoss):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, mels: torch.Tensor, n_speakers: int, n_utterances: int, amp: bool) -> torch.Tensor:
+        """The GE2E loss of a batch of ``mels`` (N*M, L, n_mels), rows speaker-major."""
+        context = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+        with context:
+            embeds = self.model(mels)  # (N*M, D)
+        embeds = embeds.float().view(n_speakers, n_utterances, -1)  # (N, M, D)
+        return self.criterion(embeds)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def _silent(message: str) -> None:
+    """``say`` on ranks other than 0."""
+
+
+@dataclass
+class RunContext:
+    """Where and with what this process trains, resolved once by :func:`setup_run`."""
+
+    ddp: Distributed
+    dev: torch.device
+    model_dir: Path
+    source: ShardSource
+    checkpoint: dict[str, Any] | None
+    features: FeatureConfig | None  # the shards' feature settings, where an index records them
+    model_cfg: ModelConfig
+    say: Callable[[str], None]  # silent on ranks other than 0
+
+
+def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cfg: TrainConfig,
+           model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, device: str | None,
+           index: str | None, say: Callable[[str], None]) -> RunContext:
+    """Join the process group, pick the device and threads, find the shards, load the checkpoint
+    and settle the model config; refuses to train afresh into a folder that holds a run."""
+    ddp, dev = setup_process(device, cfg)
+    model_dir = Path(model_dir)
+    if not ddp.main:
+        say = _silent
+    if resume is None and checkpoint_dir(model_dir).is_dir() and any(checkpoint_dir(model_dir).glob("*.pt")):
+        raise DvectorError(f"{model_dir} already holds a run: continue it with -c {model_dir}, or choose another MODEL_DIR")
+    source = resolve_shards(shards, index)
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    features = FeatureConfig.from_dict(source.index["config"]["features"]) if source.index else None
+    model_cfg = model_config(model_cfg, checkpoint, features, say)
+    return RunContext(ddp, dev, model_dir, source, checkpoint, features, model_cfg, say)
+
+
+def model_config(model_cfg: ModelConfig | None, checkpoint: dict[str, Any] | None, features: FeatureConfig | None,
+                  say: Callable[[str], None]) -> ModelConfig:
+    """The checkpoint's model config when continuing, else ``model_cfg`` (default: "attentive") with
+    the shards' n_mels; warns when the shards' features differ from the checkpoint's."""
+    if checkpoint is not None:
+        saved_cfg = ModelConfig.from_dict(checkpoint["model_config"])
+        if model_cfg is not None and model_cfg.name != saved_cfg.name:
+            say(f"note: continuing the checkpoint's {saved_cfg.name!r} model; --model {model_cfg.name} is ignored")
+        model_cfg = saved_cfg
+    else:
+        n_mels = features.n_mels if features else 40
+        model_cfg = model_cfg or ModelConfig.preset("attentive", n_mels=n_mels)
+        if features and model_cfg.n_mels != features.n_mels:
+            model_cfg = replace(model_cfg, n_mels=features.n_mels)
+    if checkpoint is not None and features and checkpoint.get("feature_config") not in (None, features.to_dict()):
+        say("warning: these shards were made with other feature settings than the checkpoint's")
+    return model_cfg
+
+
+@dataclass
+class ValidationSpeakers:
+    """The validation speakers of a run."""
+
+    heldout: list[int]  # speakers of the training shards held out of training (none with --valid)
+    data: ValidationSet | None  # their utterances; rank 0 only
+    active: bool  # whether the run validates: the same on every rank
+
+
+def validation_speakers(cfg: TrainConfig, ctx: RunContext, valid: str | None) -> ValidationSpeakers:
+    """Validation speakers: a separate shard set (``valid``), or a held-out fraction of the training
+    speakers when the shards have an index, else none (with a warning)."""
+    heldout: list[int] = []
+    data: ValidationSet | None = None
+    frames = cfg.seg_len[1]
+    if valid is not None:
+        vsource = resolve_shards(valid)
+        if ctx.ddp.main:
+            data = collect_validation(vsource.urls, vsource.index, None, cfg.valid_utterances, frames, cfg.seed)
+    elif ctx.source.index is not None:
+        heldout = heldout_speakers(ctx.source.index, cfg.valid_fraction, cfg.seed)
+        if ctx.ddp.main:
+            data = collect_validation(ctx.source.urls, ctx.source.index, heldout, cfg.valid_utterances, frames, cfg.seed)
+    else:
+        ctx.say("warning: no index.json beside the shards and no --valid set: training without validation")
+    return ValidationSpeakers(heldout, data, valid is not None or ctx.source.index is not None)
+
+
+# ---- model, loss, optimizer ----------------------------------------------------------------------
+
+@dataclass
+class Parts:
+    """What training changes, and where it stands."""
+
+    model: DVector
+    criterion: GE2ELoss
+    trainee: GE2ETrainee
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # StepLR
+    step: int = 0
+    best_eer: float | None = None
+
+
+def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam or SGD (with momentum) at the configured learning rate."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+
+
+def build_parts(cfg: TrainConfig, ctx: RunContext) -> Parts:
+    """A fresh model (seeded with ``cfg.seed``), loss, optimizer and step-decay scheduler on the device."""
+    torch.manual_seed(cfg.seed)
+    model = DVector(ctx.model_cfg).to(ctx.dev)
+    criterion = GE2ELoss(cfg.loss, cfg.reduction).to(ctx.dev)
+    trainee = GE2ETrainee(model, criterion)
+    optimizer = make_optimizer(cfg, list(trainee.parameters()))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_every, gamma=cfg.decay_factor)
+    return Parts(model, criterion, trainee, optimizer, scheduler)
+
+
+def apply_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, step: int,
+                         say: Callable[[str], None]) -> None:
+    """On resume, follow this run's --lr and -d: the rate is lr x decay_factor^(step // decay_every).
+
+    Left alone when it already has that value, so an unchanged run continues bit for bit.
+    """
+    wanted = cfg.learning_rate * cfg.decay_factor ** (step // cfg.decay_every)
+    scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+        if not math.isclose(group["lr"], wanted, rel_tol=1e-9):
+            say(f"learning rate now {wanted:g} (was {group['lr']:g})")
+            group["lr"] = wanted
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, dev: torch.device,
+             say: Callable[[str], None]) -> None:
+    """Load weights, optimizer (when it is the same kind), scheduler, step, best EER and the RNG
+    state from a checkpoint, then apply this run's learning-rate settings."""
+    parts.model.load_state_dict(checkpoint["model"])
+    parts.criterion.load_state_dict(checkpoint["criterion"])
+    if checkpoint["train_config"].get("optimizer") == cfg.optimizer:
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in parts.optimizer.param_groups:
+            group.setdefault("initial_lr", cfg.learning_rate)
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    parts.scheduler.step_size, parts.scheduler.gamma = cfg.decay_every, cfg.decay_factor
+    parts.step = int(checkpoint["step"])
+    apply_learning_rate(parts.optimizer, parts.scheduler, cfg, parts.step, say)
+    parts.best_eer = checkpoint.get("best_eer")
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if dev.type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], dev)
+
+
+def make_runner(trainee: GE2ETrainee, cfg: TrainConfig, ctx: RunContext) -> nn.Module:
+    """What a step calls: the trainee, wrapped in DDP with several processes, compiled if asked (CUDA)."""
+    runner: nn.Module = trainee
+    if ctx.ddp.world > 1:
+        runner = nn.parallel.DistributedDataParallel(trainee, device_ids=[ctx.dev.index] if ctx.dev.type == "cuda" else None)
+    if cfg.compile and ctx.dev.type == "cuda":
+        runner = torch.compile(runner)
+    return runner
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def make_loader(cfg: TrainConfig, ctx: RunContext, heldout: Sequence[int]) -> GE2ELoader:
+    """This rank's batch stream without the held-out speakers, where the checkpoint left it."""
+    settings = BatchSettings(n_speakers=cfg.n_speakers, n_utterances=cfg.n_utterances, seg_len=tuple(cfg.seg_len),
+                             pool_size=cfg.pool_size, short_policy=cfg.short_policy, seed=cfg.seed,
+                             exclude_speakers=tuple(heldout))
+    loader = GE2ELoader(ctx.source, settings, workers=cfg.workers, rank=ctx.ddp.rank, world=ctx.ddp.world,
+                        pin_memory=ctx.dev.type == "cuda")
+    if ctx.checkpoint is not None:
+        message = loader.restore(ctx.checkpoint.get("loader"))
+        if message:
+            ctx.say(message)
+    return loader
+
+
+def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: ValidationSet | None) -> str:
+    """The one-line summary said before the first step."""
+    return (f"model {ctx.model_cfg.name}: {count_parameters(model):,} parameters; device {ctx.dev}"
+            + (f" x {ctx.ddp.world} processes" if ctx.ddp.world > 1 else "")
+            + f"; batches of {cfg.n_speakers} speakers x {cfg.n_utterances} utterances x {cfg.seg_len[0]}"
+            + (f"-{cfg.seg_len[1]}" if cfg.seg_len[1] != cfg.seg_len[0] else "") + " frames"
+            + (f"; validating on {valid_set.n_speakers} held-out speakers" if valid_set is not None else ""))

@@ -1,0 +1,204 @@
+"""The step loop of :func:`dvector.training.loop.train`: each step, then its log entry, validation
+and checkpoint, decided alike on every rank."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dvector.config import TrainConfig
+from dvector.nn.loss import apply_paper_gradient_scale
+from dvector.stream.loader import GE2ELoader
+from dvector.training.checkpoint import save_checkpoint
+from dvector.training.distributed import main_value, out_of_time
+from dvector.training.prepare import Parts, RunContext, ValidationSpeakers
+from dvector.training.validation import validation_eer
+
+
+@dataclass
+class StepLog:
+    """What rank 0 logs at a step (every ``log_every`` steps, and when it validates)."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    w: float
+    b: float
+    steps_per_s: float
+    data_wait: float  # fraction of the time spent waiting for batches
+    valid_eer: float | None = None
+
+
+# ---- checkpoints and logs ------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch (and, on CUDA, the device's) RNG state."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def plain_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists: plain values that ``torch.load(weights_only=True)`` reads."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_entry: dict[str, Any],
+                      heldout: list[int], loss: float) -> dict[str, Any]:
+    """Everything a checkpoint holds (plain values and tensors), in the order it is saved."""
+    index = ctx.source.index
+    return {
+        "step": parts.step, "model": parts.model.state_dict(), "criterion": parts.criterion.state_dict(),
+        "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        "model_config": ctx.model_cfg.to_dict(), "train_config": plain_config(cfg.to_dict()),
+        "feature_config": ctx.features.to_dict() if ctx.features else None,
+        "vad_config": index["config"].get("vad") if index else None,
+        "rng": rng_state(ctx.dev), "loader": loader_entry,
+        "best_eer": parts.best_eer, "heldout_speakers": heldout, "loss": loss,
+    }
+
+
+def open_writer(ctx: RunContext, step: int) -> Any:
+    """Rank 0's TensorBoard writer in MODEL_DIR/logs (dropping events after ``step`` when continuing)."""
+    if not ctx.ddp.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    ctx.model_dir.mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(str(ctx.model_dir / "logs"), purge_step=step + 1 if step else None)
+
+
+def write_scalars(writer: Any, entry: StepLog) -> None:
+    """One log entry as TensorBoard scalars (those that have a value)."""
+    for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer"):
+        value = getattr(entry, name)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            writer.add_scalar(f"train/{name}" if name != "valid_eer" else "valid/eer", value, entry.step)
+
+
+# ---- the step loop -------------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """Steps taken and time spent waiting for batches since the last log entry."""
+
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+    def rates(self) -> tuple[float, float]:
+        """(steps per second, fraction of the time spent waiting) since the last call; starts anew."""
+        elapsed = time.perf_counter() - self.start
+        speed, wait = self.steps / elapsed, self.wait / elapsed
+        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+        return speed, wait
+
+
+class StepLoop:
+    """The steps of one :func:`train` call: each step, then its log entry, validation and checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, ctx: RunContext, parts: Parts, validation: ValidationSpeakers,
+                 loader: GE2ELoader, runner: nn.Module, on_log: Callable[[StepLog], None] | None):
+        self.cfg, self.ctx, self.parts, self.validation = cfg, ctx, parts, validation
+        self.loader, self.runner, self.on_log = loader, runner, on_log
+        self.amp = cfg.amp and ctx.dev.type == "cuda"
+        self.params = list(parts.trainee.parameters())
+        self.saved: list[Path] = []
+        self.last_loss = math.nan
+        self.wait_total = 0.0
+        self.writer: Any = None
+
+    def run(self, started: float) -> None:
+        """Step until ``cfg.steps`` (or ``--max-minutes``, counted from ``started``)."""
+        self.writer = open_writer(self.ctx, self.parts.step)
+        window = Window()
+        batches = None
+        try:
+            batches = iter(self.loader)
+            while self.parts.step < self.cfg.steps:
+                loss, grad_norm = self._step(batches, window)
+                if not self._after_step(loss, grad_norm, window, started):
+                    break
+        finally:
+            if batches is not None:
+                batches.close()  # stop the loader's workers now, not at interpreter exit
+            if self.writer is not None:
+                self.writer.close()
+
+    def _step(self, batches: Any, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next batch; returns (loss, grad norm) as tensors (no GPU sync)."""
+        cfg, parts = self.cfg, self.parts
+        t0 = time.perf_counter()
+        mels, _speakers = next(batches)
+        mels = mels.to(self.ctx.dev, non_blocking=True)  # (N*M, L, n_mels)
+        t1 = time.perf_counter()
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss = self.runner(mels, cfg.n_speakers, cfg.n_utterances, self.amp)
+        loss.backward()
+        if cfg.paper_grad_scale:
+            apply_paper_gradient_scale(parts.model, parts.criterion)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)  # a tensor: no GPU sync per step
+        parts.optimizer.step()
+        parts.scheduler.step()
+        parts.criterion.project_()
+        parts.step += 1
+        window.wait += t1 - t0
+        self.wait_total += t1 - t0
+        window.steps += 1
+        return loss, grad_norm
+
+    def _after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, window: Window, started: float) -> bool:
+        """Log, validate and save as the step calls for; False when ``--max-minutes`` says stop.
+
+        Every rank decides alike (only rank 0 holds the validation set; all join the broadcasts).
+        """
+        cfg, ctx, step = self.cfg, self.ctx, self.parts.step
+        stop = cfg.max_minutes > 0 and step % cfg.log_every == 0 and out_of_time(started, cfg.max_minutes, ctx.ddp, ctx.dev)
+        final = step == cfg.steps or stop
+        log_now = step % cfg.log_every == 0 or final
+        valid_now = self.validation.active and (step % cfg.valid_every == 0 or final)
+        save_now = step % cfg.save_every == 0 or final
+        if log_now or valid_now or save_now:
+            self.last_loss = float(loss.detach())
+        speed, wait = window.rates() if log_now else (math.nan, math.nan)
+        eer_now = self._validate() if valid_now else None
+        improved = eer_now is not None and (self.parts.best_eer is None or eer_now < self.parts.best_eer)
+        if ctx.ddp.main and (log_now or eer_now is not None):
+            self._log(StepLog(step, self.last_loss, self.parts.scheduler.get_last_lr()[0], float(grad_norm),
+                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait, eer_now))
+        if save_now or improved:
+            self._save(eer_now if improved else None)
+        if stop:
+            ctx.say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
+        return not stop
+
+    def _validate(self) -> float | None:
+        """The validation EER, computed by rank 0 and shared with every rank (they all decide whether to save)."""
+        eer_now = validation_eer(self.parts.model, self.validation.data, self.ctx.dev) if self.ctx.ddp.main else None
+        return main_value(eer_now, self.ctx.ddp)
+
+    def _log(self, entry: StepLog) -> None:
+        """Hand a log entry to TensorBoard and ``on_log`` (rank 0)."""
+        if self.writer is not None:
+            write_scalars(self.writer, entry)
+        if self.on_log:
+            self.on_log(entry)
+
+    def _save(self, new_best: float | None) -> None:
+        """Save a checkpoint (rank 0 writes it; every rank gives its loader position). ``new_best``:
+        the EER that makes this the best checkpoint so far, else None."""
+        loader_entry = self.loader.checkpoint_entry()
+        if new_best is not None:
+            self.parts.best_eer = new_best
+        if self.ctx.ddp.main:
+            state = checkpoint_state(self.cfg, self.ctx, self.parts, loader_entry, self.validation.heldout,
+                                      self.last_loss)
+            self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints,
+                                              best=new_best is not None))
