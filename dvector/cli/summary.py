@@ -1,4 +1,4 @@
-"""One-screen summaries printed at the end of long jobs."""
+"""One-screen summaries printed at the end of long jobs (paths escaped: rich reads ``[`` as markup)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dvector.shards.build import FEW_UTTERANCES, BuildReport, display_path
-
-MAX_LISTED = 10
+from dvector.cli.console import MAX_LISTED
+from dvector.files import display_path
+from dvector.shards.build import FEW_UTTERANCES, BuildReport
 
 
 def _reason_kind(reason: str) -> str:
@@ -46,11 +46,11 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
         for f in report.failures[:MAX_LISTED]:
             console.print(escape(f"  {f['root']}/{display_path(f['source'])}: {display_path(f['reason'])}"), highlight=False)
         if len(report.failures) > MAX_LISTED:
-            console.print(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}")
+            console.print(escape(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}"))
 
 
 def print_train_summary(result, console: Console) -> None:  # type: ignore[no-untyped-def]
-    table = Table(title=f"train: {result.model_dir}", show_header=False, box=None)
+    table = Table(title=f"train: {escape(str(result.model_dir))}", show_header=False, box=None)
     table.add_row("steps", f"{result.steps_done} this run, at step {result.final_step}")
     table.add_row("time", f"{result.seconds:.1f} s, {result.steps_done / max(result.seconds, 1e-9):.2f} steps/s, "
                           f"{100 * result.data_wait:.1f}% waiting for data")
@@ -62,6 +62,6 @@ def print_train_summary(result, console: Console) -> None:  # type: ignore[no-un
                                           f"{st['dropped_short']} utterances too short to use")
     table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
     if result.checkpoints:
-        table.add_row("checkpoints", f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)")
-    table.add_row("logs", f"tensorboard --logdir {result.model_dir / 'logs'}")
+        table.add_row("checkpoints", escape(f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)"))
+    table.add_row("logs", escape(f"tensorboard --logdir {result.model_dir / 'logs'}"))
     console.print(table)

@@ -12,7 +12,8 @@ from typing import Callable
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
 from dvector.use.embedder import load, untrained_twin
-from dvector.use.evaluate import eval_path, evaluate, write_eval
+from dvector.use.evaluate import evaluate
+from dvector.use.results import eval_path, write_eval
 from dvector.metrics import error_rates
 from dvector.use.plot import plot_det, visualize
 from dvector.demo.synth import write_corpus

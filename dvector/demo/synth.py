@@ -9,6 +9,7 @@ takes learning.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,14 @@ import numpy as np
 import scipy.signal
 import soundfile as sf
 
+from dvector.errors import DvectorError
+
 # F1, F2, F3 (Hz) of five vowels of an average adult voice
 VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480], [570, 840, 2410]],
                   dtype=np.float64)
 BANDWIDTHS = np.array([80.0, 100.0, 140.0])
+LAYOUTS = ("flat", "nested")  # SPEAKER/utt.ext, or SPEAKER/SESSION/utt.ext
+FORMATS = ("flac", "wav")
 
 
 @dataclass(frozen=True)
@@ -92,15 +97,43 @@ def utterance(voice: Voice, duration_s: float, sample_rate: int, rng: np.random.
     return np.clip(wav, -1, 1)
 
 
+def parse_duration(value: str | tuple[float, float]) -> tuple[float, float]:
+    """Utterance lengths in seconds as ``(lo, hi)``, checked: ``"1.5-4.0"`` or ``(1.5, 4.0)`` -> (1.5, 4.0).
+
+    Raises :class:`DvectorError` unless both are numbers with ``0 < lo <= hi``.
+    """
+    if isinstance(value, str):
+        try:
+            lo, hi = (float(x) for x in value.split("-"))
+        except ValueError:
+            raise DvectorError(f"--duration takes lo-hi seconds such as 1.5-4.0, got {value!r}") from None
+    else:
+        try:
+            lo, hi = (float(x) for x in value)
+        except (TypeError, ValueError):
+            raise DvectorError(f"--duration takes (lo, hi) seconds such as (1.5, 4.0), got {value!r}") from None
+    if not (0 < lo <= hi and math.isfinite(hi)):
+        raise DvectorError(f"--duration needs 0 < lo <= hi, got {value!r}")
+    return lo, hi
+
+
 def write_corpus(root: Path, n_speakers: int, utterances_per_speaker: int, seed: int = 0,
-                 sample_rate: int = 16000, duration_s: tuple[float, float] = (1.5, 4.0),
+                 sample_rate: int = 16000, duration_s: str | tuple[float, float] = (1.5, 4.0),
                  extension: str = "flac", subtype: str | None = None, prefix: str = "spk",
-                 nested: bool = False) -> list[Path]:
+                 layout: str = "flat") -> list[Path]:
     """Write a speaker-directory corpus ``root/spkNNN/uttNNN.ext``; returns the files written.
 
-    ``nested`` puts each speaker's utterances in two session subfolders
-    (``root/spkNNN/sessionK/...``), as LibriSpeech (chapters) and VoxCeleb (videos) do.
+    ``layout`` "nested" puts each speaker's utterances in two session subfolders
+    (``root/spkNNN/sessionK/...``), as LibriSpeech (chapters) and VoxCeleb (videos) do. ``extension``
+    is flac or wav; ``duration_s`` the range of utterance lengths (see :func:`parse_duration`). All
+    three are checked, in that order, before anything is written.
     """
+    if layout not in LAYOUTS:
+        raise DvectorError(f"--layout must be flat or nested, got {layout!r}")
+    if extension not in FORMATS:
+        raise DvectorError(f"--format must be flac or wav, got {extension!r}")
+    lo, hi = parse_duration(duration_s)
+    nested = layout == "nested"
     rng = np.random.default_rng(seed)
     paths = []
     for s in range(n_speakers):
@@ -109,7 +142,7 @@ def write_corpus(root: Path, n_speakers: int, utterances_per_speaker: int, seed:
         for u in range(utterances_per_speaker):
             folder = Path(root) / speaker / (f"session{u % 2}" if nested else "")
             folder.mkdir(parents=True, exist_ok=True)
-            wav = utterance(voice, float(rng.uniform(*duration_s)), sample_rate, rng)
+            wav = utterance(voice, float(rng.uniform(lo, hi)), sample_rate, rng)
             path = folder / f"{speaker}-{u:03d}.{extension}" if nested else folder / f"utt{u:03d}.{extension}"
             sf.write(str(path), wav, sample_rate, subtype=subtype)
             paths.append(path)

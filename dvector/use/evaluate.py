@@ -1,31 +1,27 @@
 """Verification: cosine scores, trials (a VoxCeleb-format file or generated within a root), EER,
-minDCF, the EER threshold stored in the run folder for ``score``.
+minDCF and the EER threshold, the DET curve. Where results are stored, and the threshold ``score``
+decides with, are :mod:`dvector.use.results`'s.
 
 Every file is embedded once, however many trials name it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dvector.signal.audio import scan_roots
+from dvector.corpus import scan_roots
 from dvector.config import DEFAULT_EXTENSIONS
+from dvector.use.embed_inputs import embed_each
 from dvector.use.embedder import Embedder, model_identity
 from dvector.errors import DvectorError
-from dvector.shards.format import write_json_atomic
 from dvector.metrics import eer, error_rates, min_dcf
 
-EVAL_FILE = "eval.json"
-DET_FILE = "det.png"
 P_TARGETS = (0.01, 0.05)
-DEFAULT_THRESHOLD = 0.5  # cosine; used by `score` only until `eval` has stored a calibrated one
 MAX_TARGET_TRIALS = 100_000
 MAX_NONTARGET_TRIALS = 100_000
 MIN_NONTARGET_TRIALS = 1_000
@@ -190,18 +186,8 @@ class Evaluation:
 def embed_files(embedder: Embedder, root: Path, files: Sequence[str], strict: bool,
                 on_file: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """One embedding per distinct file (paths relative to ``root``); failures raise if ``strict``."""
-    vectors: dict[str, np.ndarray] = {}
-    skipped: list[tuple[str, str]] = []
-    for rel in dict.fromkeys(files):
-        try:
-            vectors[rel] = embedder.embed(root / rel)
-        except DvectorError as exc:
-            if strict:
-                raise
-            skipped.append((rel, str(exc).split(": ", 1)[-1]))
-        if on_file:
-            on_file()
-    return vectors, skipped
+    return embed_each(((rel, root / rel) for rel in dict.fromkeys(files)), embedder.embed, strict,
+                      on_item=(lambda _key: on_file()) if on_file else None)
 
 
 def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str | os.PathLike[str] | None = None,
@@ -241,64 +227,6 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
     result.n_files, result.trials, result.root, result.skipped = len(vectors), how, str(root), skipped
     result.model = model_identity(embedder)
     return Evaluation(result, scores, labels, trials)
-
-
-# ---- stored results and the decision threshold --------------------------------------------------
-
-def eval_path(model: str | os.PathLike[str]) -> Path | None:
-    """Where ``eval`` stores results for a model: ``MODEL/eval.json`` when MODEL is a folder (a run or
-    an export); for a checkpoint in a run's ``checkpoints/``, the run folder's; for an exported
-    ``dvector.pt``, its folder's; for another file, an ``eval.json`` beside it if there is one."""
-    p = Path(model)
-    if p.is_dir():
-        return p / EVAL_FILE
-    if p.parent.name == "checkpoints":
-        return p.parent.parent / EVAL_FILE
-    if p.name == "dvector.pt" or (p.parent / EVAL_FILE).is_file():
-        return p.parent / EVAL_FILE
-    return None
-
-
-def write_eval(path: Path, result: EvalResult, det: Path | None = None) -> None:
-    write_json_atomic(path, {**result.to_dict(), "det": str(det) if det else None,
-                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-@dataclass
-class Threshold:
-    value: float
-    source: str  # where it came from, for the printout
-    stored: bool  # False: the default
-    note: str | None = None  # a warning worth showing (e.g. computed for another checkpoint)
-
-
-def decision_threshold(model: str | os.PathLike[str], embedder: Embedder | None = None) -> Threshold:
-    """The EER threshold ``eval`` stored for this model, or DEFAULT_THRESHOLD with a warning."""
-    path = eval_path(model)
-    if path is None or not path.is_file():
-        return Threshold(DEFAULT_THRESHOLD, "default", False,
-                         f"no {EVAL_FILE} for {model}: using the default threshold {DEFAULT_THRESHOLD}; "
-                         f"run `dvector eval MODEL ROOT` to calibrate one")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        value = float(data["eer_threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return Threshold(DEFAULT_THRESHOLD, "default", False,
-                         f"cannot read the threshold from {path} ({exc}): using the default {DEFAULT_THRESHOLD}")
-    note = None
-    stored_sha = (data.get("model") or {}).get("sha256")
-    if embedder is not None and stored_sha and stored_sha != embedder.info.get("sha256"):
-        step = (data.get("model") or {}).get("step")
-        note = (f"the threshold in {path} was computed for another model file"
-                + (f" (step {step})" if step is not None else "") + "; run `dvector eval` again to recalibrate")
-    eer_text = f", EER {100 * float(data['eer']):.2f}%" if "eer" in data else ""
-    return Threshold(value, f"{path}{eer_text}", True, note)
-
-
-def score_pair(embedder: Embedder, a: Any, b: Any, model: str | os.PathLike[str]) -> tuple[float, Threshold]:
-    """Cosine score of two utterances and the threshold to decide same/different with."""
-    threshold = decision_threshold(model, embedder)
-    return cosine(embedder.embed(a), embedder.embed(b)), threshold
 
 
 def det_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

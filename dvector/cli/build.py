@@ -1,0 +1,114 @@
+"""Commands on shard folders: build-shards, index, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.markup import escape
+
+from dvector.cli.console import console, progress
+from dvector.cli.options import EXTENSIONS, Extensions, Workers, default, out_option, seed_option
+from dvector.config import BuildConfig, FeatureConfig, VadConfig
+
+ShardsOut = out_option("Output folder for shard-NNNNNN.tar and index.json.", "-s", "--save_dir", "--save-dir")
+ShuffleSeed = seed_option("Seed of the block shuffle.")
+Roots = Annotated[List[Path], typer.Argument(
+    help="Root directories; each holds one folder per speaker (subfolders allowed).")]
+ShardSize = Annotated[int, typer.Option(
+    "--shard-size", help="At most about this many utterances per shard (exceeded by less than one speaker block).")]
+MinShards = Annotated[int, typer.Option(
+    "--min-shards", help="Split even a small corpus into at least this many shards.")]
+BlockSize = Annotated[int, typer.Option("--block-size", help="Utterances per speaker block inside shards.")]
+SampleRate = Annotated[int, typer.Option("--sample-rate", help="Resample every file to this rate (Hz).")]
+NMels = Annotated[int, typer.Option("--n-mels", help="Mel bands.")]
+Vad = Annotated[bool, typer.Option("--vad/--no-vad", help="Trim silence and shorten long pauses.")]
+MergeSpeakers = Annotated[bool, typer.Option(
+    "--merge-speakers", help="Key speakers by folder name alone, merging same-named folders across roots.")]
+Part = Annotated[Optional[str], typer.Option(
+    "--part", help="Build only part i of n (e.g. 3/8), for array jobs on shared storage.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a build made with another configuration.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Exit with status 2 if any file was skipped.")]
+FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that cannot be used.")]
+ShardFolder = Annotated[Path, typer.Argument(help="A shard folder with index.json.")]
+PartsFolder = Annotated[Path, typer.Argument(help="A shard folder made by build-shards (all parts).")]
+
+
+def build_shards_cmd(
+    roots: Roots,
+    out: ShardsOut = Path("shards"),
+    extensions: Extensions = EXTENSIONS,
+    workers: Workers = 0,
+    shard_size: ShardSize = default(BuildConfig, "shard_size"),
+    min_shards: MinShards = default(BuildConfig, "min_shards"),
+    block_size: BlockSize = default(BuildConfig, "block_size"),
+    seed: ShuffleSeed = default(BuildConfig, "seed"),
+    sample_rate: SampleRate = default(FeatureConfig, "sample_rate"),
+    n_mels: NMels = default(FeatureConfig, "n_mels"),
+    vad: Vad = default(VadConfig, "enabled"),
+    merge_speakers: MergeSpeakers = default(BuildConfig, "merge_speakers"),
+    part: Part = None,
+    overwrite: Overwrite = False,
+    strict: Strict = False,
+    fail_fast: FailFast = False,
+) -> None:
+    """Decode, resample, trim silence and compute log-mels of every utterance; write WebDataset shards.
+
+    Resumable: run the same command again to finish an interrupted build.
+    """
+    from dvector.cli.summary import print_build_summary
+    from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
+
+    cfg = BuildConfig(extensions=extensions, shard_size=shard_size, min_shards=min_shards, block_size=block_size,
+                      seed=seed, merge_speakers=merge_speakers,
+                      features=FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), vad=VadConfig(enabled=vad))
+    with progress() as bar:
+        task = bar.add_task("build-shards", total=None, info="scanning")
+        audio = [0.0]
+
+        def start(files: int, shards: int) -> None:
+            bar.update(task, total=files, info=f"{shards} shards to write")
+
+        def advance(files: int, audio_s: float) -> None:
+            audio[0] += audio_s
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, advance=files, info=f"{audio[0] / 3600:.2f} h audio, {audio[0] / elapsed:.0f}x realtime")
+
+        report = build_shards([str(r) for r in roots], out, cfg, workers=workers, part=parse_part(part),
+                              overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance))
+    print_build_summary(report, console)
+    if strict and report.failures:
+        console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
+        raise typer.Exit(2)
+
+
+def index_cmd(folder: PartsFolder) -> None:
+    """Rebuild index.json from the shards and build records on disk (e.g. after --part builds)."""
+    from dvector.shards.index import write_index
+
+    index = write_index(folder)
+    t = index["totals"]
+    console.print(escape(f"wrote {folder / 'index.json'}: {t['shards']} shards, {t['utterances']} utterances, "
+                         f"{t['speakers']} speakers, {t['failures']} skipped files"))
+
+
+def check_cmd(
+    folder: ShardFolder,
+    workers: Workers = 0,
+) -> None:
+    """Verify every shard against the index: present, same size and sha256, every sample decodable."""
+    from dvector.shards.check import check_shards
+    from dvector.shards.index import read_index
+
+    total = len(read_index(folder)["shards"])
+    with progress() as bar:
+        task = bar.add_task("check", total=total, info="")
+        report = check_shards(folder, workers, on_shard=lambda: bar.advance(task))
+    if report.ok:
+        console.print(f"[green]ok[/]: {report.shards} shards match the index")
+        return
+    for name, problem in report.problems:
+        console.print(f"[red]{escape(name)}[/]: {escape(problem)}", highlight=False)
+    console.print(f"[bold red]{len({n for n, _ in report.problems})} of {report.shards} shards are damaged[/]")
+    raise typer.Exit(1)

@@ -1,0 +1,111 @@
+"""The train command: options -> TrainConfig -> ``dvector.training.loop.train``, a progress bar, a summary."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from dvector.cli.console import console, progress, say
+from dvector.cli.options import Seed, default, range_text, threads_option
+from dvector.config import TrainConfig
+
+train_default = partial(default, TrainConfig)
+
+Shards = Annotated[str, typer.Argument(help="Shard folder (with index.json), brace pattern, or http(s)/pipe: URLs.")]
+ModelDir = Annotated[Path, typer.Argument(help="Run folder: checkpoints/, logs/ (TensorBoard).")]
+Steps = Annotated[int, typer.Option("-i", "--steps", help="Total steps (a continued run counts from its checkpoint).")]
+SaveEvery = Annotated[int, typer.Option("-s", "--save-every", help="Save a checkpoint every this many steps.")]
+DecayEvery = Annotated[int, typer.Option("-d", "--decay-every", help="Halve the learning rate every this many steps.")]
+NSpeakers = Annotated[int, typer.Option("-n", "--n-speakers", help="N: speakers per batch.")]
+NUtterances = Annotated[int, typer.Option("-m", "--n-utterances", help="M: utterances per speaker.")]
+SegLen = Annotated[str, typer.Option(
+    "-l", "--seg-len", help="L: frames per segment, or a range drawn per batch (140-180).")]
+Resume = Annotated[Optional[Path], typer.Option(
+    "-c", "--continue", help="Checkpoint (or run folder) to continue from.")]
+Valid = Annotated[Optional[str], typer.Option(
+    "--valid", help="Validation shards (other speakers); default: hold out ~10% of the speakers.")]
+ValidEvery = Annotated[int, typer.Option("--valid-every", help="Validate every this many steps.")]
+ModelName = Annotated[Optional[str], typer.Option(
+    "--model", help="paper (3x768 LSTM, 256 proj), attentive (original, 3x256; the default), or tiny.")]
+Loss = Annotated[str, typer.Option("--loss", help="softmax or contrast.")]
+Reduction = Annotated[str, typer.Option("--reduction", help="sum (the paper's) or mean (learning rate scaled by N*M).")]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="sgd (the paper's) or adam.")]
+Lr = Annotated[float, typer.Option("--lr", help="Learning rate (0: 0.01 for SGD, 1e-3 for Adam).")]
+LoaderWorkers = Annotated[int, typer.Option("-w", "--workers", help="Data loader processes per training process.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda when available).")]
+Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 mixed precision on CUDA.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")]
+Keep = Annotated[int, typer.Option("--keep", help="Numbered checkpoints to keep.")]
+LogEvery = Annotated[int, typer.Option("--log-every", help="Log every this many steps.")]
+ShortPolicy = Annotated[str, typer.Option("--short-policy", help="Utterances shorter than L: repeat (tile) or drop.")]
+TrainThreads = threads_option("Torch threads on CPU (0: the cores left after the loader workers).")
+MaxMinutes = Annotated[float, typer.Option(
+    "--max-minutes", help="Stop with a checkpoint after this long (e.g. a job's time limit); 0: none.")]
+
+
+def train_cmd(
+    shards: Shards,
+    model_dir: ModelDir,
+    steps: Steps = train_default("steps"),
+    save_every: SaveEvery = train_default("save_every"),
+    decay_every: DecayEvery = train_default("decay_every"),
+    n_speakers: NSpeakers = train_default("n_speakers"),
+    n_utterances: NUtterances = train_default("n_utterances"),
+    seg_len: SegLen = range_text(train_default("seg_len")),
+    resume: Resume = None,
+    valid: Valid = None,
+    valid_every: ValidEvery = train_default("valid_every"),
+    model: ModelName = None,
+    loss: Loss = train_default("loss"),
+    reduction: Reduction = train_default("reduction"),
+    optimizer: Optimizer = train_default("optimizer"),
+    lr: Lr = train_default("lr"),
+    workers: LoaderWorkers = train_default("workers"),
+    seed: Seed = train_default("seed"),
+    device: Device = None,
+    amp: Amp = train_default("amp"),
+    compile: Compile = train_default("compile"),  # noqa: A002 - the option's name
+    keep: Keep = train_default("keep_checkpoints"),
+    log_every: LogEvery = train_default("log_every"),
+    short_policy: ShortPolicy = train_default("short_policy"),
+    threads: TrainThreads = train_default("threads"),
+    max_minutes: MaxMinutes = train_default("max_minutes"),
+) -> None:
+    """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
+
+    Several GPUs: torchrun --nproc-per-node=8 -m dvector train SHARDS MODEL_DIR
+    """
+    from dvector.cli.summary import print_train_summary
+    from dvector.config import ModelConfig, parse_seg_len
+    from dvector.training.loop import train
+
+    cfg = TrainConfig(steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
+                      log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
+                      seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
+                      workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
+                      short_policy=short_policy, threads=threads, max_minutes=max_minutes)
+    with progress() as bar:
+        on_log = _train_bar(bar, steps)
+        result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None,
+                       resume=str(resume) if resume else None, valid=valid, device=device, on_log=on_log,
+                       say=partial(say, out=bar.console))  # the library is silent on ranks other than 0
+    if result.is_main:
+        print_train_summary(result, console)
+
+
+def _train_bar(bar: Any, steps: int) -> Any:
+    """An ``on_log`` that shows the step, the loss, the last validation EER and the speed on ``bar``."""
+    task = bar.add_task("train", total=steps, info="starting")
+    state: dict[str, Optional[float]] = {"eer": None}
+
+    def on_log(entry: Any) -> None:
+        if entry.valid_eer is not None:
+            state["eer"] = entry.valid_eer
+        eer = f", EER {100 * state['eer']:.2f}%" if state["eer"] is not None else ""
+        speed = f", {entry.steps_per_s:.1f} steps/s" if entry.steps_per_s == entry.steps_per_s else ""
+        bar.update(task, completed=entry.step, info=f"loss {entry.loss:.3f}{eer}{speed}")
+
+    return on_log

@@ -1,0 +1,119 @@
+"""Commands that use a trained model: embed, score, eval, export, visualize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.markup import escape
+
+from dvector.cli.console import console, counting_bar, print_skipped, progress, say
+from dvector.cli.options import (EXTENSIONS, Extensions, Model, Seed, Threads, extensions_option, model_argument,
+                                 out_option, seed_option, threads_option)
+
+Inputs = Annotated[List[str], typer.Argument(
+    help="Audio files, folders (searched recursively), shard folders or URLs.")]
+EmbeddingsOut = out_option("Output .npz: key -> vector, plus __model__.")
+PerWindow = Annotated[bool, typer.Option(
+    "--per-window", help="Window embeddings with start/end times (no VAD), e.g. for diarization.")]
+FirstFile = Annotated[Path, typer.Argument(help="First audio file.")]
+SecondFile = Annotated[Path, typer.Argument(help="Second audio file.")]
+ThresholdOverride = Annotated[Optional[float], typer.Option(
+    "-t", "--threshold", help="Decide with this cosine threshold instead of the stored one.")]
+TestRoot = Annotated[Path, typer.Argument(
+    help="Test root: speaker folders, or the root the trials' paths are relative to.")]
+Trials = Annotated[Optional[Path], typer.Option("--trials", help="Trials file, VoxCeleb format: 'label path1 path2'.")]
+Det = Annotated[Optional[Path], typer.Option("--det", help="DET curve PNG (default: det.png beside eval.json).")]
+NNontarget = Annotated[Optional[int], typer.Option(
+    "--n-nontarget", help="Generated trials: non-target pairs (default: as many as target pairs, 1k-100k).")]
+TrialSeed = seed_option("Seed of the generated non-target sample.")
+TrialExtensions = extensions_option("Comma-separated audio extensions (generated trials).")
+Save = Annotated[bool, typer.Option("--save/--no-save", help="Store results and threshold in MODEL/eval.json.")]
+Untrained = Annotated[bool, typer.Option(
+    "--untrained", help="Evaluate MODEL's network as its training started (same seed): a baseline; stores nothing.")]
+ExportModel = model_argument("Run folder or checkpoint file.")
+ExportOut = out_option("Output folder: dvector.pt, dvector.json.")
+SpeakerRoot = Annotated[Path, typer.Argument(help="A root of speaker folders.")]
+PictureOut = out_option("Output PNG.")
+MaxSpeakers = Annotated[int, typer.Option("--max-speakers", help="Map at most this many speakers (a seeded sample).")]
+PerSpeaker = Annotated[int, typer.Option("--per-speaker", help="Utterances per speaker (a seeded sample).")]
+MapThreads = threads_option("CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one).")
+
+
+def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embeddings.npz"), per_window: PerWindow = False,
+              extensions: Extensions = EXTENSIONS, threads: Threads = 0) -> None:
+    """Embed utterances: sliding windows of the training length, averaged and normalised."""
+    from dvector.use.embed_inputs import embed_paths, save_embeddings
+    from dvector.use.embedder import load
+
+    embedder = load(model, threads=threads)
+    with progress() as bar:
+        on_start, on_item = counting_bar(bar, "embed")
+        result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item)
+    print_skipped(result.skipped)
+    path = save_embeddings(out, result, embedder)
+    what = "window sequences" if per_window else "embeddings"
+    dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
+    say(f"wrote {path}: {len(result.vectors)} {what} of dimension {embedder.dim}{dup}; model {embedder.info['path']}")
+
+
+def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOverride = None,
+              threads: Threads = 0) -> None:
+    """Cosine score of two utterances, and same/different speaker at the threshold `eval` stored."""
+    from dvector.use.embedder import load
+    from dvector.use.results import decide
+
+    decision = decide(load(model, threads=threads), a, b, model, threshold)
+    used = decision.threshold
+    if used.note:
+        console.print(f"[yellow]warning:[/] {escape(used.note)}", highlight=False)
+    print(f"score {decision.score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision.text}")
+
+
+def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = None, n_nontarget: NNontarget = None,
+             seed: TrialSeed = 0, extensions: TrialExtensions = EXTENSIONS, save: Save = True, threads: Threads = 0,
+             untrained: Untrained = False) -> None:
+    """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve."""
+    from dvector.use.results import run_eval
+
+    with progress() as bar:
+        on_start, on_item = counting_bar(bar, "eval")
+        run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
+                       seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item)
+    r = run.result
+    print_skipped(r.skipped)
+    print(f"trials: {r.n_trials} ({r.n_target} target, {r.n_nontarget} non-target) over {r.n_files} files")
+    print(f"minDCF: {r.min_dcf['0.01']:.4f} (p_target 0.01), {r.min_dcf['0.05']:.4f} (p_target 0.05)")
+    print(f"threshold: {r.eer_threshold:.4f} (cosine, at the EER)")
+    for what, path in (("results", run.results_path), ("DET curve", run.det_path)):
+        if path is not None:
+            say(f"{what}: {path}")
+    if run.note:
+        say(run.note)
+    print(f"EER={100 * r.eer:.2f}%")
+
+
+def export_cmd(model: ExportModel, out: ExportOut = Path("exported")) -> None:
+    """Self-contained TorchScript (wav -> embedding, log-mel and VAD inside); needs only torch to load."""
+    from dvector.use.export import export_model
+
+    written = export_model(model, out)
+    say(f"exported {model} to {written if written is not None else out}")
+
+
+def visualize_cmd(model: Model, root: SpeakerRoot, out: PictureOut = Path("tsne.png"), max_speakers: MaxSpeakers = 100,
+                  per_speaker: PerSpeaker = 20, seed: Seed = 0, extensions: Extensions = EXTENSIONS,
+                  threads: MapThreads = 0) -> None:
+    """t-SNE map of utterance embeddings, one colour per speaker, as a PNG."""
+    from dvector.use.embedder import load
+    from dvector.use.plot import visualize
+
+    embedder = load(model, threads=threads)
+    with progress() as bar:
+        on_start, on_item = counting_bar(bar, "visualize")
+        png, points, speakers, skipped = visualize(embedder, root, out, extensions, max_speakers, per_speaker, seed,
+                                                   on_start=on_start, on_file=on_item,
+                                                   threads=threads)
+    print_skipped(skipped)
+    say(f"wrote {png}: {points} utterances of {speakers} speakers")
