@@ -17,7 +17,7 @@ from dvector.training.checkpoint import load_checkpoint
 from dvector.cli import app, main
 from dvector.config import ModelConfig, TrainConfig
 from dvector.training.loop import train
-from test_train import assert_same_weights, ckpt_dir, numbered, session_shards
+from train_helpers import assert_same_weights, ckpt_dir, numbered, session_shards
 
 runner = CliRunner()
 # -w 0 --threads 1: one process and one thread, so that runs are comparable and fast

@@ -7,7 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from dvector.cli import app
+from dvector.cli import app, main
+from dvector.demo.synth import parse_duration, write_corpus
+from dvector.errors import DvectorError
 
 
 @pytest.mark.slow
@@ -35,7 +37,41 @@ def test_synth_writes_nested_speaker_folders(tmp_path):
     assert all(f.startswith(("id000/session", "id001/session")) for f in files), files
 
 
-def test_synth_rejects_an_unknown_layout(tmp_path):
-    result = CliRunner().invoke(app, ["synth", str(tmp_path / "root"), "--layout", "deep"])
-    assert result.exit_code == 1
-    assert "--layout" in result.output
+@pytest.mark.parametrize("args,message", [
+    (["--layout", "deep"], "--layout must be flat or nested, got 'deep'"),
+    (["--format", "mp3"], "--format must be flac or wav, got 'mp3'"),
+    (["--duration", "4"], "--duration takes lo-hi seconds such as 1.5-4.0, got '4'"),
+    (["--duration", "4-1"], "--duration needs 0 < lo <= hi, got '4-1'"),
+])
+def test_synth_rejects_bad_arguments(args, message, tmp_path, capsys):
+    """As a user sees it: one line, exit status 1, nothing written."""
+    with pytest.raises(SystemExit) as info:
+        main(["synth", str(tmp_path / "root"), *args])
+    assert info.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "root").exists()
+
+
+def test_parse_duration():
+    assert parse_duration("1.5-4.0") == (1.5, 4.0)
+    assert parse_duration("2-2") == (2.0, 2.0)
+    assert parse_duration((1, 3)) == (1.0, 3.0)
+    for bad in ("", "4", "1-2-3", "a-b", "-1-2", "0-1", "3-1", "1-inf", "nan-1"):
+        with pytest.raises(DvectorError, match="--duration"):
+            parse_duration(bad)
+    with pytest.raises(DvectorError, match="0 < lo <= hi"):
+        parse_duration((2.0, 1.0))
+
+
+def test_write_corpus_checks_its_arguments_before_writing(tmp_path):
+    root = tmp_path / "root"
+    with pytest.raises(DvectorError, match="--layout"):
+        write_corpus(root, 1, 1, layout="deep")
+    with pytest.raises(DvectorError, match="--format"):
+        write_corpus(root, 1, 1, extension="ogg")
+    with pytest.raises(DvectorError, match="--duration"):
+        write_corpus(root, 1, 1, duration_s="3-1")
+    assert not root.exists()
+    assert [p.relative_to(root).as_posix() for p in write_corpus(root, 1, 2, layout="nested", duration_s="0.5-0.6")] \
+        == ["spk000/session0/spk000-000.flac", "spk000/session1/spk000-001.flac"]

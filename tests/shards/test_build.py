@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from build_helpers import SMALL_CFG, Corpus, load_index, read_back, shard_files, snapshot
-from dvector.signal.audio import scan_roots
-from dvector.shards.build import BuildReport, build_shards, parse_part, write_index
+from dvector.corpus import scan_roots
+from dvector.shards.build import BuildReport, build_shards, parse_part
+from dvector.shards.index import write_index
 from dvector.shards.check import check_shards
 from dvector.config import BuildConfig, FeatureConfig, VadConfig
 from dvector.errors import DvectorError

@@ -14,8 +14,10 @@ import pytest
 
 from build_helpers import read_back
 from dvector.errors import DvectorError
-from dvector.shards.format import (FORMAT_NAME, FORMAT_VERSION, decode_sample, encode_sample, iter_raw_samples, iter_shard,
-                            read_index, sha256_file, shard_name, temp_name, write_json_atomic, write_shard)
+from dvector.files import sha256_file, temp_name, write_json_atomic
+from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, encode_sample, shard_name, write_shard
+from dvector.shards.index import read_index
+from dvector.shards.reader import decode_sample, iter_raw_samples, iter_shard
 
 
 def make_samples(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, dict]]:

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dvector.signal import audio
-from dvector.signal.audio import (DecodeError, decode, normalize_extensions, resample, root_namespaces, scan_roots,
+from dvector import corpus
+from dvector.config import normalize_extensions
+from dvector.corpus import root_namespaces, scan_roots
+from dvector.signal.audio import (DecodeError, decode, resample,
                            to_mono)
 from dvector.config import FeatureConfig, VadConfig
 from dvector.errors import DvectorError
@@ -100,7 +102,7 @@ def test_scan_reports_unreadable_folder(tmp_path: Path, monkeypatch: pytest.Monk
             raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(audio.os, "scandir", scandir)
+    monkeypatch.setattr(corpus.os, "scandir", scandir)
     scan = scan_roots([str(root)], ["wav"])
     assert sources(scan) == {("r/spk", "spk/ok.wav")}
     assert len(scan.problems) == 1

@@ -7,12 +7,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dvector.config import parse_seg_len
 from dvector.errors import DvectorError
 from dvector.stream.sampling import (
     DEFAULT_MIN_FRAMES,
     Batch,
     SamplingStats,
     SegmentSpec,
+    crop,
+    crop_rows,
     draw_round,
     pair_cooccurrence,
     pair_cooccurrence_ratio,
@@ -288,6 +291,46 @@ def test_segment_spec_parse_and_draw():
     assert {spec.draw(rng) for _ in range(500)} == set(range(140, 181))
     state = rng.bit_generator.state
     assert SegmentSpec(7, 7).draw(rng) == 7 and rng.bit_generator.state == state, "fixed L draws nothing"
+
+
+@pytest.mark.parametrize(
+    "seg_len, expected",
+    [("160", (160, 160)), ("140-180", (140, 180)), (160, (160, 160)), ((140, 180), (140, 180)),
+     ([140, 180], (140, 180)), (np.int64(40), (40, 40)), ((np.int32(20), np.int64(30)), (20, 30))],
+    ids=repr,
+)
+def test_one_seg_len_parser_for_strings_ints_and_pairs(seg_len, expected):
+    assert parse_seg_len(seg_len) == expected and all(type(v) is int for v in parse_seg_len(seg_len))
+    assert SegmentSpec.parse(seg_len) == SegmentSpec(*expected)
+
+
+@pytest.mark.parametrize(
+    "seg_len, words",
+    [("0", ">= 1 frame"), ("180-140", "lo <= hi"), ("abc", "like 160"), ("1-2-3", "like 160"), ((1, 2, 3), "(lo, hi)"),
+     (12.5, "whole frames"), ((10, 20.0), "whole frames"), (True, "whole frames"), (None, "whole frames")],
+    ids=repr,
+)
+def test_seg_len_parser_says_what_is_wrong(seg_len, words):
+    for parse in (parse_seg_len, SegmentSpec.parse):
+        with pytest.raises(DvectorError, match="seg_len.*" + words.replace("(", r"\(").replace(")", r"\)")):
+            parse(seg_len)
+
+
+# --- the cropper -----------------------------------------------------------------------------
+
+
+def test_crop_takes_l_frames_or_tiles_a_short_utterance():
+    mel = np.arange(10 * 2, dtype=np.float16).reshape(10, 2)  # (T=10, 2)
+    np.testing.assert_array_equal(crop(mel, 3, 4), mel[3:7])
+    assert np.shares_memory(crop(mel, 3, 4), mel), "a long utterance's crop is a view"
+    tiled = crop(mel, 7, 25)  # short: frames 7, 8, 9, 0, 1, ...
+    np.testing.assert_array_equal(tiled, mel[(np.arange(25) + 7) % 10])
+    out = np.full((25, 2), -1.0, np.float32)
+    assert crop(mel, 0, 25, out) is out
+    np.testing.assert_array_equal(out, mel[np.arange(25) % 10].astype(np.float32))
+    rows = crop_rows([mel, mel[:3]], [6, 1], 4, np.empty((2, 4, 2), np.float32))  # (2, 4, 2)
+    np.testing.assert_array_equal(rows[0], mel[6:10])
+    np.testing.assert_array_equal(rows[1], mel[[1, 2, 0, 1]])
 
 
 # --- errors ----------------------------------------------------------------------------------

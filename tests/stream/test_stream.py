@@ -26,19 +26,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from dvector.stream.loader import (
-    BatchSettings,
-    Consumer,
-    SampleStream,
-    StreamPosition,
-    WorkerState,
-    consumer_batches,
-    crop_batch,
-    ge2e_loader,
-    load_npy,
-    resolve_shards,
-    shard_order,
-)
+from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches, crop_batch
+from dvector.stream.loader import ge2e_loader
+from dvector.shards.locate import resolve_shards
+from dvector.shards.reader import load_npy
+from dvector.stream.samples import SampleStream
+from dvector.stream.sources import Consumer, StreamPosition, shard_order
 from dvector.errors import DvectorError
 from dvector.stream.sampling import draw_round
 from dvector.shards.format import (
@@ -47,9 +40,9 @@ from dvector.shards.format import (
     INDEX_NAME,
     encode_sample,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
+from dvector.files import write_json_atomic
 
 N_MELS = 4  # channel 0: utterance id, 1: frame number, 2: speaker index, 3: noise (ids exact in float16)
 N, M, L = 4, 3, 20
@@ -238,7 +231,7 @@ def one_pass(urls: list[str], consumer: Consumer, seed: int = 0) -> list[dict]:
 def test_consumers_read_disjoint_slices_that_cover_the_data(tmp_path, n_shards, world, workers):
     folder = make_shards(tmp_path / "s", n_speakers=12, per_speaker=8, n_shards=n_shards, block=4)
     urls = urls_of(folder)
-    everything = [s["__key__"] for u in urls for _, s in SampleStream([u], Consumer(), 0)._shard_samples(u, 0, 1, 0)]
+    everything = [s["__key__"] for u in urls for _, s in SampleStream([u], Consumer(), 0).shard_samples(u, 0, 1, 0)]
     read: dict[tuple[int, int], list[str]] = {}
     for rank in range(world):
         for worker in range(workers):
@@ -250,7 +243,7 @@ def test_consumers_read_disjoint_slices_that_cover_the_data(tmp_path, n_shards, 
     # Split by speaker block, never inside one: a block (one speaker, consecutive) goes to one consumer.
     owner = {k: c for c, ks in read.items() for k in ks}
     for u in urls:
-        samples = [s for _, s in SampleStream([u], Consumer(), 0)._shard_samples(u, 0, 1, 0)]
+        samples = [s for _, s in SampleStream([u], Consumer(), 0).shard_samples(u, 0, 1, 0)]
         for a, b in zip(samples, samples[1:]):
             if a["speaker_index"] == b["speaker_index"]:
                 assert owner[a["__key__"]] == owner[b["__key__"]]
@@ -349,14 +342,28 @@ def test_resuming_mid_shard_starts_reading_there(shards):
     assert resumed == rest
 
 
-def test_restart_at_new_pass_is_deterministic(shards):
+def test_restore_restarts_at_a_new_pass_when_the_world_changed(shards):
+    """A checkpoint entry of another world size: every worker starts the pass after the last one reached."""
     a = ge2e_loader(shards, N, M, L, workers=0)
     take(a, 3)
-    a.restart_at_new_pass()
+    entry = a.checkpoint_entry()
+    assert entry == {"world": 1, "ranks": [a.state_dict()]}
+    message = a.restore({"world": 2, "ranks": entry["ranks"] + [None]})
+    assert message is not None and "new pass (1)" in message
+    assert all(s.start.pass_ == 1 and s.round == 1_000_000 and s.drawn == 0 for s in a.states.values())
     b = ge2e_loader(shards, N, M, L, workers=0)
-    b.load_state_dict(a.state_dict())
-    assert all(s.start.pass_ == 1 for s in a.states.values())
+    assert b.restore(a.checkpoint_entry()) is None  # the same world: resumes exactly
     assert_same(take(a, 4), take(b, 4))
+
+
+def test_restore_resumes_exactly_from_its_own_entry(shards):
+    a = ge2e_loader(shards, N, M, L, workers=0)
+    take(a, 5)
+    b = ge2e_loader(shards, N, M, L, workers=0)
+    assert b.restore(a.checkpoint_entry()) is None and b.restore(None) is None
+    assert_same(take(a, 3), take(b, 3))
+    c = ge2e_loader(shards, N + 1, M, L, workers=0)  # other batch options: a new pass
+    assert "new pass (1)" in c.restore(a.checkpoint_entry())
 
 
 # ---- uneven shards and DDP --------------------------------------------------------------------
@@ -439,7 +446,7 @@ def corrupt_copies(folder: Path) -> dict[str, Path]:
 
 
 def drain(stream: SampleStream, shard: str) -> list[str]:
-    return [s["__key__"] for _, s in stream._shard_samples(shard, 0, 1, 0)]
+    return [s["__key__"] for _, s in stream.shard_samples(shard, 0, 1, 0)]
 
 
 def test_corrupt_and_missing_shards_are_skipped_with_a_warning_naming_them(shards, tmp_path):
@@ -518,9 +525,9 @@ def test_members_in_any_order_and_extra_members_read_the_same(shards, tmp_path):
     for url in (str(path), str(reordered)):
         stream = SampleStream([url], Consumer(), 0)
         assert drain(stream, url) == expected
-        whole = [(p, s["__key__"]) for p, s in stream._shard_samples(url, 0, 1, 0)]
+        whole = [(p, s["__key__"]) for p, s in stream.shard_samples(url, 0, 1, 0)]
         assert [p for p, _ in whole] == list(range(1, len(expected) + 1))
-        assert [(p, s["__key__"]) for p, s in stream._shard_samples(url, 7, 1, 0)] == whole[7:]
+        assert [(p, s["__key__"]) for p, s in stream.shard_samples(url, 7, 1, 0)] == whole[7:]
 
 
 def test_a_pipe_command_that_fails_after_its_output_is_named(shards):
@@ -580,11 +587,11 @@ def test_pickles_in_shards_never_run(tmp_path):
                 writer.write(sample)
     stream = SampleStream([str(path)], Consumer(), 0)
     with pytest.warns(RuntimeWarning, match=r"evil\.tar, sample 's2_u1'.*(pickle|[Oo]bject)"):
-        samples = [s for _, s in stream._shard_samples(str(path), 0, 1, 0)]
+        samples = [s for _, s in stream.shard_samples(str(path), 0, 1, 0)]
     assert len(samples) == 19 and "s2_u1" not in {s["__key__"] for s in samples}
     assert all(set(s) == {"speaker_index", "__key__", "__url__", "mel"} for s in samples)
     with pytest.raises(DvectorError, match="evil.tar"):
-        [s for _, s in SampleStream([str(path)], Consumer(), 0, on_error="raise")._shard_samples(str(path), 0, 1, 0)]
+        [s for _, s in SampleStream([str(path)], Consumer(), 0, on_error="raise").shard_samples(str(path), 0, 1, 0)]
     assert not marker.exists(), "a shard ran code"
     with pytest.raises(ValueError):
         load_npy(evil_npy.getvalue())

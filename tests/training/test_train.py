@@ -19,34 +19,21 @@ import numpy as np
 import pytest
 import torch
 
-from dvector.shards.build import build_shards
 from dvector.training.checkpoint import load_checkpoint
-from dvector.config import BuildConfig, ModelConfig, TrainConfig
-from dvector.stream.loader import BatchSettings, GE2ELoader, resolve_shards
+from dvector.config import ModelConfig, TrainConfig
+from dvector.stream.batches import BatchSettings
+from dvector.stream.loader import GE2ELoader
+from dvector.shards.locate import resolve_shards
 from dvector.errors import DvectorError
 from dvector.nn.loss import W_MIN
-from dvector.demo.synth import write_corpus
 from dvector.training.loop import StepLog, TrainResult, train
 from dvector.training.validation import MAX_VALID_SPEAKERS, collect_validation, heldout_speakers
+from train_helpers import N_SPEAKERS, assert_same_weights, ckpt_dir, numbered, session_shards
 
-N_SPEAKERS, N_UTTERANCES = 16, 10
 TINY = ModelConfig.preset("tiny")
 # small batches; lr decays inside the runs and SGD has momentum, so optimizer and scheduler state matter on resume
 BASE = TrainConfig(steps=20, save_every=10, decay_every=7, valid_every=10, log_every=1, n_speakers=4,
                    n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=5)
-
-_SHARDS: dict[str, Path] = {}
-
-
-def session_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic shard folder, built once per session (also used by test_cli_train.py)."""
-    if "shards" not in _SHARDS:
-        base = tmp_path_factory.mktemp("train_data")
-        write_corpus(base / "corpus", N_SPEAKERS, N_UTTERANCES, seed=7, duration_s=(1.5, 3.0))
-        build_shards([str(base / "corpus")], base / "shards", BuildConfig(min_shards=4, block_size=5), workers=1)
-        _SHARDS["shards"] = base / "shards"
-    return _SHARDS["shards"]
-
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -76,26 +63,6 @@ class Run:
         return "\n".join(self.messages)
 
 
-def ckpt_dir(model_dir: Path) -> Path:
-    return model_dir / "checkpoints"
-
-
-def numbered(model_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in ckpt_dir(model_dir).glob("step-*.pt"))
-
-
-def trained_params(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"criterion.{k}": v for k, v in state["criterion"].items()}}
-
-
-def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
-    pa, pb = trained_params(a), trained_params(b)
-    assert pa.keys() == pb.keys()
-    different = [k for k in pa if not torch.equal(pa[k], pb[k])]
-    assert not different, f"weights differ: {different}"
-
-
 # ---- learning ------------------------------------------------------------------------------------
 
 def test_loss_goes_down_and_w_stays_positive(shards: Path, tmp_path: Path) -> None:
@@ -110,7 +77,7 @@ def test_loss_goes_down_and_w_stays_positive(shards: Path, tmp_path: Path) -> No
     assert state["step"] == 60 and float(state["criterion"]["w"]) > 0
     eers = [entry.valid_eer for entry in run.logs if entry.valid_eer is not None]
     assert len(eers) == 2 and all(0 <= e <= 1 for e in eers)
-    assert run.result.steps_done == 60 and run.result.final_step == 60
+    assert run.result.steps_done == 60 and run.result.final_step == 60 and run.result.is_main
     assert "validating on 2 held-out speakers" in run.text  # a 16-speaker corpus still trains
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))  # TensorBoard
 
@@ -294,7 +261,7 @@ DDP_SCRIPT = textwrap.dedent("""
                    say=lambda message: None)
     rank = int(os.environ["RANK"])
     with open(os.path.join(args["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"steps_done": result.steps_done, "final_step": result.final_step,
+        json.dump({"steps_done": result.steps_done, "final_step": result.final_step, "is_main": result.is_main,
                    "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else None}, f)
 """)
 
@@ -317,6 +284,7 @@ def test_ddp_two_cpu_processes_stay_in_step_and_resume(shards: Path, tmp_path: P
     args = {"shards": str(shards), "model_dir": str(run_dir), "cfg": cfg.to_dict(), "resume": None, "out": str(out)}
     torchrun([str(script), json.dumps(args)], tmp_path)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r.pop("is_main") for r in ranks] == [True, False]  # the CLI prints the summary of rank 0 only
     assert ranks[0] == ranks[1] == {"steps_done": 8, "final_step": 8, "world": None}  # the group is closed after
     state = load_checkpoint(run_dir)
     assert state["step"] == 8 and state["loader"]["world"] == 2

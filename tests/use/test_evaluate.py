@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from dvector.errors import DvectorError
-from dvector.use.evaluate import (DEFAULT_THRESHOLD, EVAL_FILE, Trial, check_trial_files, compute_metrics, cosine,
-                              decision_threshold, eval_path, evaluate, generate_trials, parse_trials, read_trials,
-                              save_det, write_eval, write_trials)
+from dvector.use.evaluate import (Trial, check_trial_files, compute_metrics, cosine, evaluate, generate_trials,
+                                  parse_trials, read_trials, save_det, write_trials)
+from dvector.use.results import DEFAULT_THRESHOLD, EVAL_FILE, decision_threshold, eval_path, write_eval
 from dvector.metrics import eer, min_dcf
 from use_helpers import copy_run, trained_run
 

@@ -24,10 +24,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dvector import __version__
+from dvector.config import VERSION as __version__
 from dvector.training.checkpoint import save_checkpoint
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig, VadConfig
-from dvector.use.export import EmbeddingModule, export_model, find_checkpoint, load_exported, script_module
+from dvector.use.bundle import find_checkpoint, load_exported
+from dvector.use.export import EmbeddingModule, export_model, script_module
 from dvector.signal.torch_frontend import TorchLogMel, TorchVad, dilate, keep_pauses, remove_short_runs
 from dvector.signal.windows import embed_windows, window_batch, window_embeddings, window_starts
 from dvector.signal.features import log_mel, min_samples
