@@ -8,6 +8,7 @@ would otherwise be read as a tag.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
@@ -28,12 +29,64 @@ def say(text: str, out: Console = console) -> None:
     out.print(escape(text), highlight=False)
 
 
-def progress() -> Progress:
-    """A progress bar on the console; shown on a terminal, or anywhere with DVECTOR_PROGRESS=1."""
-    return Progress(
+PLAIN_EVERY_S = 5.0  # without a terminal, a plain progress line at most this often (per task)
+
+
+class LoggedProgress(Progress):
+    """A rich progress bar on a terminal; elsewhere (a batch job's log file) plain lines instead.
+
+    Without a terminal the bar is not drawn; each update prints one line (``description: done/total
+    info | elapsed, ETA``) when ``every_s`` seconds have passed since the task's last line, when the
+    task completes, and, with ``every_s=0``, on every update (training updates once per
+    ``--log-every`` steps).
+    """
+
+    def __init__(self, *columns: Any, every_s: float = PLAIN_EVERY_S, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self.every_s = every_s
+        self._last_line: dict[Any, float] = {}
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        self._plain_line(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._plain_line(task_id)
+
+    def _plain_line(self, task_id: Any) -> None:
+        if not self.disable:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        last = self._last_line.get(task_id)
+        if last is not None and now - last < self.every_s and not task.finished:
+            return
+        if task.finished and last == float("inf"):
+            return  # the completed line is printed once
+        self._last_line[task_id] = float("inf") if task.finished else now
+        self.console.print(escape(plain_progress_line(task)), highlight=False)
+
+
+def plain_progress_line(task: Any) -> str:
+    """``description: done/total info | 12.0 s elapsed, ETA 0:01:05`` for a rich progress task."""
+    done = f"{task.completed:.0f}" + (f"/{task.total:.0f}" if task.total is not None else "")
+    info = task.fields.get("info", "")
+    elapsed = task.elapsed or 0.0
+    eta = ""
+    if task.total and 0 < task.completed < task.total and elapsed > 0:
+        left = int(elapsed * (task.total - task.completed) / task.completed)
+        eta = f", ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+    return f"{task.description}: {done}{' ' + info if info else ''} | {elapsed:.0f} s elapsed{eta}"
+
+
+def progress(every_s: float = PLAIN_EVERY_S) -> LoggedProgress:
+    """A progress bar on the console: drawn on a terminal (or anywhere with DVECTOR_PROGRESS=1);
+    otherwise plain lines, at most one per ``every_s`` seconds (0: every update)."""
+    return LoggedProgress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        disable=not console.is_terminal and os.environ.get("DVECTOR_PROGRESS") != "1",
+        disable=not console.is_terminal and os.environ.get("DVECTOR_PROGRESS") != "1", every_s=every_s,
     )
 
 

@@ -87,7 +87,7 @@ def train_cmd(
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
                       short_policy=short_policy, threads=threads, max_minutes=max_minutes)
-    with progress() as bar:
+    with progress(every_s=0) as bar:  # without a terminal: a line per --log-every steps
         on_log = _train_bar(bar, steps)
         result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None,
                        resume=str(resume) if resume else None, valid=valid, device=device, on_log=on_log,
@@ -105,7 +105,9 @@ def _train_bar(bar: Any, steps: int) -> Any:
         if entry.valid_eer is not None:
             state["eer"] = entry.valid_eer
         eer = f", EER {100 * state['eer']:.2f}%" if state["eer"] is not None else ""
-        speed = f", {entry.steps_per_s:.1f} steps/s" if entry.steps_per_s == entry.steps_per_s else ""
+        speed = ""
+        if entry.steps_per_s == entry.steps_per_s:  # not NaN: a log step measured it
+            speed = f", {entry.steps_per_s:.1f} steps/s, {100 * entry.data_wait:.0f}% data wait"
         bar.update(task, completed=entry.step, info=f"loss {entry.loss:.3f}{eer}{speed}")
 
     return on_log
