@@ -45,7 +45,7 @@ import numpy as np
 import soundfile as sf
 from threadpoolctl import threadpool_limits
 
-from dvector import synth
+from dvector.demo import synth
 from dvector.corpus import scan_roots
 from dvector.signal.audio import decode, resample, to_mono
 from dvector.shards.build import build_shards, keep_freed_memory
