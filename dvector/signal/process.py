@@ -72,7 +72,21 @@ def process_file(path: Path, features: FeatureConfig, vad: VadConfig) -> Process
         raise SkipUtterance("audio holds NaN or infinite samples")
     wav = to_mono(data)
     t1 = clock()
-    wav = resample(wav, rate, features.sample_rate)
-    seconds = {"decode": t1 - t0, "resample": clock() - t1}
-    mel, kept = waveform_to_mel(wav, features, vad, seconds)
-    return Processed(mel.astype(np.float16), data.shape[0] / rate, kept, rate, seconds)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for below, not warned about
+        wav = resample(wav, rate, features.sample_rate)
+        seconds = {"decode": t1 - t0, "resample": clock() - t1}
+        mel, kept = waveform_to_mel(wav, features, vad, seconds)
+        stored = mel.astype(np.float16)
+    check_finite(stored)
+    return Processed(stored, data.shape[0] / rate, kept, rate, seconds)
+
+
+def check_finite(mel: np.ndarray) -> None:
+    """SkipUtterance unless every feature value is finite: one Inf or NaN in a stored mel turns a
+    model trained on it into NaN. Finite audio can still give them: samples of huge amplitude (a
+    float file holding 1e18) overflow the power spectrum, and values beyond float16's range
+    (65504) become Inf when stored."""
+    bad = mel.size - int(np.count_nonzero(np.isfinite(mel)))
+    if bad:
+        raise SkipUtterance(f"non-finite features: {bad} of {mel.size} log-mel values are NaN or infinite "
+                            "(audio of huge amplitude?)")
