@@ -19,14 +19,34 @@ console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatev
 MAX_LISTED = 10
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of file names (surrogate escapes) shown as ``\\xff``:
+    writing them as they are fails on a strict UTF-8 stream."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def print_error(message: str) -> None:
     """The one way a user error is shown: ``error: MESSAGE``."""
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False)
+
+
+def warn(message: str) -> None:
+    """A warning: ``warning: MESSAGE`` (the message is never read as markup)."""
+    console.print(f"[yellow]warning:[/] {escape(printable(message))}", highlight=False)
 
 
 def say(text: str, out: Console = console) -> None:
     """A plain message (from the library, or naming user paths): printed as is, never as markup."""
-    out.print(escape(text), highlight=False)
+    out.print(escape(printable(text)), highlight=False)
 
 
 PLAIN_EVERY_S = 5.0  # without a terminal, a plain progress line at most this often (per task)

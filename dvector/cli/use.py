@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.markup import escape
 
-from dvector.cli.console import console, counting_bar, print_skipped, progress, say
+from dvector.cli.console import console, counting_bar, print_skipped, progress, say, warn
 from dvector.cli.options import (EXTENSIONS, Extensions, Model, Seed, Threads, extensions_option, model_argument,
                                  out_option, seed_option, threads_option)
 
@@ -51,8 +51,8 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
     with progress() as bar:
         on_start, on_item = counting_bar(bar, "embed")
         result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item)
+    path = save_embeddings(out, result, embedder)  # first: a failure to print must not lose the results
     print_skipped(result.skipped)
-    path = save_embeddings(out, result, embedder)
     what = "window sequences" if per_window else "embeddings"
     dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
     say(f"wrote {path}: {len(result.vectors)} {what} of dimension {embedder.dim}{dup}; model {embedder.info['path']}")
@@ -92,6 +92,8 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
     if run.note:
         say(run.note)
     print(f"EER={100 * r.eer:.2f}%")
+    for warning in run.warnings:
+        warn(warning)
 
 
 def export_cmd(model: ExportModel, out: ExportOut = Path("exported")) -> None:

@@ -20,6 +20,25 @@ from dvector.files import atomic_write
 
 MODEL_KEY = "__model__"  # the .npz entry with the model's identity (a JSON string)
 TIMES_PREFIX = "__times__/"  # per-window .npz: KEY -> (K, D) vectors, __times__/KEY -> (K, 2) seconds
+RAW_PREFIX = "__fs__/"  # a key a zip member cannot hold as is: RAW_PREFIX + hex of its file-system bytes
+
+
+def member_name(key: str) -> str:
+    """The .npz entry of ``key``: the key itself, or, for a key that is not valid UTF-8 (a file name
+    decoded with surrogate escapes, as ``os.fsdecode`` gives it) or that could be taken for one of
+    the reserved ``__`` entries, ``__fs__/`` and the hex of its bytes. :func:`key_of` inverts it."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return RAW_PREFIX + os.fsencode(key).hex()
+    return RAW_PREFIX + key.encode("utf-8").hex() if key.startswith("__") else key
+
+
+def key_of(member: str) -> str:
+    """The key stored as the .npz entry ``member`` (see :func:`member_name`)."""
+    if member.startswith(RAW_PREFIX):
+        return os.fsdecode(bytes.fromhex(member[len(RAW_PREFIX):]))
+    return member
 
 def _is_shard_input(text: str) -> bool:
     if text.startswith("pipe:") or "://" in text:
@@ -166,21 +185,27 @@ def save_embeddings(path: str | os.PathLike[str], result: EmbedResult, embedder:
         out = out.with_name(out.name + ".npz")
     if not result.vectors:
         raise DvectorError("nothing was embedded: no usable audio in the inputs")
-    arrays: dict[str, np.ndarray] = {k: v.astype(np.float32) for k, v in result.vectors.items()}
+    arrays: dict[str, np.ndarray] = {member_name(k): v.astype(np.float32) for k, v in result.vectors.items()}
     for k, t in result.times.items():
-        arrays[TIMES_PREFIX + k] = t.astype(np.float64)
+        arrays[TIMES_PREFIX + member_name(k)] = t.astype(np.float64)
     identity = {**model_identity(embedder), "per_window": bool(result.times)}
     arrays[MODEL_KEY] = np.array(json.dumps(identity, sort_keys=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+    except OSError as exc:
+        raise DvectorError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
 
 
 def load_embeddings(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
-    """Read an embeddings .npz back: (key -> vectors, the model identity, key -> window times)."""
+    """Read an embeddings .npz back: (key -> vectors, the model identity, key -> window times).
+
+    Keys come back as they were given (file names as ``os.fsdecode`` gives them, even those that
+    are not valid UTF-8), whatever entry name :func:`member_name` stored them under."""
     with np.load(path, allow_pickle=False) as z:
         info = json.loads(str(z[MODEL_KEY])) if MODEL_KEY in z.files else {}
-        vectors = {k: z[k] for k in z.files if k != MODEL_KEY and not k.startswith(TIMES_PREFIX)}
-        times = {k[len(TIMES_PREFIX):]: z[k] for k in z.files if k.startswith(TIMES_PREFIX)}
+        vectors = {key_of(k): z[k] for k in z.files if k != MODEL_KEY and not k.startswith(TIMES_PREFIX)}
+        times = {key_of(k[len(TIMES_PREFIX):]): z[k] for k in z.files if k.startswith(TIMES_PREFIX)}
     return vectors, info, times

@@ -39,7 +39,7 @@ from dvector.files import sha256_file
 from dvector.nn.model import DVector
 from dvector.signal.audio import DecodeError, decode, resample, to_mono
 from dvector.signal.features import log_mel, min_samples
-from dvector.signal.process import SkipUtterance, waveform_to_mel
+from dvector.signal.process import SkipUtterance, check_finite, waveform_to_mel
 from dvector.signal.windows import WINDOW_BATCH, embed_windows, window_embeddings, window_starts
 from dvector.training.checkpoint import load_checkpoint
 from dvector.use.bundle import checkpoint_settings, find_checkpoint, find_export, find_key, read_export
@@ -205,11 +205,19 @@ class Embedder:
         """
         wav = self.waveform(source)
         self._check_length(wav, source)
-        try:
-            mel, _ = waveform_to_mel(wav, self.features, self.vad)
-        except SkipUtterance:
-            mel = log_mel(wav, self.features)  # (almost) no speech found: embed it all, like the export
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for, not warned about
+            try:
+                mel, _ = waveform_to_mel(wav, self.features, self.vad)
+            except SkipUtterance:
+                mel = log_mel(wav, self.features)  # (almost) no speech found: embed it all, like the export
+        self._check_finite(mel, source)
         return mel
+
+    def _check_finite(self, mel: np.ndarray, source: Any) -> None:
+        try:
+            check_finite(mel)
+        except SkipUtterance as exc:
+            raise EmbedError(self._where(source), str(exc)) from None
 
     @staticmethod
     def _where(source: Any) -> str:
@@ -252,7 +260,11 @@ class Embedder:
                 message = str(exc).strip().splitlines()
                 raise EmbedError(self._where(source), "the exported model failed: "
                                    f"{message[-1] if message else type(exc).__name__}") from exc
-            return out.detach().float().reshape(-1).cpu().numpy()
+            vector = out.detach().float().reshape(-1).cpu().numpy()
+            if not np.all(np.isfinite(vector)):
+                raise EmbedError(self._where(source), "the embedding holds NaN or infinite values "
+                                 "(audio of huge amplitude?)")
+            return vector
         return embed_windows(self.runner, torch.from_numpy(self.mel(source)), self.seg_len).numpy()
 
     __call__ = embed
@@ -270,7 +282,10 @@ class Embedder:
     def _per_window(self, source: Any) -> WindowEmbeddings:
         wav = self.waveform(source)
         self._check_length(wav, source)
-        mel = torch.from_numpy(log_mel(wav, self.features))  # (T, n_mels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mel_np = log_mel(wav, self.features)
+        self._check_finite(mel_np, source)
+        mel = torch.from_numpy(mel_np)  # (T, n_mels)
         vectors = window_embeddings(self.runner, mel, self.seg_len).numpy()  # (K, D)
         T, L = mel.size(0), self.seg_len
         hop_s = self.features.hop_length / self.sample_rate

@@ -45,6 +45,18 @@ class Trial:
     b: str
 
 
+def outside_root(path: str) -> str | None:
+    """Why a trial path could name a file outside the root (absolute, or with a ``..`` part), or None.
+
+    Only the text counts: a symlink inside the root that points elsewhere was put there by the user.
+    """
+    if os.path.isabs(path):
+        return "is an absolute path"
+    if ".." in path.split(os.sep):
+        return "climbs out with '..'"
+    return None
+
+
 def parse_trials(lines: Sequence[str], where: str = "trials") -> list[Trial]:
     """``label path1 path2`` per line (VoxCeleb format; label 1 or 0); blank and ``#`` lines skipped."""
     trials = []
@@ -56,6 +68,11 @@ def parse_trials(lines: Sequence[str], where: str = "trials") -> list[Trial]:
         if len(parts) != 3 or parts[0] not in ("0", "1"):
             raise DvectorError(f"{where} line {number}: expected 'label path1 path2' with label 1 (same speaker) "
                                f"or 0 (different), got {text[:200]!r}")
+        for path in parts[1:]:
+            problem = outside_root(path)
+            if problem:
+                raise DvectorError(f"{where} line {number}: {path!r} {problem}; trial paths are relative to the "
+                                   f"test root and stay inside it")
         trials.append(Trial(int(parts[0]), parts[1], parts[2]))
     if not trials:
         raise DvectorError(f"{where} holds no trials")
@@ -80,6 +97,10 @@ def write_trials(path: str | os.PathLike[str], trials: Sequence[Trial]) -> None:
 def check_trial_files(trials: Sequence[Trial], root: str | os.PathLike[str], where: str = "trials") -> list[str]:
     """The distinct files the trials name (first-seen order); an error naming any that are missing."""
     files = list(dict.fromkeys(p for t in trials for p in (t.a, t.b)))
+    for p in files:
+        problem = outside_root(p)
+        if problem:
+            raise DvectorError(f"{where}: {p!r} {problem}; trial paths are relative to {root} and stay inside it")
     missing = [p for p in files if not (Path(root) / p).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,6 +65,7 @@ class EvalRun:
     results_path: Path | None  # eval.json written, or None
     det_path: Path | None  # DET curve written, or None
     note: str | None = None  # worth telling the user (e.g. why there is no DET curve)
+    warnings: list[str] = field(default_factory=list)  # outputs that could not be written, and why
 
     @property
     def result(self) -> EvalResult:
@@ -88,12 +89,29 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     evaluation = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions,
                           on_start=on_start, on_file=on_file)
     results, det_path = eval_outputs(model, det, save, untrained)
-    if results is not None:
-        write_eval(results, evaluation.result, det_path)
-    if det_path is not None:
-        save_det(evaluation, det_path)
     note = NO_DET_NOTE if det_path is None and not untrained else None
-    return EvalRun(evaluation, results, det_path, note)
+    run = EvalRun(evaluation, None, None, note)
+    if results is not None:
+        run.results_path = _written(run, results, lambda: write_eval(results, evaluation.result, det_path),
+                                    f"the results and threshold were not stored (`score` uses the default "
+                                    f"threshold until they are); pass --no-save to skip {EVAL_FILE}")
+    if det_path is not None:
+        run.det_path = _written(run, det_path, lambda: save_det(evaluation, det_path), "give --det PATH elsewhere")
+        if run.det_path is None and run.results_path is not None:
+            _written(run, results, lambda: write_eval(results, evaluation.result, None), "")  # no dangling "det"
+    return run
+
+
+def _written(run: EvalRun, path: Path, write: Callable[[], Any], advice: str) -> Path | None:
+    """``write()`` and ``path``; or, if the file system refuses (read-only, full, no permission),
+    None and a warning in ``run``: an evaluation that was computed is never lost to a file."""
+    try:
+        write()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        run.warnings.append(f"could not write {path}: {reason}" + (f"; {advice}" if advice else ""))
+        return None
+    return path
 
 
 # ---- score: the threshold and the decision -------------------------------------------------------

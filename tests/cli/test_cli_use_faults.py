@@ -1,0 +1,122 @@
+"""`embed` and `eval` through the console entry point keep their results whatever the names of the
+files they skip (rich markup such as ``[/``, bytes that are not UTF-8) and wherever they cannot write."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dvector.cli import main
+from dvector.use import results
+from dvector.use.embed_inputs import load_embeddings
+from use_helpers import copy_run, trained_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):  # noqa: ANN001, ANN201
+    return trained_run(tmp_path_factory)
+
+
+def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002
+    """The console entry point as a user runs it: exit status, stdout, stderr."""
+    capsys.readouterr()
+    try:
+        main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def odd_folder(trained, tmp_path: Path) -> Path:  # noqa: ANN001
+    """Good files, one named with bytes that are not UTF-8, and a bad file at ``x[/b].wav``
+    (``[/b]`` reads as a closing tag in rich markup) and one at a non-UTF-8 name."""
+    folder = tmp_path / "in"
+    (folder / "x[").mkdir(parents=True)
+    shutil.copy(trained.files[0], folder / "good.flac")
+    shutil.copy(trained.files[1], os.path.join(os.fsencode(folder), b"\xff\xfe.flac"))
+    (folder / "x[" / "b].wav").write_text("not audio")
+    with open(os.path.join(os.fsencode(folder), b"bad \xfd.wav"), "w") as f:
+        f.write("not audio either")
+    return folder
+
+
+def test_embed_lists_odd_names_literally_and_writes_the_npz(trained, odd_folder: Path, tmp_path: Path,  # noqa: ANN001
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "emb.npz"
+    code, _, err = run_main(capsys, "embed", trained.run, odd_folder, "-o", out, "--threads", "1")
+    assert code == 0, err
+    assert "Traceback" not in err and "error" not in err
+    text = flat(err)
+    assert "skipped 2 file(s)" in text
+    assert f"{odd_folder}/x[/b].wav: cannot decode" in text  # literally, not read as markup
+    assert f"{odd_folder}/bad \\xfd.wav: cannot decode" in text  # the undecodable byte shown, not lost
+    vectors, info, _ = load_embeddings(out)
+    assert set(vectors) == {str(odd_folder / "good.flac"), os.fsdecode(os.path.join(os.fsencode(odd_folder),
+                                                                                    b"\xff\xfe.flac"))}
+    assert info["step"] == 5 and f"wrote {out}: 2 embeddings" in text
+
+
+def test_eval_lists_odd_names_literally_and_prints_the_eer(trained, tmp_path: Path,  # noqa: ANN001
+                                                           capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(trained.run, tmp_path / "run")
+    root = tmp_path / "root"
+    for k, speaker in enumerate(sorted(p for p in trained.root.iterdir() if p.is_dir())[:3]):
+        dest = root / (f"x{k}[" if k == 0 else speaker.name)
+        dest.mkdir(parents=True)
+        for f in sorted(speaker.iterdir())[:3]:
+            shutil.copy(f, dest / f.name)
+    (root / "x0[" / "b].flac").write_text("not audio")
+    with open(os.path.join(os.fsencode(root / "x0["), b"\xfe.flac"), "w") as f:
+        f.write("not audio")
+    code, out, err = run_main(capsys, "eval", run, root, "--n-nontarget", "20", "--threads", "1")
+    assert code == 0, err
+    assert "EER=" in out and "Traceback" not in err
+    text = flat(err)
+    assert "skipped 2 file(s)" in text and "x0[/b].flac: cannot decode" in text and "x0[/\\xfe.flac" in text
+    assert (run / "eval.json").is_file() and (run / "det.png").is_file()
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EROFS, "Read-only file system"),
+                                   PermissionError(errno.EACCES, "Permission denied")])
+def test_eval_into_a_read_only_model_folder_prints_the_eer(error: OSError, trained, tmp_path: Path,  # noqa: ANN001
+                                                           capsys: pytest.CaptureFixture, monkeypatch) -> None:  # noqa: ANN001
+    """A model folder on read-only storage (simulated: tests may run as root, who writes anyway)."""
+    run = copy_run(trained.run, tmp_path / "run")
+
+    def refuse(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise error
+
+    monkeypatch.setattr(results, "write_json_atomic", refuse)
+    monkeypatch.setattr(results, "save_det", refuse)
+    root = trained.root
+    code, out, err = run_main(capsys, "eval", run, root, "--n-nontarget", "20", "--threads", "1")
+    assert code == 0, err
+    assert "EER=" in out and "minDCF" in out and "Traceback" not in err
+    text = flat(err)
+    assert f"warning: could not write {run / 'eval.json'}: {error.strerror}" in text
+    assert f"warning: could not write {run / 'det.png'}: {error.strerror}" in text
+    assert "results:" not in text and "DET curve:" not in text
+
+
+def test_embed_to_a_read_only_place_is_one_error_line(trained, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: ANN001
+                                                      monkeypatch) -> None:  # noqa: ANN001
+    import numpy as np
+
+    def refuse(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(np, "savez", refuse)
+    code, _, err = run_main(capsys, "embed", trained.run, trained.files[0], "-o", tmp_path / "e.npz", "--threads", "1")
+    assert code == 1 and "Traceback" not in err
+    assert "error: cannot write" in err and "Read-only file system" in err
