@@ -6,6 +6,13 @@ consumer's position is (round, stream position where the round's pool began, bat
 it): small, and enough to resume exactly, re-reading at most one pool. Between pools the shard
 stream stays open, so that a remote shard is downloaded once per pass.
 
+A pool holds ``8 x N x M`` utterances by default, and reads on (keeping only what speakers short
+of M usable utterances need) until N speakers have M, for up to one pass over the consumer's
+data. Where the consumer's own slice of the data cannot form a batch even so (a small corpus over
+many ranks and workers), it reads every shard instead and keeps every K-th batch of that shared
+stream (K consumers in all: each keeps its own residue, so consumers that share from the same
+point draw disjoint batches); only when the whole data cannot form a batch is it an error.
+
 Batches are built in their final dtype (float32) straight into the buffer the caller allocates
 (shared memory in a DataLoader worker), and the float16 -> float32 cast is torch's (several times
 numpy's speed).
@@ -13,6 +20,7 @@ numpy's speed).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,7 +29,8 @@ import torch
 
 from dvector.errors import DvectorError
 from dvector.stream.samples import SampleStream
-from dvector.stream.sampling import DEFAULT_MIN_FRAMES, Batch, SamplingStats, SegLen, SegmentSpec, crop_rows, draw_round
+from dvector.stream.sampling import (DEFAULT_MIN_FRAMES, Batch, SamplingStats, SegLen, SegmentSpec, crop_rows,
+                                     draw_round, shortest_usable)
 from dvector.stream.sources import Consumer, StreamPosition
 
 __all__ = ["Allocate", "BatchSettings", "WorkerState", "consumer_batches", "crop_batch"]
@@ -57,21 +66,30 @@ class BatchSettings:
 
 @dataclass
 class WorkerState:
-    """A consumer's position: the round, where its pool began in the stream, batches drawn from it."""
+    """A consumer's position: the round, where its pool began in the stream, batches drawn from it.
+
+    ``shared``: the consumer reads every shard (its own slice cannot form a batch); ``start`` is
+    then a position in the stream of all shards, and ``before`` counts the batches drawn from that
+    stream before this round (batch ``before + j`` of the shared stream is consumer ``slot``'s
+    when ``(before + j) % slots == slot``). ``drawn`` counts every batch drawn from the round.
+    """
 
     round: int = 0
     start: StreamPosition = field(default_factory=StreamPosition)  # where this round's pool began
     drawn: int = 0  # batches already drawn from this round
+    shared: bool = False
+    before: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """Plain values, as saved in checkpoints."""
         return {"round": self.round, "pass": self.start.pass_, "shard": self.start.shard,
-                "sample": self.start.sample, "drawn": self.drawn}
+                "sample": self.start.sample, "drawn": self.drawn, "shared": int(self.shared), "before": self.before}
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> "WorkerState":
-        """The inverse of :meth:`to_dict`."""
-        return cls(int(d["round"]), StreamPosition(int(d["pass"]), int(d["shard"]), int(d["sample"])), int(d["drawn"]))
+        """The inverse of :meth:`to_dict` (positions saved before ``shared`` existed read as own slices)."""
+        return cls(int(d["round"]), StreamPosition(int(d["pass"]), int(d["shard"]), int(d["sample"])), int(d["drawn"]),
+                   bool(d.get("shared", 0)), int(d.get("before", 0)))
 
 
 def _difference(a: SamplingStats, b: SamplingStats) -> SamplingStats:
@@ -107,36 +125,155 @@ Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 def _next_pool(samples: Iterator[tuple[StreamPosition, dict | None]], seen: set[str], start: StreamPosition,
-               size: int) -> tuple[list[dict], StreamPosition]:
-    """Read the pool of a round that begins at ``start``: up to ``size`` samples, each key once.
+               settings: BatchSettings) -> tuple[list[dict], StreamPosition]:
+    """Read the pool of a round that begins at ``start``: ``settings.pool`` samples, each key once,
+    and on until N speakers have M usable utterances each, where the data has them.
 
-    ``samples`` stays open for the next pool. Stops early when the stream has wrapped around the
-    consumer's data into a second pass (a consumer with fewer samples than a pool). Returns the
-    pool and the stream position after it (where the next round's pool begins).
+    Past the pool's size only usable utterances of speakers that still lack M are kept, so a pool
+    outgrows its size by less than M per speaker. ``samples`` stays open for the next pool. Stops
+    when the stream has gone round the consumer's data (into the second pass after ``start``'s):
+    a pool never reads more than about two passes. Returns the pool and the stream position after
+    it (where the next round's pool begins).
     """
+    size, n_speakers, n_utterances = settings.pool, settings.n_speakers, settings.n_utterances
+    shortest = shortest_usable(settings.seg_len, settings.short_policy, settings.min_frames)
     pool: list[dict] = []
     seen.clear()
+    usable: dict[int, int] = {}  # usable utterances in the pool, per speaker
+    ready = 0  # speakers with M of them
     next_start = start
     for pos, sample in samples:
         next_start = pos
+        wrapped = pos.pass_ > start.pass_ + 1
         if sample is None or sample["__key__"] in seen:  # the pool wrapped around the consumer's data
-            if pos.pass_ > start.pass_ + 1:
+            if wrapped:
                 break
             continue
+        speaker, fits = sample["speaker_index"], sample["mel"].shape[0] >= shortest
+        if len(pool) >= size:  # reading on for speakers short of M utterances
+            if wrapped:
+                break
+            if not fits or usable.get(speaker, 0) >= n_utterances:
+                continue
         seen.add(sample["__key__"])
         pool.append(sample)
-        if len(pool) >= size:
+        if fits:
+            usable[speaker] = usable.get(speaker, 0) + 1
+            ready += usable[speaker] == n_utterances
+        if len(pool) >= size and ready >= n_speakers:
             break
     return pool, next_start
 
 
-def _too_little_data(settings: BatchSettings, pool: list[dict], consumer: Consumer) -> DvectorError:
-    """The error for a pool that gives not even one batch."""
-    speakers = len({s["speaker_index"] for s in pool})
-    return DvectorError(
-        f"cannot form a batch of {settings.n_speakers} speakers x {settings.n_utterances} utterances: "
-        f"this process's share of the data holds {len(pool)} usable utterances of {speakers} speakers "
-        f"(consumer {consumer}); lower -n/-m, use fewer workers, or add data")
+def _what_a_pool_holds(settings: BatchSettings, pool: list[dict]) -> str:
+    """What a pool that gives no batch holds (for the messages that say so)."""
+    M = settings.n_utterances
+    shortest = shortest_usable(settings.seg_len, settings.short_policy, settings.min_frames)
+    usable: dict[int, int] = {}
+    for s in pool:
+        if s["mel"].shape[0] >= shortest:
+            usable[s["speaker_index"]] = usable.get(s["speaker_index"], 0) + 1
+    ready = sum(c >= M for c in usable.values())
+    return (f"{ready} speakers with {M}+ usable utterances ({sum(usable.values())} usable utterances of "
+            f"{len(usable)} speakers; an utterance needs {shortest}+ frames)")
+
+
+class _Sink:
+    """Where a consumer's batches go: buffers from ``allocate`` (or new arrays) in ``dtype``; and the
+    counts not handed on yet (``carry``: they ride on the next batch)."""
+
+    def __init__(self, dtype: Any, allocate: Allocate | None):
+        self.dtype, self.allocate, self.scratch = dtype, allocate, {}  # scratch: crop_batch's staging buffer
+        self.carry = SamplingStats()
+
+    def counts(self, delta: SamplingStats) -> SamplingStats:
+        """``delta`` and what was carried: the counts to hand on with a batch."""
+        delta, self.carry = delta + self.carry, SamplingStats()
+        return delta
+
+    def batch(self, pool: Sequence[dict], batch: Batch) -> Batch:
+        """``batch`` with its mels cropped from ``pool``."""
+        first = pool[0]["mel"]
+        dtype = np.dtype(self.dtype) if self.dtype is not None else first.dtype
+        shape = (len(batch.pool_index), batch.seg_len, first.shape[1])  # (N*M, L, n_mels)
+        out = self.allocate(shape, dtype) if self.allocate is not None else np.empty(shape, dtype)
+        return batch._replace(mels=crop_batch(pool, batch, out, self.scratch))
+
+
+class _BadCounts:
+    """The stream's cumulative counts of bad samples and shards, handed out as deltas."""
+
+    def __init__(self, stream: SampleStream):
+        self.stream, self.samples, self.shards = stream, 0, 0
+
+    def take(self) -> SamplingStats:
+        """What the stream skipped since the last call."""
+        samples, shards = getattr(self.stream, "bad_samples", 0), getattr(self.stream, "bad_shards", 0)
+        delta = SamplingStats(bad_samples=samples - self.samples, bad_shards=shards - self.shards)
+        self.samples, self.shards = samples, shards
+        return delta
+
+
+def _others(pool: Sequence[dict], batch: Batch) -> SamplingStats:
+    """What ``draw_round`` counted for a batch that another consumer keeps."""
+    short = sum(pool[p]["mel"].shape[0] < batch.seg_len for p in batch.pool_index.tolist())
+    return SamplingStats(batches=1, uses=len(batch.pool_index), repeated_short=int(short))
+
+
+def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, state: WorkerState,
+            out: _Sink) -> Iterator[tuple[Batch, WorkerState, SamplingStats]]:
+    """One stream's rounds (the consumer's own slice, or every shard when ``state.shared``).
+
+    Reads each pool, draws it, keeps this consumer's batches and hands the counts on. Returns
+    (own slice only) the state where the shared stream begins, once a round of the own slice
+    gives no batch.
+    """
+    shared = state.shared
+    stream = SampleStream(urls, Consumer() if shared else consumer, settings.seed, settings.on_error,
+                          settings.exclude_speakers)
+    bad = _BadCounts(stream)
+    seen: set[str] = set()  # keys in the pool being read: a pool holds an utterance once
+    samples = stream.samples(state.start, skip_key=seen.__contains__)
+    while True:
+        try:
+            pool, next_start = _next_pool(samples, seen, state.start, settings)
+        except DvectorError:  # an own slice with no sample at all (nothing broken): share instead
+            if shared or consumer.slots == 1 or settings.on_error == "raise" or bad.take() != SamplingStats():
+                raise
+            pool, next_start = [], state.start
+        if shared:
+            rng = np.random.default_rng([settings.seed, 0x5EA4ED, state.start.pass_, state.start.shard,
+                                         state.start.sample])  # the same on every consumer that shares
+        else:
+            rng = np.random.default_rng([settings.seed, consumer.rank, consumer.worker, state.round])
+        stats = SamplingStats()  # draw_round updates it as the round goes
+        reported = SamplingStats()  # counted already: handed on with a batch, or another consumer's
+        drawn = state.drawn
+        for batch in draw_round(pool, settings.n_speakers, settings.n_utterances, settings.seg_len, rng,
+                                settings.max_uses, settings.short_policy, settings.min_frames, stats,
+                                materialize=False, skip=drawn):
+            drawn += 1
+            if shared and (state.before + drawn - 1) % consumer.slots != consumer.slot:
+                reported += _others(pool, batch)
+                continue
+            delta = out.counts(_difference(stats, reported) + bad.take())
+            reported = SamplingStats(**stats.to_dict())
+            after = WorkerState(state.round, state.start, drawn, shared, state.before)
+            yield out.batch(pool, batch), WorkerState.from_dict(after.to_dict()), delta
+        out.carry += _difference(stats, reported) + bad.take()  # end-of-round counts ride on the next batch
+        if drawn == 0:
+            holds, size = _what_a_pool_holds(settings, pool), f"{settings.n_speakers} x {settings.n_utterances}"
+            if shared or consumer.slots == 1:
+                where = "the data" + (" without the held-out speakers" if settings.exclude_speakers else "")
+                raise DvectorError(f"cannot form a batch of {settings.n_speakers} speakers x "
+                                   f"{settings.n_utterances} utterances: a whole pass over {where} gives only "
+                                   f"{holds}; lower -n/-m, or add data")
+            warnings.warn(f"data stream: consumer {consumer.slot} of {consumer.slots} (rank {consumer.rank}, "
+                          f"worker {consumer.worker}): its slice of the shards gives only {holds}, too few for a "
+                          f"batch of {size}; it reads every shard and keeps one batch in {consumer.slots} instead",
+                          RuntimeWarning, stacklevel=2)
+            return WorkerState(state.round + 1, StreamPosition(state.start.pass_, 0, 0), 0, True, 0)
+        state = WorkerState(state.round + 1, next_start, 0, shared, state.before + drawn)
 
 
 def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Consumer,
@@ -147,33 +284,11 @@ def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Con
     ``batch.mels`` is (N*M, L, n_mels) in ``dtype`` (default: as stored, float16), in a buffer
     from ``allocate(shape, dtype)`` where given (e.g. shared memory), else a new array.
     The shard stream stays open from one pool to the next; ``state`` records where each pool began.
+    A consumer whose own slice cannot form a batch reads every shard and keeps every K-th batch
+    (see the module doc); :class:`DvectorError` when the whole data cannot form one.
     """
     state = WorkerState.from_dict(state.to_dict()) if state else WorkerState()
-    stream = SampleStream(urls, consumer, settings.seed, settings.on_error, settings.exclude_speakers)
-    seen: set[str] = set()  # keys in the pool being read: a pool holds an utterance once
-    scratch: dict = {}  # crop_batch's staging buffer
-    samples = stream.samples(state.start, skip_key=seen.__contains__)
-    carry = SamplingStats()
-    while True:
-        pool, next_start = _next_pool(samples, seen, state.start, settings.pool)
-        rng = np.random.default_rng([settings.seed, consumer.rank, consumer.worker, state.round])
-        stats = SamplingStats()  # draw_round updates it as the round goes
-        reported = SamplingStats()  # what earlier batches of the round already reported
-        drawn_before = state.drawn
-        produced = 0
-        out_dtype = np.dtype(dtype) if dtype is not None else (pool[0]["mel"].dtype if pool else np.float16)
-        for batch in draw_round(pool, settings.n_speakers, settings.n_utterances, settings.seg_len, rng,
-                                settings.max_uses, settings.short_policy, settings.min_frames, stats,
-                                materialize=False, skip=drawn_before):
-            produced += 1
-            state.drawn = drawn_before + produced
-            delta = _difference(stats, reported) + carry
-            reported, carry = SamplingStats(**stats.to_dict()), SamplingStats()
-            shape = (len(batch.pool_index), batch.seg_len, pool[0]["mel"].shape[1])  # (N*M, L, n_mels)
-            out = allocate(shape, out_dtype) if allocate is not None else np.empty(shape, out_dtype)
-            mels = crop_batch(pool, batch, out, scratch)
-            yield batch._replace(mels=mels), WorkerState.from_dict(state.to_dict()), delta
-        carry += _difference(stats, reported)  # end-of-round counts ride on the next batch
-        if drawn_before + produced == 0:
-            raise _too_little_data(settings, pool, consumer)
-        state = WorkerState(state.round + 1, next_start, 0)
+    out = _Sink(dtype, allocate)
+    if not state.shared:
+        state = yield from _rounds(urls, settings, consumer, state, out)
+    yield from _rounds(urls, settings, consumer, state, out)

@@ -55,7 +55,8 @@ class GE2EDataset(IterableDataset):
     Yields ``(mels, speakers, worker, state, stats)``: ``mels`` a (N*M, L, n_mels) tensor of
     ``dtype`` (float16, float32 or float64; inside a DataLoader worker built in shared memory),
     ``speakers`` the (N*M,) int64 speaker ids as bytes (a tiny tensor would cost a shared-memory
-    file of its own).
+    file of its own). In a DataLoader worker, a :class:`DvectorError` ends the stream with
+    ``(None, message, worker, None, None)``: torch would wrap it in the worker's traceback.
     """
 
     def __init__(self, urls: Sequence[str], settings: BatchSettings, rank: int, world: int, workers: int,
@@ -81,10 +82,16 @@ class GE2EDataset(IterableDataset):
 
         allocate = shared if info is not None else None  # in a worker process: build batches in shared memory
 
-        for batch, state, stats in consumer_batches(self.urls, self.settings, consumer, self.states.get(worker),
-                                                    dtype=_NUMPY_OF[self.dtype], allocate=allocate):
-            mels = last.pop() if allocate is not None else torch.from_numpy(batch.mels)
-            yield mels, batch.speaker_index.astype(np.int64).tobytes(), worker, state.to_dict(), stats.to_dict()
+        batches = consumer_batches(self.urls, self.settings, consumer, self.states.get(worker),
+                                   dtype=_NUMPY_OF[self.dtype], allocate=allocate)
+        try:
+            for batch, state, stats in batches:
+                mels = last.pop() if allocate is not None else torch.from_numpy(batch.mels)
+                yield mels, batch.speaker_index.astype(np.int64).tobytes(), worker, state.to_dict(), stats.to_dict()
+        except DvectorError as exc:
+            if info is None:
+                raise
+            yield None, str(exc), worker, None, None  # raised as it is by the loader: no worker traceback
 
 
 class GE2ELoader:
@@ -182,6 +189,8 @@ class GE2ELoader:
                                       multiprocessing_context="fork" if os.name == "posix" else None))
         try:
             for mels, speakers, worker, state, stats in batches:
+                if mels is None:  # a worker's DvectorError (see GE2EDataset)
+                    raise DvectorError(speakers)
                 self.states[int(worker)] = WorkerState.from_dict(state)
                 self.next_worker = (int(worker) + 1) % max(1, workers)
                 self.stats += SamplingStats(**stats)

@@ -79,6 +79,11 @@ class SegmentSpec:
 SegLen = Union[int, str, tuple, list, SegmentSpec]
 
 
+def shortest_usable(seg_len: SegLen, short_policy: str, min_frames: int) -> int:
+    """Frames an utterance needs to be usable: ``min_frames``, or the longest L under "drop"."""
+    return max(min_frames, SegmentSpec.parse(seg_len).hi if short_policy == "drop" else 1)
+
+
 class Batch(NamedTuple):
     """One GE2E batch, rows speaker-major: rows ``j*M .. j*M+M-1`` are speaker j.
 
@@ -106,6 +111,8 @@ class SamplingStats:
     utterance was shorter than that batch's L.
     ``unused``: usable utterances that served no batch before their round ended.
     ``leftover_uses``: use slots (``max_uses`` per usable utterance) left at round end.
+    ``bad_samples``, ``bad_shards``: samples and shards (or rests of shards) the stream skipped as
+    damaged (filled by the data layer, :mod:`dvector.stream.batches`; ``draw_round`` leaves them).
     """
 
     utterances: int = 0
@@ -116,14 +123,14 @@ class SamplingStats:
     repeated_short: int = 0
     unused: int = 0
     leftover_uses: int = 0
+    bad_samples: int = 0
+    bad_shards: int = 0
 
     def __add__(self, other: "SamplingStats") -> "SamplingStats":
         """Counter by counter sum."""
         if not isinstance(other, SamplingStats):
             return NotImplemented
-        return SamplingStats(
-            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
-        )
+        return SamplingStats(**{k: v + getattr(other, k) for k, v in self.to_dict().items()})
 
     def __iadd__(self, other: "SamplingStats") -> "SamplingStats":
         """Add ``other``'s counters to these, in place."""
@@ -347,7 +354,7 @@ def _draw(
 ) -> Iterator[Batch]:
     """:func:`draw_round` once its settings are checked: the pool is indexed on the first ``next``."""
     mels_all, lengths, speakers, n_mels, dtype = _read_pool(samples)
-    shortest = max(min_frames, spec.hi if short_policy == "drop" else 1)
+    shortest = shortest_usable(spec, short_policy, min_frames)
     usable = np.flatnonzero(lengths >= shortest)
     stats.utterances += len(samples)
     stats.dropped_short += len(samples) - len(usable)

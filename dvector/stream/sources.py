@@ -3,8 +3,10 @@
 Every pass over the data has a global shard order derived from ``(seed, pass)``. Ranks, then
 DataLoader workers, take disjoint slices of it (``order[rank::world][worker::workers]``); where
 there are fewer shards than consumers, consumers read the same shards but keep disjoint speaker
-blocks instead. A position in a consumer's stream is ``(pass, shard in its list, samples consumed
-in that shard)``.
+blocks instead. Where one consumer's slice cannot form a batch (a small corpus over many
+consumers), that consumer reads every shard instead and keeps every ``slots``-th batch
+(:mod:`dvector.stream.batches`). A position in a consumer's stream is ``(pass, shard in its list,
+samples consumed in that shard)``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ class Consumer:
     worker: int = 0
     workers: int = 1
 
+    @property
+    def slot(self) -> int:
+        """This consumer's number among all consumers, ``0 .. slots - 1``."""
+        return self.rank * self.workers + self.worker
+
+    @property
+    def slots(self) -> int:
+        """How many consumers read the data: ranks x workers."""
+        return self.world * self.workers
+
     def assignment(self, order: Sequence[int]) -> tuple[list[int], int, int]:
         """(shards to read, block modulus, block remainder) for this consumer."""
         order = list(order)
@@ -34,7 +46,7 @@ class Consumer:
             if len(mine) >= self.workers:
                 return mine[self.worker::self.workers], 1, 0
             return mine, self.workers, self.worker
-        return order, self.world * self.workers, self.rank * self.workers + self.worker
+        return order, self.slots, self.slot
 
 
 @dataclass
