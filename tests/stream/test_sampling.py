@@ -467,3 +467,69 @@ def test_speaker_mix_of_a_long_run_is_as_random_as_chance(N, M, seed):
     null = np.random.default_rng(seed + 100)
     z_null, _ = long_run_z([null.choice(S, N, replace=False) for _ in range(len(speakers))])
     assert z.std() < 1.25 * z_null.std()
+
+
+# --- counts of damage, handed on by the data layer ---------------------------------------------
+
+
+def test_stats_carry_bad_samples_and_shards_and_add_up():
+    a = SamplingStats(batches=2, bad_samples=3, bad_shards=1)
+    b = SamplingStats(batches=1, bad_samples=1)
+    total = a + b
+    assert (total.batches, total.bad_samples, total.bad_shards) == (3, 4, 1)
+    a += b
+    assert a == total and a.to_dict()["bad_samples"] == 4 and a.to_dict()["bad_shards"] == 1
+    stats = SamplingStats()
+    draw(make_pool(3), N=4, M=3, stats=stats, materialize=False)
+    assert stats.bad_samples == stats.bad_shards == 0, "draw_round reads no shard: the data layer fills these"
+
+
+def _write_stream_shards(folder) -> list[str]:
+    """Two good shards, one with a damaged .npy (a bad sample), one cut short (a broken shard)."""
+    import warnings  # noqa: F401  (kept local: the rest of this module reads no shards)
+    from dvector.shards.format import shard_name, write_shard
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def samples(prefix: str, speakers: range) -> list:
+        return [(f"{prefix}{s:02d}_{u:02d}", rng.standard_normal((40, N_MELS)).astype(np.float16),
+                 {"speaker": f"t/{s}", "speaker_index": s}) for s in speakers for u in range(6)]
+
+    urls = []
+    for k, speakers in enumerate([range(0, 4), range(4, 8), range(8, 12), range(12, 16)]):
+        path = folder / shard_name(k)
+        write_shard(path, samples(f"k{k}s", speakers))
+        urls.append(str(path))
+    data = bytearray(open(urls[2], "rb").read())
+    first_npy = data.index(b"\x93NUMPY")
+    data[first_npy:first_npy + 6] = b"\x00garbl"  # one bad sample
+    open(urls[2], "wb").write(bytes(data))
+    data = open(urls[3], "rb").read()
+    open(urls[3], "wb").write(data[: len(data) // 2])  # a broken shard: its rest is skipped
+    return urls
+
+
+def test_consumer_batches_hand_on_the_streams_counts_of_damage(tmp_path):
+    import itertools
+    import warnings
+
+    from dvector.stream.batches import BatchSettings, consumer_batches
+    from dvector.stream.samples import SampleStream
+    from dvector.stream.sources import Consumer
+
+    if not hasattr(SampleStream([], Consumer(), 0), "bad_samples"):
+        pytest.skip("SampleStream does not count bad samples and shards yet")
+    urls = _write_stream_shards(tmp_path / "shards")
+    settings = BatchSettings(4, 3, 20, pool_size=24)
+    total, passes = SamplingStats(), set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for batch, state, stats in itertools.islice(consumer_batches(urls, settings, Consumer()), 200):
+            total += stats
+            passes.add(state.start.pass_)
+            if len(passes) == 3:
+                break
+    # two whole passes read before the batch that reports the third: each pass skips one of each
+    assert 2 <= total.bad_samples <= 3 and 2 <= total.bad_shards <= 3
+    assert total.batches > 0
