@@ -19,6 +19,31 @@ class DecodeError(Exception):
     """One file could not be turned into audio; the message is the reason."""
 
 
+# Bounds checked before decoding (from the header), so that a small file with a lying header cannot
+# take gigabytes: an 8 KB WAV claiming 1 Hz decodes to 4000 "seconds" that resampling multiplies.
+MIN_RATE = 1000  # Hz; below this a header is damaged or the file is not audio to use
+MAX_RATE = 768_000  # Hz; the highest rate audio interfaces record at
+MAX_DURATION_S = 4 * 3600.0  # longer files are refused: split them first
+MAX_DECODED_VALUES = 1 << 29  # frames x channels (2 GiB as float32) held at once by one decode
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def check_bounds(rate: int, frames: int, channels: int = 1) -> None:
+    """DecodeError unless audio of ``frames`` frames of ``channels`` at ``rate`` Hz is within the
+    bounds above; called with the header's numbers before anything is decoded or resampled."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DecodeError(f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz (a damaged header?)")
+    if frames > MAX_DURATION_S * rate:
+        raise DecodeError(f"too long: {_duration(frames / rate)} at {rate} Hz, more than the "
+                          f"{_duration(MAX_DURATION_S)} a file may hold; split it first")
+    if frames * max(channels, 1) > MAX_DECODED_VALUES:
+        raise DecodeError(f"too large: {frames} frames x {channels} channels, more than {MAX_DECODED_VALUES} "
+                          "samples; split it or downmix it first")
+
+
 def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     try:
         import av  # type: ignore[import-not-found]
@@ -34,10 +59,16 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
                 raise DecodeError("no audio stream")
             resampler = av.AudioResampler(format="fltp")
             chunks = []
-            rate = stream.rate
+            rate = int(stream.rate or 0)
+            channels = int(getattr(stream, "channels", 0) or 1)
+            duration_s = container.duration / 1e6 if container.duration else 0.0  # microseconds
+            check_bounds(rate, int(duration_s * rate), channels)
+            held = 0
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())  # (channels, samples)
+                    held += chunks[-1].shape[1]
+                    check_bounds(rate, held, chunks[-1].shape[0])  # the header may not say, or lie
         if not chunks:
             raise DecodeError("no audio samples")
         data = np.concatenate(chunks, axis=1).T
@@ -57,7 +88,9 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
         if os.stat(path).st_size == 0:
             raise DecodeError("empty file (0 bytes)")
         # bytes, so that names that are not valid UTF-8 open too (soundfile encodes str paths strictly)
-        data, rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(os.fsencode(path)) as f:
+            check_bounds(f.samplerate, f.frames, f.channels)  # before reading: the read allocates f.frames
+            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except DecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
@@ -78,8 +111,11 @@ def to_mono(data: np.ndarray) -> np.ndarray:
 
 
 def resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Resample with soxr (high quality); a no-op at the target rate."""
+    """Resample with soxr (high quality); a no-op at the target rate. DecodeError where the input
+    rate or the resampled length is beyond :func:`check_bounds`'s limits."""
     if rate == target_rate:
         return wav
+    check_bounds(rate, wav.shape[0])
+    check_bounds(target_rate, int(wav.shape[0] * (target_rate / rate)) + 1)
     return soxr.resample(wav, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
 

@@ -73,7 +73,10 @@ def process_file(path: Path, features: FeatureConfig, vad: VadConfig) -> Process
     wav = to_mono(data)
     t1 = clock()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for below, not warned about
-        wav = resample(wav, rate, features.sample_rate)
+        try:
+            wav = resample(wav, rate, features.sample_rate)
+        except DecodeError as exc:
+            raise SkipUtterance(str(exc)) from exc
         seconds = {"decode": t1 - t0, "resample": clock() - t1}
         mel, kept = waveform_to_mel(wav, features, vad, seconds)
         stored = mel.astype(np.float16)

@@ -195,7 +195,10 @@ class Embedder:
             raise EmbedError(where, "audio holds NaN or infinite samples")
         if rate <= 0:
             raise EmbedError(where, f"sample rate must be positive, got {rate}")
-        return resample(to_mono(data), rate, self.sample_rate)
+        try:
+            return resample(to_mono(data), rate, self.sample_rate)
+        except DecodeError as exc:  # a rate or length beyond the bounds
+            raise EmbedError(where, str(exc)) from exc
 
     def mel(self, source: Any) -> np.ndarray:
         """Float32 log-mel (T, n_mels) of ``source`` after VAD: what ``embed`` cuts into windows.

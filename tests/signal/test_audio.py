@@ -328,3 +328,18 @@ def test_decode_m4a_through_pyav(tmp_path: Path) -> None:
     (tmp_path / "bad.m4a").write_bytes(b"not an mp4 container")
     with pytest.raises(DecodeError):
         decode(tmp_path / "bad.m4a")
+
+
+def test_decode_m4a_is_bounded_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV decodes m4a: its rate and length are bounded like soundfile's (see test_decode_bounds)."""
+    from dvector.signal import audio
+
+    rate = 22050
+    wav = (0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)
+    write_m4a(tmp_path / "clip.m4a", wav, rate)
+    monkeypatch.setattr(audio, "MAX_DURATION_S", 1.0)
+    with pytest.raises(DecodeError, match="too long"):
+        decode(tmp_path / "clip.m4a")
+    monkeypatch.setattr(audio, "MIN_RATE", 32000)
+    with pytest.raises(DecodeError, match="sample rate 22050 Hz is outside"):
+        decode(tmp_path / "clip.m4a")

@@ -197,3 +197,17 @@ def test_evaluate_never_reads_outside_the_root(trained, embedder, small_root: Pa
     trials.write_text(f"1 {a} {b}\n0 {a} {speakers[1]}/linked.flac\n")
     done = evaluate(embedder, root, trials)
     assert done.result.n_trials == 2 and len(read_trials(trials)) == 2
+
+
+# ---- resource bounds -------------------------------------------------------------------------------
+
+def test_embedding_audio_of_an_absurd_rate_is_refused(embedder, tmp_path: Path) -> None:  # noqa: ANN001
+    with pytest.raises(EmbedError, match="the waveform: sample rate 1 Hz is outside"):
+        embedder.embed((np.zeros(4000, np.float32), 1))
+    one_hz = tmp_path / "folder" / "one_hz.wav"
+    one_hz.parent.mkdir()
+    sf.write(one_hz, np.zeros(4000, np.int16), 1, subtype="PCM_16")  # 8 KB claiming 4000 s
+    with pytest.raises(EmbedError, match="sample rate 1 Hz"):
+        embedder.embed(one_hz)
+    result = embed_paths(embedder, [str(one_hz.parent)])
+    assert not result.vectors and [r.split(" is ")[0] for _, r in result.skipped] == ["sample rate 1 Hz"]
