@@ -1,4 +1,8 @@
-"""Verify a shard folder against its index: every shard present, same size and sha256, decodable."""
+"""Verify a shard folder against its index: every shard present, same size and sha256, decodable.
+
+Decodable means what every reader requires (:mod:`dvector.shards.reader`): a complete tar whose
+samples have finite mels of the index's mel bands and speaker indices within its speaker table.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any, Callable
 from dvector.files import sha256_file
 from dvector.shards.format import ShardInfo
 from dvector.shards.index import read_index
-from dvector.shards.reader import iter_shard
+from dvector.shards.reader import SampleChecks, iter_shard
 
 
 @dataclass
@@ -24,11 +28,12 @@ class CheckReport:
         return not self.problems
 
 
-def describe_tar(path: Path) -> ShardInfo:
-    """What a shard file holds, by reading every sample (raises on a corrupt shard)."""
+def describe_tar(path: Path, checks: SampleChecks | None = None) -> ShardInfo:
+    """What a shard file holds, by reading every sample (raises on a corrupt shard or a bad sample,
+    by ``checks`` where given)."""
     info = ShardInfo(name=path.name, bytes=path.stat().st_size, sha256=sha256_file(path))
     speakers = set()
-    for sample in iter_shard(str(path)):
+    for sample in iter_shard(str(path), checks):
         info.samples += 1
         info.frames += int(sample["mel"].shape[0])
         speakers.add(int(sample["speaker_index"]))
@@ -36,14 +41,23 @@ def describe_tar(path: Path) -> ShardInfo:
     return info
 
 
-def check_one(path: Path, expected: dict[str, Any]) -> list[str]:
+def index_checks(index: dict[str, Any]) -> SampleChecks:
+    """The sample checks an index implies: its mel bands and its speaker table."""
+    features = (index.get("config") or {}).get("features") or {}
+    n_mels = features.get("n_mels") if isinstance(features, dict) else None
+    speakers = index.get("speakers")
+    return SampleChecks(n_mels if isinstance(n_mels, int) else None,
+                        len(speakers) - 1 if isinstance(speakers, list) and speakers else None)
+
+
+def check_one(path: Path, expected: dict[str, Any], checks: SampleChecks | None = None) -> list[str]:
     """What is wrong with one shard compared with its index entry (empty: nothing)."""
     if not path.exists():
         return ["missing"]
     if path.stat().st_size != expected["bytes"]:
         return [f"size {path.stat().st_size} bytes, index says {expected['bytes']}"]
     try:
-        info = describe_tar(path)
+        info = describe_tar(path, checks)
     except Exception as exc:  # any decoding failure means a broken shard
         return [f"cannot be read: {exc}"]
     problems = []
@@ -64,12 +78,14 @@ def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], No
     entries = index["shards"]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(check_one, [folder / e["name"] for e in entries], entries)
+            results = pool.map(check_one, [folder / e["name"] for e in entries], entries,
+                               [index_checks(index) for _ in entries])
             for entry, problems in zip(entries, results):
                 report.problems.extend((entry["name"], p) for p in problems)
                 on_shard()
     else:
         for entry in entries:
-            report.problems.extend((entry["name"], p) for p in check_one(folder / entry["name"], entry))
+            problems = check_one(folder / entry["name"], entry, index_checks(index))
+            report.problems.extend((entry["name"], p) for p in problems)
             on_shard()
     return report

@@ -11,22 +11,27 @@ import os
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
 from dvector.shards.build_folder import STATE_DIR, sidecar_path, state_dir
 from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, is_remote
+from dvector.shards.streams import read_url
+
+
+MAX_INDEX_BYTES = 1 << 30  # an index.json larger than this is not one
 
 
 def read_index(location: str | os.PathLike[str]) -> dict[str, Any]:
-    """The index of a shard folder (a local path, or a URL of the folder or of index.json itself)."""
+    """The index of a shard folder (a local path, or a URL of the folder or of index.json itself).
+
+    A remote index is read with the stall timeout of :mod:`dvector.shards.streams` on every read:
+    a server that never answers gives a :class:`DvectorError` (caused by a ``StallError``) after it.
+    """
     loc = str(location)
     target = loc if loc.endswith(".json") else loc.rstrip("/") + "/" + INDEX_NAME
     try:
         if is_remote(target):
-            with wds.gopen(target, "rb") as f:
-                data = json.load(f)
+            data = json.loads(read_url(target, MAX_INDEX_BYTES))
         else:
             path = Path(target[len("file://"):] if target.startswith("file://") else target)
             with open(path, encoding="utf-8") as f:

@@ -1,7 +1,8 @@
 """Where the shards are: a folder with index.json, a brace pattern, a list of URLs, or one URL.
 
 Local paths, ``file://``, ``http(s)://`` and ``pipe:`` URLs, through webdataset's URL expansion;
-the index beside them is read where there is one.
+the index beside them is read where there is one (remote: with the stall timeout of
+:mod:`dvector.shards.streams`; an index that stalls stops the job at the start with a clear error).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from webdataset.shardlists import expand_urls
 from dvector.errors import DvectorError
 from dvector.shards.format import INDEX_NAME, is_remote
 from dvector.shards.index import read_index
+from dvector.shards.streams import StallError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,9 @@ def _index_beside(url: str) -> dict[str, Any] | None:
     try:
         return read_index(candidate)
     except DvectorError as exc:
-        if is_remote(candidate):  # no index beside remote shards: fine, it is optional
+        # no index beside remote shards: fine, it is optional; but a server that accepts and never
+        # answers will not answer for the shards either: say so now, not after a stall per shard
+        if is_remote(candidate) and not isinstance(exc.__cause__, StallError):
             log.info("no usable %s beside %s: %s", INDEX_NAME, url, exc)
             return None
         raise

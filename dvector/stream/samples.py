@@ -3,8 +3,19 @@
 Which shards a consumer reads, in which order, is :mod:`dvector.stream.sources`'s; this module reads them.
 
 Each shard is read by :func:`dvector.shards.reader.read_samples` (the one decoder, its checks);
-this module decides what to do with damage: skip with a warning naming the shard (or raise), and
-open a remote shard again where its stream broke.
+this module decides what to do with damage: skip with a warning naming the shard (or raise), count
+what it skipped, open a remote shard again where its stream broke, and stop when the data is gone.
+
+How long a dead server takes to stop training, with the defaults (stall timeout S = 60 s,
+``DVECTOR_STALL_TIMEOUT``): a read that gets no byte for S seconds fails (the download or
+``pipe:`` command is killed). The index.json beside remote shards is read first, once: a server
+that accepts and never answers stops the job there, after S (60 s). A server that stops answering
+mid-stream: the shard being read stalls (S), is opened again where it broke (``REMOTE_RETRIES``,
+but each further try that stalls counts too), and ``MAX_STALLS_IN_A_ROW`` (2) stalls without a
+sample between them stop the stream with a :class:`DvectorError`: 2 x S = 120 s, under 3 minutes,
+however many shards there are. Shards that fail fast (refused connection, 404, damage) are skipped
+and counted; a whole pass without a usable sample (two in a row, as a resumed pass may be partial)
+stops the stream too.
 """
 
 from __future__ import annotations
@@ -15,10 +26,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from dvector.errors import DvectorError
 from dvector.shards.format import is_remote
-from dvector.shards.reader import read_samples
+from dvector.shards.reader import SampleChecks, read_samples
+from dvector.shards.streams import STALL_ENV, StallError
 from dvector.stream.sources import Consumer, StreamPosition, shard_order
 
 REMOTE_RETRIES = 3  # times a remote shard whose stream broke is opened again where it broke
+MAX_STALLS_IN_A_ROW = 2  # reads that stalled with no sample between them: the data source is gone
 
 
 class SampleStream:
@@ -30,26 +43,46 @@ class SampleStream:
     a failing URL or ``pipe:`` command, or more than ``MAX_BAD_SAMPLES`` (:mod:`dvector.shards.reader`) bad samples) is skipped
     from there on, with a warning naming it. ``on_error="raise"`` raises :class:`DvectorError`
     instead. Samples of speakers in ``exclude`` (speaker_index) are passed over without decoding.
+
+    Every sample must have ``n_mels`` mel bands (None: as many as the stream's first good sample)
+    and a speaker_index in ``0..max_speaker_index`` (None: any sane one); others are bad samples.
+    ``bad_samples`` and ``bad_shards`` count what was skipped so far (cumulative). A read that
+    stalls (no bytes for the stall timeout) skips the shard too; ``MAX_STALLS_IN_A_ROW`` stalls
+    with no sample between them raise :class:`DvectorError` (the server or command is gone).
     """
 
     def __init__(self, urls: Sequence[str], consumer: Consumer, seed: int, on_error: str = "warn",
-                 exclude: Iterable[int] = ()):
+                 exclude: Iterable[int] = (), *, n_mels: int | None = None, max_speaker_index: int | None = None):
         if on_error not in ("warn", "raise"):
             raise DvectorError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         self.urls, self.consumer, self.seed, self.on_error = list(urls), consumer, seed, on_error
         self.exclude = frozenset(int(s) for s in exclude)
+        self.checks = SampleChecks(n_mels, max_speaker_index)
+        self.bad_samples = 0  # samples skipped as bad (undecodable, non-finite, out of range...)
+        self.bad_shards = 0  # shards whose rest was skipped (broken, unreachable, stalled)
+        self.stalls = 0  # reads that stalled since the last sample
 
     def _fail(self, url: str, exc: BaseException) -> None:
+        self.bad_shards += 1
         message = f"shard {url}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise DvectorError(message) from exc
         warnings.warn(f"skipping the rest of {message}", RuntimeWarning, stacklevel=2)
 
     def _bad_sample(self, url: str, key: str, exc: BaseException) -> None:
+        self.bad_samples += 1
         message = f"shard {url}, sample {key!r}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise DvectorError(message) from exc
         warnings.warn(f"skipping {message}", RuntimeWarning, stacklevel=2)
+
+    def _stalled(self, url: str, exc: StallError) -> None:
+        """One more read that stalled with no sample since the last: too many, and the source is gone."""
+        self.stalls += 1
+        if self.stalls >= MAX_STALLS_IN_A_ROW:
+            raise DvectorError(f"shard {url}: {exc}; {self.stalls} reads in a row stalled without giving a "
+                               f"sample: the server or command is not answering (raise {STALL_ENV} if it is "
+                               "only slow)") from exc
 
     def shard_samples(self, url: str, start: int, modulus: int, remainder: int,
                        skip_key: Callable[[str], bool] | None = None) -> Iterator[tuple[int, dict | None]]:
@@ -65,13 +98,15 @@ class SampleStream:
             progressed = False
             try:
                 for position, sample in read_samples(url, start, modulus, remainder, skip_key, self.exclude,
-                                                     self._bad_sample):
-                    start, progressed = position, True
+                                                     self._bad_sample, checks=self.checks):
+                    start, progressed, self.stalls = position, True, 0
                     yield position, sample
                 return
             except DvectorError:
                 raise
-            except Exception as exc:  # truncated tar, damaged header, failing URL or command
+            except Exception as exc:  # truncated tar, damaged header, failing, stalled URL or command
+                if isinstance(exc, StallError):
+                    self._stalled(url, exc)
                 if is_remote(url) and progressed and retries < REMOTE_RETRIES:
                     retries += 1
                     warnings.warn(f"shard {url}: {type(exc).__name__}: {exc}; opening it again at sample {start}",
