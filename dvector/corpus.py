@@ -77,8 +77,10 @@ class Aliases:
         found, holder = self.owner(real)
         if not found or holder == speaker:
             return False
-        where = f"speaker folder of {holder}" if holder is not None else "a root folder, not a speaker folder"
-        self.aliases.append((reached, f"alias of {real} (in the {where}): not read again here"))
+        if holder is None:
+            self.aliases.append((reached, f"alias of {real}, a root folder: not read again here"))
+        else:
+            self.aliases.append((reached, f"alias of {real}, in the speaker folder of {holder}: read there, not here"))
         return True
 
 
@@ -149,7 +151,7 @@ def _unique_roots(roots: Sequence[str], problems: list[tuple[str, str]]) -> dict
     for root in roots:
         real = os.path.realpath(root)
         if real in first:
-            problems.append((root, f"the same folder as root {first[real]}: read once"))
+            problems.append((root, f"the same folder as a root given before it ({first[real]}): read once"))
             continue
         first[real] = root
         unique[root] = real
@@ -205,7 +207,7 @@ def scan_roots(roots: Sequence[str], extensions: Iterable[str], merge_speakers: 
             if real in owners:
                 holder = owners[real]
                 what = f"the speaker folder of {holder}" if holder is not None else "a root folder"
-                problems.append((path, f"alias of {real} ({what}): not read as a speaker"))
+                problems.append((path, f"alias of {real}, {what}: not read as a speaker"))
                 continue
             owners[real] = speaker
             speakers_of[root].append((speaker, path, real))

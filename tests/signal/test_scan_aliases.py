@@ -61,7 +61,7 @@ def test_the_same_root_given_twice_is_read_once(tmp_path: Path) -> None:
         assert len(scan.utterances) == 12
         assert by_real_path(scan) == expected(root)
         assert scan.empty_roots == []
-        assert [(p, r) for p, r in scan.problems] == [(given[1], f"the same folder as root {given[0]}: read once")]
+        assert [(p, r) for p, r in scan.problems] == [(given[1], f"the same folder as a root given before it ({given[0]}): read once")]
 
 
 def test_all_three_at_once_give_12_utterances(tmp_path: Path) -> None:
