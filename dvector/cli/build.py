@@ -85,9 +85,13 @@ def build_shards_cmd(
 
 def index_cmd(folder: PartsFolder) -> None:
     """Rebuild index.json from the shards and build records on disk (e.g. after --part builds)."""
+    from dvector.shards.build import write_failure
     from dvector.shards.index import write_index
 
-    index = write_index(folder)
+    try:
+        index = write_index(folder)
+    except OSError as exc:
+        raise write_failure(folder, exc) from exc
     t = index["totals"]
     console.print(escape(f"wrote {folder / 'index.json'}: {t['shards']} shards, {t['utterances']} utterances, "
                          f"{t['speakers']} speakers, {t['failures']} skipped files"))

@@ -8,10 +8,12 @@ results come back in plan order, so each shard's tar is written whole by this pr
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -229,6 +231,8 @@ class _ShardAssembler:
 def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg: BuildConfig, workers: int,
                   fail_fast: bool, progress: Progress, report: BuildReport) -> None:
     """Process the utterances of the ``todo`` shards on ``workers`` processes and write those shards."""
+    if not todo:
+        return
     assembler = _ShardAssembler(out, scan, {p.key: p for k in todo for p in plan.shards[k]}, report, fail_fast)
     warm_up()  # before forking: the workers inherit the loaded kernels
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
@@ -236,9 +240,29 @@ def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg:
         for number, items, results in _ordered_results(pool, _chunks(plan, todo, scan.root_names), cfg, 4 * workers):
             progress.advance(len(items), assembler.add(number, results))
         assembler.finish()
+    except BrokenProcessPool as exc:
+        raise DvectorError(
+            f"a build worker died (killed, perhaps for lack of memory: see `dmesg`); the {report.shards_written} "
+            f"shard(s) finished in this run are kept: rerun the same command to resume"
+            f"{' (with fewer --workers if memory is short)' if workers > 1 else ''}") from exc
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_failure(out: Path, exc: OSError) -> DvectorError:
+    """One clear line for a write that the storage refused: full, read-only, or not ours to write."""
+    where = display_path(exc.filename) if exc.filename else str(out)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device (or over quota)"
+    elif exc.errno == errno.EROFS:
+        why = "the storage is read-only"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    else:
+        why = exc.strerror or str(exc)
+    return DvectorError(f"cannot write {where}: {why}; shards finished before this are kept: make room (or "
+                        f"choose another --out), then rerun the same command to resume")
 
 
 def build_shards(
@@ -262,21 +286,24 @@ def build_shards(
     if not scan.utterances:
         raise DvectorError(f"no audio files with extensions {','.join(cfg.extensions)} under {', '.join(roots)}")
     plan = make_plan(scan, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_folder(out, plan_record(plan, cfg, scan.root_names), overwrite)
     report = BuildReport(out_dir=out, shards_total=len(plan.shards), speakers=len(plan.speakers),
                          empty_roots=scan.empty_roots, scan_problems=scan.problems)
-    i, n = part
-    mine = [k for k in range(len(plan.shards)) if k % n == i - 1]
-    remove_stale_temps(out, mine)
-    todo = [k for k in mine if not is_complete(out, k)]
-    report.shards_skipped = len(mine) - len(todo)
-    progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
-    _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
-    if all(is_complete(out, k) for k in range(len(plan.shards))):
-        index = write_index(out)
-        report.index_written = True
-        report.failures = index["failures"]
-        report.few_utterance_speakers = [s["id"] for s in index["speakers"] if s["utterances"] < FEW_UTTERANCES]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_folder(out, plan_record(plan, cfg, scan.root_names), overwrite)
+        i, n = part
+        mine = [k for k in range(len(plan.shards)) if k % n == i - 1]
+        remove_stale_temps(out, mine)
+        todo = [k for k in mine if not is_complete(out, k)]
+        report.shards_skipped = len(mine) - len(todo)
+        progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
+        _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
+        if all(is_complete(out, k) for k in range(len(plan.shards))):
+            index = write_index(out)  # not rewritten when it is already up to date (read-only storage)
+            report.index_written = True
+            report.failures = index["failures"]
+            report.few_utterance_speakers = [s["id"] for s in index["speakers"] if s["utterances"] < FEW_UTTERANCES]
+    except OSError as exc:
+        raise write_failure(out, exc) from exc
     report.wall_s = time.perf_counter() - started
     return report

@@ -94,7 +94,17 @@ def collect_index(out_dir: Path) -> dict[str, Any]:
 
 
 def write_index(out_dir: Path) -> dict[str, Any]:
-    """Write ``index.json`` (atomically) from what is on disk; used at the end of a build and by `dvector index`."""
+    """Write ``index.json`` (atomically) from what is on disk; used at the end of a build and by `dvector index`.
+
+    An index that already holds exactly this is left alone: rerunning a finished build (or `dvector
+    index`) on read-only storage writes nothing."""
     index = collect_index(Path(out_dir))
-    write_json_atomic(Path(out_dir) / INDEX_NAME, index)
+    target = Path(out_dir) / INDEX_NAME
+    try:
+        with open(target, encoding="utf-8") as f:
+            if json.load(f) == index:
+                return index
+    except (OSError, ValueError):
+        pass  # missing or damaged: write it
+    write_json_atomic(target, index)
     return index
