@@ -50,6 +50,8 @@ class BatchSettings:
     seed: int = 0
     on_error: str = "warn"
     exclude_speakers: tuple[int, ...] = ()  # speaker indices never drawn (held out for validation)
+    n_mels: int | None = None  # mel bands every sample must have (None: those of the first good one)
+    max_speaker_index: int | None = None  # the largest valid speaker_index (None: any sane one)
 
     @property
     def pool(self) -> int:
@@ -57,7 +59,8 @@ class BatchSettings:
         return self.pool_size or 8 * self.n_speakers * self.n_utterances
 
     def shape_key(self) -> dict[str, Any]:
-        """What shapes the batch stream: a saved position only applies with the same settings."""
+        """What shapes the batch stream: a saved position only applies with the same settings
+        (``n_mels`` and ``max_speaker_index`` only refuse bad samples, so they are not part of it)."""
         spec = SegmentSpec.parse(self.seg_len)
         return {"n_speakers": self.n_speakers, "n_utterances": self.n_utterances, "seg_len": [spec.lo, spec.hi],
                 "pool": self.pool, "max_uses": self.max_uses, "short_policy": self.short_policy,
@@ -230,7 +233,8 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
     """
     shared = state.shared
     stream = SampleStream(urls, Consumer() if shared else consumer, settings.seed, settings.on_error,
-                          settings.exclude_speakers)
+                          settings.exclude_speakers, n_mels=settings.n_mels,
+                          max_speaker_index=settings.max_speaker_index)
     bad = _BadCounts(stream)
     seen: set[str] = set()  # keys in the pool being read: a pool holds an utterance once
     samples = stream.samples(state.start, skip_key=seen.__contains__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from dvector.stream.sampling import SamplingStats, SegLen
 from dvector.stream import ShardSource, resolve_shards
 from dvector.stream.sources import Consumer, StreamPosition
 
-__all__ = ["GE2EDataset", "GE2ELoader", "distributed_rank_world", "ge2e_loader"]
+__all__ = ["GE2EDataset", "GE2ELoader", "distributed_rank_world", "ge2e_loader", "index_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,28 @@ class GE2EDataset(IterableDataset):
             yield None, str(exc), worker, None, None  # raised as it is by the loader: no worker traceback
 
 
+def index_checks(index: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(mel bands, largest speaker_index) that an index.json says its shards hold, where it says."""
+    if not isinstance(index, dict):
+        return None, None
+    try:
+        n_mels = int(index["config"]["features"]["n_mels"])
+    except (KeyError, TypeError, ValueError):
+        n_mels = None
+    try:
+        top = max((int(s["index"]) for s in index["speakers"]), default=None)
+    except (KeyError, TypeError, ValueError):
+        top = None
+    return n_mels, top
+
+
+def _checked_against(settings: BatchSettings, index: dict[str, Any] | None) -> BatchSettings:
+    """``settings`` with the mel bands and speaker range of ``index`` where they are not set."""
+    n_mels, top = index_checks(index)
+    return replace(settings, n_mels=settings.n_mels if settings.n_mels is not None else n_mels,
+                   max_speaker_index=settings.max_speaker_index if settings.max_speaker_index is not None else top)
+
+
 class GE2ELoader:
     """Iterable of ``(mels, speakers)``: mels ``(N*M, L, n_mels)`` tensor, speakers ``(N*M,)`` int64.
 
@@ -108,7 +131,7 @@ class GE2ELoader:
                  world: int | None = None, dtype: torch.dtype = torch.float32, pin_memory: bool = False,
                  prefetch: int = 4):
         r, w = distributed_rank_world()
-        self.source, self.settings = source, settings
+        self.source, self.settings = source, _checked_against(settings, source.index)
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.workers, self.dtype, self.pin_memory, self.prefetch = workers, dtype, pin_memory, prefetch
         # what workers build and send: the final dtype where numpy has it (no conversion here), else float32

@@ -10,8 +10,9 @@ import torch
 
 from dvector.errors import DvectorError
 from dvector.metrics import all_pairs_scores, eer
-from dvector.stream import iter_shard
+from dvector.stream.loader import index_checks
 from dvector.stream.sampling import crop
+from dvector.stream.validation_samples import ReadReport, good_samples
 
 MAX_VALID_SPEAKERS = 64
 
@@ -50,27 +51,35 @@ def _fixed_length(mel: np.ndarray, frames: int) -> np.ndarray:
 def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speakers: Sequence[int] | None,
                        per_speaker: int, frames: int, seed: int = 0) -> ValidationSet:
     """Up to ``per_speaker`` utterances of each chosen speaker (all speakers, at most 64, if None),
-    each cut to ``frames`` frames; reads only the shards that hold them when the index says which."""
+    each cut to ``frames`` frames; reads only the shards that hold them when the index says which.
+
+    Damage is skipped as in training, with a warning naming it (bad samples, among them mels of
+    another width than the index's or with non-finite values; broken, missing or unreachable
+    shards). Only too little left (fewer than 2 speakers with 2+ utterances) is an error.
+    """
     wanted: set[int] | None = set(speakers) if speakers is not None else None
     names = {u.rsplit("/", 1)[-1]: u for u in urls}
     if index is not None and wanted is not None:
         urls = [names[s["name"]] for s in index["shards"] if wanted & set(s["speakers"]) and s["name"] in names]
+    n_mels, top = index_checks(index)
+    report = ReadReport()
     taken: dict[int, list[np.ndarray]] = {}
-    for url in urls:
-        for sample in iter_shard(url):
-            spk = int(sample["speaker_index"])
-            if wanted is not None and spk not in wanted:
-                continue
-            if wanted is None and spk not in taken and len(taken) >= MAX_VALID_SPEAKERS:
-                continue
-            bucket = taken.setdefault(spk, [])
-            if len(bucket) < per_speaker:
-                bucket.append(_fixed_length(sample["mel"], frames))
+    for sample in good_samples(urls, report, n_mels=n_mels, max_speaker_index=top):
+        spk, mel = int(sample["speaker_index"]), sample["mel"]
+        if wanted is not None and spk not in wanted:
+            continue
+        if wanted is None and spk not in taken and len(taken) >= MAX_VALID_SPEAKERS:
+            continue
+        if len(taken.get(spk, ())) >= per_speaker:
+            continue
+        taken.setdefault(spk, []).append(_fixed_length(mel, frames))  # one mel width: the stream's checks
         if wanted is not None and len(taken) == len(wanted) and all(len(v) >= per_speaker for v in taken.values()):
             break
     taken = {k: v for k, v in taken.items() if len(v) >= 2}
     if len(taken) < 2:
-        raise DvectorError("validation needs at least 2 speakers with 2+ utterances each")
+        skipped = report.describe()
+        raise DvectorError(f"validation needs at least 2 speakers with 2+ utterances each; its {len(urls)} "
+                           f"shard(s) gave {len(taken)}" + (f" ({skipped}: see the warnings)" if skipped else ""))
     mels = [m for k in sorted(taken) for m in taken[k]]
     labels = np.array([k for k in sorted(taken) for _ in taken[k]])
     return ValidationSet(torch.from_numpy(np.stack(mels)), labels)

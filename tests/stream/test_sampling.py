@@ -533,3 +533,37 @@ def test_consumer_batches_hand_on_the_streams_counts_of_damage(tmp_path):
     # two whole passes read before the batch that reports the third: each pass skips one of each
     assert 2 <= total.bad_samples <= 3 and 2 <= total.bad_shards <= 3
     assert total.batches > 0
+
+
+def test_the_loader_checks_samples_against_the_index_not_the_first_sample(tmp_path):
+    """A first sample of another mel width, or with a speaker_index beyond the index's table, is the
+    bad one: the loader gives the stream the index's n_mels and speaker range."""
+    import json
+    import warnings
+
+    from dvector.files import write_json_atomic
+    from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_shard
+    from dvector.stream.loader import ge2e_loader, index_checks
+
+    rng = np.random.default_rng(0)
+    odd = [("a_odd", rng.standard_normal((40, N_MELS + 2)).astype(np.float16), {"speaker_index": 0}),
+           ("a_far", rng.standard_normal((40, N_MELS)).astype(np.float16), {"speaker_index": 999})]
+    good = [(f"s{s}_{u}", rng.standard_normal((40, N_MELS)).astype(np.float16), {"speaker_index": s})
+            for s in range(6) for u in range(6)]
+    (tmp_path / "s").mkdir()
+    info = write_shard(tmp_path / "s" / shard_name(0), odd + good).to_dict()
+    index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {"features": {"n_mels": N_MELS}},
+             "speakers": [{"id": f"t/{s}", "index": s, "utterances": 6} for s in range(6)], "shards": [info]}
+    write_json_atomic(tmp_path / "s" / INDEX_NAME, index)
+    assert index_checks(json.loads((tmp_path / "s" / INDEX_NAME).read_text())) == (N_MELS, 5)
+    loader = ge2e_loader(tmp_path / "s", 4, 3, 20, workers=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (mels, speakers) in enumerate(loader):
+            assert mels.shape == (12, 20, N_MELS) and int(speakers.max()) < 6
+            if i == 5:
+                break
+    text = "\n".join(str(w.message) for w in caught)
+    assert "a_odd" in text and "a_far" in text
+    # counted each time a pass reads them (a pool of this small corpus reads it several times)
+    assert loader.stats.bad_samples >= 2 and loader.stats.bad_samples % 2 == 0 and loader.stats.bad_shards == 0
