@@ -14,6 +14,7 @@ project's N*M*N*D formulation (``benchmarks/bench_loss.py``) and prints the rati
     python benchmarks/bench_train.py                                   # paper model, N=64 M=10 L=160
     python benchmarks/bench_train.py --model paper --steps 2 --warmup 1  # on a CPU: a few slow steps
     python benchmarks/bench_train.py --model tiny -n 16 -m 8 -l 100 --steps 50
+    python benchmarks/bench_train.py --model attentive -n 32 -m 8 -l 80 --threads 1   # CPU threads: 1 against the rule
 
 The last printed line is ``train_steps_per_s=<number>``.
 """
@@ -37,13 +38,14 @@ from bench_loss import time_loss  # noqa: E402
 
 from dvector.config import ModelConfig, TrainConfig  # noqa: E402
 from dvector.nn.model import DVector, count_parameters  # noqa: E402
+from dvector.training.distributed import Distributed, cpu_threads  # noqa: E402
 from dvector.training.loop import StepLog, train  # noqa: E402
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
+def device_name(on_cpu: bool, threads: int) -> str:
+    if not on_cpu:
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"cpu ({os.cpu_count()} cores, {threads} torch threads)"
 
 
 def main() -> None:
@@ -58,7 +60,7 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the trainer's rule: all cores)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "dvector-bench-train")
     p.add_argument("--speakers", type=int, default=256)
     p.add_argument("--utterances", type=int, default=32, help="per speaker")
@@ -67,9 +69,6 @@ def main() -> None:
     p.add_argument("--loss-repeats", type=int, default=20)
     p.add_argument("--skip-loss", action="store_true", help="do not time the GE2E loss alone")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
     N, M, L = args.n_speakers, args.n_utterances, args.seg_len
 
     frames = (max(L, 160), max(L, 160) * 3)
@@ -80,15 +79,16 @@ def main() -> None:
     total = warmup + measured
     cfg = TrainConfig(steps=total, save_every=10**9, decay_every=10**9, valid_every=10**9, log_every=warmup,
                       n_speakers=N, n_utterances=M, seg_len=(L, L), workers=args.workers, keep_checkpoints=1,
-                      valid_utterances=4, amp=not args.no_amp, compile=args.compile)
-    print(f"device: {device_name()}")
+                      valid_utterances=4, amp=not args.no_amp, compile=args.compile, threads=args.threads)
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    threads = cpu_threads(cfg, Distributed())  # what train() gives torch on CPU (--threads, else its rule)
+    print(f"device: {device_name(on_cpu, threads)}")
     print(f"model {args.model}: {count_parameters(DVector(model_cfg)):,} parameters; batch N={N} M={M} L={L} "
           f"({N * M} segments); {args.workers} loader workers; corpus {index['totals']['utterances']} utterances "
           f"of {args.speakers} speakers in {args.shards} shards")
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-    if on_cpu and threads + args.workers > (os.cpu_count() or 1):
-        print(f"note: {threads} torch threads + {args.workers} loader workers on {os.cpu_count()} cores oversubscribe "
-              f"the CPU; small models can run many times slower than with --threads 1")
+    if on_cpu and threads > (os.cpu_count() or 1):
+        print(f"note: {threads} torch threads on {os.cpu_count()} cores oversubscribe the CPU; small models can run "
+              f"many times slower")
     print(f"{warmup} warm-up + {measured} measured steps ...", flush=True)
 
     logs: list[StepLog] = []
@@ -112,6 +112,8 @@ def main() -> None:
     print(f"data-wait fraction: {100 * waited / seconds:.1f}% of the measured time spent waiting for batches")
     print(f"whole run: {result.final_step} steps in {wall:.1f} s (start-up, validation set and final save included); "
           f"last loss {result.last_loss:.3f}")
+    if on_cpu:
+        print(f"torch threads while training: {torch.get_num_threads()}")
 
     if not args.skip_loss:
         loss = time_loss(N, M, args.loss_dim, repeats=args.loss_repeats, threads=threads)
