@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from dvector.config import BuildConfig
+from dvector.config import BuildConfig, FeatureConfig
 from dvector.demo.synth import write_corpus
 from dvector.shards.build import build_shards
 
@@ -26,6 +26,19 @@ def session_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         build_shards([str(base / "corpus")], base / "shards", BuildConfig(min_shards=4, block_size=5), workers=1)
         _SHARDS["shards"] = base / "shards"
     return _SHARDS["shards"]
+
+
+def narrow_shards(tmp_path_factory: pytest.TempPathFactory, n_mels: int = 24) -> Path:
+    """A small shard folder (6 speakers x 4 utterances) of ``n_mels`` mel bands: another feature size
+    than :func:`session_shards` (40), built once per session."""
+    key = f"narrow{n_mels}"
+    if key not in _SHARDS:
+        base = tmp_path_factory.mktemp(key)
+        write_corpus(base / "corpus", 6, 4, seed=11, duration_s=(1.0, 1.5))
+        cfg = BuildConfig(min_shards=2, block_size=4, features=FeatureConfig(n_mels=n_mels))
+        build_shards([str(base / "corpus")], base / "shards", cfg, workers=1)
+        _SHARDS[key] = base / "shards"
+    return _SHARDS[key]
 
 
 def ckpt_dir(model_dir: Path) -> Path:

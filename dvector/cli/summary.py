@@ -49,6 +49,17 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
             console.print(escape(f"  ... the full list is under \"failures\" in {report.out_dir / 'index.json'}"))
 
 
+# sampling counters the "data" row reports, or that count no damage (the others are printed when non-zero)
+_SAMPLING_REPORTED = {"utterances", "uses", "batches", "rounds", "dropped_short", "repeated_short", "unused",
+                      "leftover_uses"}
+
+
+def _skipped_counts(sampling: dict[str, int]) -> str:
+    """The loader's other non-zero counters (bad samples, bad shards, ...) as one phrase, e.g. "2 bad samples"."""
+    return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in sampling.items()
+                     if name not in _SAMPLING_REPORTED and isinstance(count, int) and count)
+
+
 def print_train_summary(result, console: Console) -> None:  # type: ignore[no-untyped-def]
     table = Table(title=f"train: {escape(str(result.model_dir))}", show_header=False, box=None)
     table.add_row("steps", f"{result.steps_done} this run, at step {result.final_step}")
@@ -57,9 +68,15 @@ def print_train_summary(result, console: Console) -> None:  # type: ignore[no-un
     table.add_row("last loss", f"{result.last_loss:.4f}")
     if result.sampling:
         st = result.sampling
-        table.add_row("data (this rank)", f"{st['utterances']} utterances read, {st['uses']} segments used; "
-                                          f"{st['repeated_short']} segments tiled from utterances shorter than L, "
-                                          f"{st['dropped_short']} utterances too short to use")
+        table.add_row("data (this rank)", f"{st.get('utterances', 0)} utterances read, {st.get('uses', 0)} segments "
+                                          f"used; {st.get('repeated_short', 0)} segments tiled from utterances "
+                                          f"shorter than L, {st.get('dropped_short', 0)} utterances too short to use")
+        skipped = _skipped_counts(st)
+        if skipped:
+            table.add_row("skipped data (this rank)", skipped)
+    if getattr(result, "skipped_steps", 0):
+        table.add_row("skipped steps", f"{result.skipped_steps} with NaN or Inf in the loss or gradient norm "
+                                       "(no optimizer step)")
     table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
     if result.checkpoints:
         table.add_row("checkpoints", escape(f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)"))

@@ -1,5 +1,9 @@
 """Checkpoints: plain dicts of tensors and plain values, written atomically, loadable with
-``torch.load(weights_only=True)``; ``latest.pt`` and ``best.pt`` sit beside the numbered ones."""
+``torch.load(weights_only=True)``; ``latest.pt`` and ``best.pt`` sit beside the numbered ones.
+
+A checkpoint whose weights hold NaN or Inf is never written; a run continues from the newest
+readable checkpoint when its ``latest.pt`` is damaged (:func:`load_resume_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,8 +42,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def nonfinite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a checkpoint's ``model`` and ``criterion`` that hold NaN or Inf."""
+    bad = []
+    for part in ("model", "criterion"):
+        for name, value in (state.get(part) or {}).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(f"{part}.{name}")
+    return bad
+
+
+def check_finite(state: dict[str, Any]) -> None:
+    """Raise :class:`DvectorError` naming the step when the weights of ``state`` hold NaN or Inf."""
+    bad = nonfinite_weights(state)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DvectorError(f"refusing to save the checkpoint of step {state.get('step')}: NaN or Inf in "
+                           f"{', '.join(bad[:3])}{more}; the checkpoints already saved are left as they were")
+
+
 def save_checkpoint(state: dict[str, Any], model_dir: Path, keep: int, best: bool = False) -> Path:
-    """Write ``step-NNNNNNNNN.pt``, point ``latest.pt`` (and ``best.pt``) at it, keep the last ``keep``."""
+    """Write ``step-NNNNNNNNN.pt``, point ``latest.pt`` (and ``best.pt``) at it, keep the last ``keep``.
+
+    Refuses (:class:`DvectorError`, nothing written) when the weights hold NaN or Inf.
+    """
+    check_finite(state)
     folder = checkpoint_dir(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in stale_temps(folder):  # left by a save that was killed
@@ -71,15 +98,67 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _reason(exc: Exception, path: Path) -> str:
+    """Why ``torch.load`` failed, in one short line (torch's first sentence; an empty file named so)."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    first = " ".join(str(exc).split()).split(". ")[0].rstrip(".")
+    return first or type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``: no code runs)."""
     p = resolve_checkpoint(path)
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise DvectorError(f"cannot load checkpoint {p}: {exc}") from exc
+        raise DvectorError(f"cannot load checkpoint {p}: {_reason(exc, p)}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DvectorError(f"{p} is not a dvector checkpoint")
     if state.get("version") != VERSION:
         raise DvectorError(f"{p} has checkpoint version {state.get('version')}; this dvector reads {VERSION}")
     return state
+
+
+RESUME_KEYS = ("step", "model", "criterion", "optimizer", "scheduler", "model_config", "train_config", "rng")
+
+
+def _load_for_resume(path: Path) -> dict[str, Any]:
+    """A checkpoint that training can continue from (every part a run restores), else DvectorError."""
+    state = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise DvectorError(f"{path} is not a training checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def load_resume_checkpoint(path: str | os.PathLike[str],
+                           say: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
+    """The checkpoint to continue training from, and the file it came from.
+
+    ``path`` is a checkpoint file or a run folder (its ``latest.pt``). When that is ``latest.pt``
+    and cannot be read (truncated, not a checkpoint), the newest readable ``step-*.pt`` beside it
+    is used instead, and ``say`` tells which; a damaged numbered file named on its own is an error.
+    """
+    chosen = resolve_checkpoint(path)
+    try:
+        return _load_for_resume(chosen), chosen
+    except DvectorError as exc:
+        if chosen.name != "latest.pt":
+            raise
+        problem = str(exc)
+    unreadable = []
+    numbered = sorted((p for p in chosen.parent.iterdir() if NUMBERED.match(p.name)), reverse=True)
+    for candidate in numbered:
+        try:
+            state = _load_for_resume(candidate)
+        except DvectorError:
+            unreadable.append(candidate.name)
+            continue
+        skipped = f" ({', '.join(unreadable)} cannot be read either)" if unreadable else ""
+        say(f"note: {problem}; continuing from {candidate}, the newest readable checkpoint beside it{skipped}")
+        return state, candidate
+    raise DvectorError(f"{problem}; and no readable step-*.pt beside it to continue from instead")

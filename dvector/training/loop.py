@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dvector.config import ModelConfig, TrainConfig
 from dvector.training.distributed import ends_own_process_group
@@ -40,6 +40,8 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     sampling: dict[str, int] = field(default_factory=dict)  # this rank's SamplingStats: read, tiled, dropped...
     is_main: bool = True  # rank 0 (or the only process): the one that logs and saves
+    skipped_steps: int = 0  # steps of this run without an optimizer step: NaN or Inf in the loss or gradient norm
+    counters: dict[str, Any] = field(default_factory=dict)  # totals over the continued runs too, as a checkpoint holds them
 
 
 @ends_own_process_group
@@ -62,7 +64,7 @@ def train(
     parts = build_parts(cfg, ctx)
     if ctx.checkpoint is not None:
         restore_parts(parts, ctx.checkpoint, cfg, ctx.dev, ctx.say)
-        ctx.say(f"continuing from {resume} at step {parts.step}")
+        ctx.say(f"continuing from {ctx.resume_path} at step {parts.step}")
     if parts.step >= cfg.steps:
         ctx.say(f"nothing to do: the checkpoint is at step {parts.step} and -i asks for {cfg.steps} steps in all")
     first_step = parts.step
@@ -73,4 +75,5 @@ def train(
     loop.run(started)
     seconds = time.perf_counter() - started
     return TrainResult(ctx.model_dir, parts.step - first_step, parts.step, loop.last_loss, parts.best_eer, seconds,
-                       loop.wait_total / max(seconds, 1e-9), loop.saved, loader.stats.to_dict(), is_main=ctx.ddp.main)
+                       loop.wait_total / max(seconds, 1e-9), loop.saved, loader.stats.to_dict(), is_main=ctx.ddp.main,
+                       skipped_steps=loop.skipped, counters=loop.counters())

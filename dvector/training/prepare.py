@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +25,7 @@ from dvector.nn.model import DVector, count_parameters
 from dvector.stream.batches import BatchSettings
 from dvector.stream.loader import GE2ELoader
 from dvector.stream import ShardSource, resolve_shards
-from dvector.training.checkpoint import checkpoint_dir, load_checkpoint
+from dvector.training.checkpoint import checkpoint_dir, load_resume_checkpoint
 from dvector.training.distributed import Distributed, setup_process
 from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers
 
@@ -64,13 +64,15 @@ class RunContext:
     features: FeatureConfig | None  # the shards' feature settings, where an index records them
     model_cfg: ModelConfig
     say: Callable[[str], None]  # silent on ranks other than 0
+    resume_path: Path | None = None  # the checkpoint file continued from (latest.pt, or the one used instead)
 
 
 def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cfg: TrainConfig,
            model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, device: str | None,
            index: str | None, say: Callable[[str], None]) -> RunContext:
     """Join the process group, pick the device and threads, find the shards, load the checkpoint
-    and settle the model config; refuses to train afresh into a folder that holds a run."""
+    (the newest readable one when ``latest.pt`` is damaged) and settle the model config; refuses to
+    train afresh into a folder that holds a run."""
     ddp, dev = setup_process(device, cfg)
     model_dir = Path(model_dir)
     if not ddp.main:
@@ -78,18 +80,23 @@ def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cf
     if resume is None and checkpoint_dir(model_dir).is_dir() and any(checkpoint_dir(model_dir).glob("*.pt")):
         raise DvectorError(f"{model_dir} already holds a run: continue it with -c {model_dir}, or choose another MODEL_DIR")
     source = resolve_shards(shards, index)
-    checkpoint = load_checkpoint(resume) if resume is not None else None
+    checkpoint, resume_path = load_resume_checkpoint(resume, say) if resume is not None else (None, None)
     features = FeatureConfig.from_dict(source.index["config"]["features"]) if source.index else None
-    model_cfg = model_config(model_cfg, checkpoint, features, say)
-    return RunContext(ddp, dev, model_dir, source, checkpoint, features, model_cfg, say)
+    model_cfg = model_config(model_cfg, checkpoint, features, say, where=str(resume_path))
+    return RunContext(ddp, dev, model_dir, source, checkpoint, features, model_cfg, say, resume_path)
 
 
 def model_config(model_cfg: ModelConfig | None, checkpoint: dict[str, Any] | None, features: FeatureConfig | None,
-                  say: Callable[[str], None]) -> ModelConfig:
+                  say: Callable[[str], None], where: str = "the checkpoint") -> ModelConfig:
     """The checkpoint's model config when continuing, else ``model_cfg`` (default: "attentive") with
-    the shards' n_mels; warns when the shards' features differ from the checkpoint's."""
+    the shards' n_mels; warns when the shards' features differ from the checkpoint's, and refuses
+    shards of another feature size than the checkpoint's network reads (``where``: the checkpoint's name)."""
     if checkpoint is not None:
         saved_cfg = ModelConfig.from_dict(checkpoint["model_config"])
+        if features and features.n_mels != saved_cfg.n_mels:
+            raise DvectorError(f"these shards hold {features.n_mels} mel bands per frame, but the network of {where} "
+                               f"reads {saved_cfg.n_mels}: continue on shards built with --n-mels {saved_cfg.n_mels}, "
+                               "or train afresh into another MODEL_DIR")
         if model_cfg is not None and model_cfg.name != saved_cfg.name:
             say(f"note: continuing the checkpoint's {saved_cfg.name!r} model; --model {model_cfg.name} is ignored")
         model_cfg = saved_cfg
@@ -144,6 +151,7 @@ class Parts:
     scheduler: Any  # StepLR
     step: int = 0
     best_eer: float | None = None
+    counters: dict[str, Any] = field(default_factory=dict)  # a checkpoint's "counters": totals of the runs before
 
 
 def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -182,8 +190,8 @@ def apply_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: T
 
 def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, dev: torch.device,
              say: Callable[[str], None]) -> None:
-    """Load weights, optimizer (when it is the same kind), scheduler, step, best EER and the RNG
-    state from a checkpoint, then apply this run's learning-rate settings."""
+    """Load weights, optimizer (when it is the same kind), scheduler, step, best EER, counters and
+    the RNG state from a checkpoint, then apply this run's learning-rate settings."""
     parts.model.load_state_dict(checkpoint["model"])
     parts.criterion.load_state_dict(checkpoint["criterion"])
     if checkpoint["train_config"].get("optimizer") == cfg.optimizer:
@@ -195,6 +203,7 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
     parts.step = int(checkpoint["step"])
     apply_learning_rate(parts.optimizer, parts.scheduler, cfg, parts.step, say)
     parts.best_eer = checkpoint.get("best_eer")
+    parts.counters = dict(checkpoint.get("counters") or {})
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if dev.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], dev)

@@ -1,10 +1,17 @@
 """The step loop of :func:`dvector.training.loop.train`: each step, then its log entry, validation
-and checkpoint, decided alike on every rank."""
+and checkpoint, decided alike on every rank.
+
+A step whose loss or gradient norm is NaN or Inf changes no weights (it is skipped and counted);
+:data:`MAX_NONFINITE_IN_A_ROW` of them in a row stop training with an error. What was skipped
+(steps here, samples and shards by the loader) is counted in the checkpoint (``"counters"``) and in
+TensorBoard.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -13,10 +20,11 @@ import torch
 from torch import nn
 
 from dvector.config import TrainConfig
+from dvector.errors import DvectorError
 from dvector.nn.loss import apply_paper_gradient_scale
 from dvector.stream.loader import GE2ELoader
-from dvector.training.checkpoint import save_checkpoint
-from dvector.training.distributed import main_value, out_of_time
+from dvector.training.checkpoint import check_finite, save_checkpoint
+from dvector.training.distributed import main_value, out_of_time, sum_over_ranks
 from dvector.training.prepare import Parts, RunContext, ValidationSpeakers
 from dvector.training.validation import validation_eer
 
@@ -34,6 +42,19 @@ class StepLog:
     steps_per_s: float
     data_wait: float  # fraction of the time spent waiting for batches
     valid_eer: float | None = None
+    skipped_steps: int = 0  # steps skipped so far for a non-finite loss or gradient norm (continued runs included)
+
+
+MAX_NONFINITE_IN_A_ROW = 10  # steps in a row with a NaN/Inf loss or gradient norm that stop training
+MAX_SKIPS_SAID = 5  # skipped steps said one by one; the rest are only counted
+
+
+def run_counters(before: dict[str, Any], skipped_steps: int, sampling: dict[str, int]) -> dict[str, Any]:
+    """A checkpoint's ``"counters"``: the totals ``before`` (a checkpoint's, when continuing) plus this
+    call's skipped steps and the loader's sampling counters (read, tiled, dropped, bad samples...)."""
+    earlier = before.get("sampling") or {}
+    return {"skipped_steps": int(before.get("skipped_steps", 0)) + skipped_steps,
+            "sampling": {k: int(earlier.get(k, 0)) + int(sampling.get(k, 0)) for k in sorted({*earlier, *sampling})}}
 
 
 # ---- checkpoints and logs ------------------------------------------------------------------------
@@ -52,7 +73,7 @@ def plain_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_entry: dict[str, Any],
-                      heldout: list[int], loss: float) -> dict[str, Any]:
+                      heldout: list[int], loss: float, counters: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a checkpoint holds (plain values and tensors), in the order it is saved."""
     index = ctx.source.index
     return {
@@ -63,6 +84,7 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
         "vad_config": index["config"].get("vad") if index else None,
         "rng": rng_state(ctx.dev), "loader": loader_entry,
         "best_eer": parts.best_eer, "heldout_speakers": heldout, "loss": loss,
+        "counters": counters if counters is not None else run_counters(parts.counters, 0, {}),
     }
 
 
@@ -75,12 +97,14 @@ def open_writer(ctx: RunContext, step: int) -> Any:
     return SummaryWriter(str(ctx.model_dir / "logs"), purge_step=step + 1 if step else None)
 
 
-def write_scalars(writer: Any, entry: StepLog) -> None:
-    """One log entry as TensorBoard scalars (those that have a value)."""
-    for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer"):
+def write_scalars(writer: Any, entry: StepLog, sampling: dict[str, int] | None = None) -> None:
+    """One log entry as TensorBoard scalars (those that have a value), and the sampling counters as ``data/*``."""
+    for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer", "skipped_steps"):
         value = getattr(entry, name)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             writer.add_scalar(f"train/{name}" if name != "valid_eer" else "valid/eer", value, entry.step)
+    for name, count in (sampling or {}).items():
+        writer.add_scalar(f"data/{name}", count, entry.step)
 
 
 # ---- the step loop -------------------------------------------------------------------------------
@@ -114,6 +138,12 @@ class StepLoop:
         self.last_loss = math.nan
         self.wait_total = 0.0
         self.writer: Any = None
+        self.skipped = 0  # steps skipped by this call (non-finite loss or gradient norm)
+        self.bad_in_a_row = 0
+
+    def counters(self) -> dict[str, Any]:
+        """This process's totals so far (a checkpoint's sum the loader's counters over every rank)."""
+        return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict())
 
     def run(self, started: float) -> None:
         """Step until ``cfg.steps`` (or ``--max-minutes``, counted from ``started``)."""
@@ -133,10 +163,14 @@ class StepLoop:
                 self.writer.close()
 
     def _step(self, batches: Any, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on the next batch; returns (loss, grad norm) as tensors (no GPU sync)."""
+        """One optimizer step on the next batch, or none when its loss or gradient norm is not finite
+        (the step still counts, and the learning rate follows it); returns (loss, grad norm) as tensors."""
         cfg, parts = self.cfg, self.parts
         t0 = time.perf_counter()
         mels, _speakers = next(batches)
+        if mels.shape[-1] != self.ctx.model_cfg.n_mels:
+            raise DvectorError(f"the batches hold {mels.shape[-1]} mel bands per frame, but the network reads "
+                               f"{self.ctx.model_cfg.n_mels}: these shards were built with other features")
         mels = mels.to(self.ctx.dev, non_blocking=True)  # (N*M, L, n_mels)
         t1 = time.perf_counter()
         parts.optimizer.zero_grad(set_to_none=True)
@@ -144,15 +178,43 @@ class StepLoop:
         loss.backward()
         if cfg.paper_grad_scale:
             apply_paper_gradient_scale(parts.model, parts.criterion)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)  # a tensor: no GPU sync per step
-        parts.optimizer.step()
-        parts.scheduler.step()
-        parts.criterion.project_()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if self._finite(loss, grad_norm):
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.criterion.project_()
+            self.bad_in_a_row = 0
+        else:
+            self._skip()
         parts.step += 1
         window.wait += t1 - t0
         self.wait_total += t1 - t0
         window.steps += 1
+        if self.bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise DvectorError(f"training stopped at step {parts.step}: {self.bad_in_a_row} steps in a row had a NaN "
+                               "or Inf loss or gradient norm (none changed the weights; the checkpoints saved so far "
+                               "are kept): check the shards with `dvector check`, or lower --lr")
         return loss, grad_norm
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step may change the weights: a finite gradient norm (the same on every rank, the
+        gradients being averaged) and, in a single process, a finite loss. One GPU sync per step."""
+        finite = torch.isfinite(grad_norm)
+        if self.ctx.ddp.world == 1:
+            finite = finite & torch.isfinite(loss.detach())
+        return bool(finite)
+
+    def _skip(self) -> None:
+        """Count a step without an optimizer step; the scheduler still steps, so the rate follows the step."""
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+            self.parts.scheduler.step()
+        if self.skipped <= MAX_SKIPS_SAID:
+            more = "; further ones are only counted" if self.skipped == MAX_SKIPS_SAID else ""
+            self.ctx.say(f"warning: step {self.parts.step + 1}: NaN or Inf in the loss or gradient norm: "
+                         f"skipped, the weights are unchanged{more}")
 
     def _after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, window: Window, started: float) -> bool:
         """Log, validate and save as the step calls for; False when ``--max-minutes`` says stop.
@@ -171,8 +233,10 @@ class StepLoop:
         eer_now = self._validate() if valid_now else None
         improved = eer_now is not None and (self.parts.best_eer is None or eer_now < self.parts.best_eer)
         if ctx.ddp.main and (log_now or eer_now is not None):
+            counters = self.counters()
             self._log(StepLog(step, self.last_loss, self.parts.scheduler.get_last_lr()[0], float(grad_norm),
-                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait, eer_now))
+                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait, eer_now,
+                              counters["skipped_steps"]), counters["sampling"])
         if save_now or improved:
             self._save(eer_now if improved else None)
         if stop:
@@ -184,21 +248,26 @@ class StepLoop:
         eer_now = validation_eer(self.parts.model, self.validation.data, self.ctx.dev) if self.ctx.ddp.main else None
         return main_value(eer_now, self.ctx.ddp)
 
-    def _log(self, entry: StepLog) -> None:
-        """Hand a log entry to TensorBoard and ``on_log`` (rank 0)."""
+    def _log(self, entry: StepLog, sampling: dict[str, int]) -> None:
+        """Hand a log entry (and the sampling counters) to TensorBoard, the entry to ``on_log`` (rank 0)."""
         if self.writer is not None:
-            write_scalars(self.writer, entry)
+            write_scalars(self.writer, entry, sampling)
         if self.on_log:
             self.on_log(entry)
 
     def _save(self, new_best: float | None) -> None:
         """Save a checkpoint (rank 0 writes it; every rank gives its loader position). ``new_best``:
-        the EER that makes this the best checkpoint so far, else None."""
+        the EER that makes this the best checkpoint so far, else None. Weights holding NaN or Inf
+        (the same on every rank) stop training with an error instead."""
+        check_finite({"step": self.parts.step, "model": self.parts.model.state_dict(),
+                      "criterion": self.parts.criterion.state_dict()})
         loader_entry = self.loader.checkpoint_entry()
+        sampling = sum_over_ranks(self.loader.stats.to_dict(), self.ctx.ddp)
         if new_best is not None:
             self.parts.best_eer = new_best
         if self.ctx.ddp.main:
+            counters = run_counters(self.parts.counters, self.skipped, sampling)
             state = checkpoint_state(self.cfg, self.ctx, self.parts, loader_entry, self.validation.heldout,
-                                      self.last_loss)
+                                      self.last_loss, counters)
             self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints,
                                               best=new_best is not None))
