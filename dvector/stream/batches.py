@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -224,12 +224,12 @@ def _others(pool: Sequence[dict], batch: Batch) -> SamplingStats:
 
 
 def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, state: WorkerState,
-            out: _Sink) -> Iterator[tuple[Batch, WorkerState, SamplingStats]]:
+            out: _Sink) -> Generator[tuple[Batch, WorkerState, SamplingStats], None, tuple[WorkerState, str]]:
     """One stream's rounds (the consumer's own slice, or every shard when ``state.shared``).
 
     Reads each pool, draws it, keeps this consumer's batches and hands the counts on. Returns
-    (own slice only) the state where the shared stream begins, once a round of the own slice
-    gives no batch.
+    (own slice only), once a round of the own slice gives no batch, the state where the shared
+    stream begins and a note saying why.
     """
     shared = state.shared
     stream = SampleStream(urls, Consumer() if shared else consumer, settings.seed, settings.on_error,
@@ -272,11 +272,10 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
                 raise DvectorError(f"cannot form a batch of {settings.n_speakers} speakers x "
                                    f"{settings.n_utterances} utterances: a whole pass over {where} gives only "
                                    f"{holds}; lower -n/-m, or add data")
-            warnings.warn(f"data stream: consumer {consumer.slot} of {consumer.slots} (rank {consumer.rank}, "
-                          f"worker {consumer.worker}): its slice of the shards gives only {holds}, too few for a "
-                          f"batch of {size}; it reads every shard and keeps one batch in {consumer.slots} instead",
-                          RuntimeWarning, stacklevel=2)
-            return WorkerState(state.round + 1, StreamPosition(state.start.pass_, 0, 0), 0, True, 0)
+            note = (f"data stream: consumer {consumer.slot} of {consumer.slots} (rank {consumer.rank}, worker "
+                    f"{consumer.worker}): its slice of the shards gives only {holds}, too few for a batch of "
+                    f"{size}; it reads every shard and keeps one batch in {consumer.slots} instead")
+            return WorkerState(state.round + 1, StreamPosition(state.start.pass_, 0, 0), 0, True, 0), note
         state = WorkerState(state.round + 1, next_start, 0, shared, state.before + drawn)
 
 
@@ -293,6 +292,12 @@ def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Con
     """
     state = WorkerState.from_dict(state.to_dict()) if state else WorkerState()
     out = _Sink(dtype, allocate)
+    note = None
     if not state.shared:
-        state = yield from _rounds(urls, settings, consumer, state, out)
-    yield from _rounds(urls, settings, consumer, state, out)
+        state, note = yield from _rounds(urls, settings, consumer, state, out)
+    shared = _rounds(urls, settings, consumer, state, out)
+    first = next(shared)  # where the whole data cannot form a batch either, its error alone
+    if note:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    yield first
+    yield from shared

@@ -195,14 +195,15 @@ def test_consumers_with_no_block_at_all_share_instead_of_failing(tmp_path):
 def test_too_little_data_in_the_whole_corpus_is_one_clear_line(tmp_path, workers):
     folder = make_shards(tmp_path / "few", n_speakers=3, per_speaker=8, n_shards=4, block=4)
     loader = ge2e_loader(folder, N, M, L, workers=workers, rank=1, world=WORLD, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         with pytest.raises(DvectorError) as caught:
             next(iter(loader))
     message = str(caught.value)
     assert message.startswith("cannot form a batch of 4 speakers x 3 utterances: a whole pass over the data gives "
                               "only 3 speakers with 3+ usable utterances")
     assert "\n" not in message and "Traceback" not in message and "DataLoader worker" not in message
+    assert not [w for w in warned if "reads every shard" in str(w.message)], "the error alone, no note before it"
 
 
 DDP_SCRIPT = textwrap.dedent("""
