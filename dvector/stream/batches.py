@@ -11,7 +11,8 @@ of M usable utterances need) until N speakers have M, for up to one pass over th
 data. Where the consumer's own slice of the data cannot form a batch even so (a small corpus over
 many ranks and workers), it reads every shard instead and keeps every K-th batch of that shared
 stream (K consumers in all: each keeps its own residue, so consumers that share from the same
-point draw disjoint batches); only when the whole data cannot form a batch is it an error.
+point draw disjoint batches); only when the whole data cannot form a batch is it an error. Its
+stats count its own batches (``batches``, ``uses``, ``repeated_short``) and the pools it reads.
 
 Batches are built in their final dtype (float32) straight into the buffer the caller allocates
 (shared memory in a DataLoader worker), and the float16 -> float32 cast is torch's (several times
