@@ -41,7 +41,9 @@ Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the mode
 Keep = Annotated[int, typer.Option("--keep", help="Numbered checkpoints to keep.")]
 LogEvery = Annotated[int, typer.Option("--log-every", help="Log every this many steps.")]
 ShortPolicy = Annotated[str, typer.Option("--short-policy", help="Utterances shorter than L: repeat (tile) or drop.")]
-TrainThreads = threads_option("Torch threads on CPU (0: every core, shared by the torchrun processes of a machine).")
+TrainThreads = threads_option(
+    "Torch threads on CPU (0: every core, shared by the torchrun processes of a machine; 1 where other jobs keep "
+    "the cores busy).")
 MaxMinutes = Annotated[float, typer.Option(
     "--max-minutes", help="Stop with a checkpoint after this long (e.g. a job's time limit); 0: none.")]
 

@@ -51,8 +51,9 @@ def cpu_threads(cfg: TrainConfig, ddp: Distributed) -> int:
 
     The loader's workers get no cores of their own: they build a batch in a fraction of a step and
     then wait on a full queue, so the step's math is what needs the cores (at N=32, M=8, L=80 with
-    the attentive model and 2 workers, 2 threads ran 1.6x faster than 1 on a 2-core machine). Only
-    more threads than cores makes small LSTM steps many times slower, and that never happens here.
+    the attentive model and 2 workers, 2 threads ran 1.7x faster than 1 on a 2-core machine). Cores
+    that other busy jobs share are another matter: an LSTM step is many small parallel regions, each
+    waiting for its slowest thread, so there ``--threads 1`` can be several times faster.
     """
     if cfg.threads:
         return cfg.threads

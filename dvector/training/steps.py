@@ -49,11 +49,13 @@ MAX_NONFINITE_IN_A_ROW = 10  # steps in a row with a NaN/Inf loss or gradient no
 MAX_SKIPS_SAID = 5  # skipped steps said one by one; the rest are only counted
 
 
-def run_counters(before: dict[str, Any], skipped_steps: int, sampling: dict[str, int]) -> dict[str, Any]:
+def run_counters(before: dict[str, Any], skipped_steps: int, sampling: dict[str, int],
+                 in_a_row: int = 0) -> dict[str, Any]:
     """A checkpoint's ``"counters"``: the totals ``before`` (a checkpoint's, when continuing) plus this
-    call's skipped steps and the loader's sampling counters (read, tiled, dropped, bad samples...)."""
+    call's skipped steps and the loader's sampling counters (read, tiled, dropped, bad samples...);
+    ``skipped_in_a_row``: the skipped steps that end the run so far (a continued run counts on)."""
     earlier = before.get("sampling") or {}
-    return {"skipped_steps": int(before.get("skipped_steps", 0)) + skipped_steps,
+    return {"skipped_steps": int(before.get("skipped_steps", 0)) + skipped_steps, "skipped_in_a_row": in_a_row,
             "sampling": {k: int(earlier.get(k, 0)) + int(sampling.get(k, 0)) for k in sorted({*earlier, *sampling})}}
 
 
@@ -84,7 +86,8 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
         "vad_config": index["config"].get("vad") if index else None,
         "rng": rng_state(ctx.dev), "loader": loader_entry,
         "best_eer": parts.best_eer, "heldout_speakers": heldout, "loss": loss,
-        "counters": counters if counters is not None else run_counters(parts.counters, 0, {}),
+        "counters": counters if counters is not None else run_counters(parts.counters, 0, {},
+                                                                       parts.counters.get("skipped_in_a_row", 0)),
     }
 
 
@@ -139,11 +142,11 @@ class StepLoop:
         self.wait_total = 0.0
         self.writer: Any = None
         self.skipped = 0  # steps skipped by this call (non-finite loss or gradient norm)
-        self.bad_in_a_row = 0
+        self.bad_in_a_row = int(parts.counters.get("skipped_in_a_row", 0))
 
     def counters(self) -> dict[str, Any]:
         """This process's totals so far (a checkpoint's sum the loader's counters over every rank)."""
-        return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict())
+        return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict(), self.bad_in_a_row)
 
     def run(self, started: float) -> None:
         """Step until ``cfg.steps`` (or ``--max-minutes``, counted from ``started``)."""
@@ -266,7 +269,7 @@ class StepLoop:
         if new_best is not None:
             self.parts.best_eer = new_best
         if self.ctx.ddp.main:
-            counters = run_counters(self.parts.counters, self.skipped, sampling)
+            counters = run_counters(self.parts.counters, self.skipped, sampling, self.bad_in_a_row)
             state = checkpoint_state(self.cfg, self.ctx, self.parts, loader_entry, self.validation.heldout,
                                       self.last_loss, counters)
             self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints,

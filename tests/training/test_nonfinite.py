@@ -105,6 +105,29 @@ def test_ten_bad_steps_in_a_row_stop_training(shards: Path, tmp_path: Path, monk
     assert load_checkpoint(run)["counters"]["skipped_steps"] == saved[-1] - 2
 
 
+def test_a_run_continued_across_skipped_steps_is_exact(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    """Steps 5 and 6 of 8 skipped: continuing from step 5 (mid-streak) ends as the straight run does,
+    and the streak goes on counting from the checkpoint."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    bad = {5, 6}  # batches of each train() call
+    poison_batches(monkeypatch, lambda n: n in bad)
+    train(str(shards), straight, BASE, TINY, say=lambda m: None)
+    train(str(shards), split, replace(BASE, steps=5), TINY, say=lambda m: None)
+    assert load_checkpoint(split)["counters"]["skipped_in_a_row"] == 1
+    bad.clear()
+    bad.add(1)  # batch 6 of the run is the first of the continued call
+    result = train(str(shards), split, BASE, TINY, resume=split, say=lambda m: None)
+    assert result.skipped_steps == 1
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert_same_weights(a, b)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"] and a["loader"] == b["loader"]
+    assert a["counters"]["skipped_steps"] == b["counters"]["skipped_steps"] == 2
+    assert load_checkpoint(step_file(split, 6))["counters"]["skipped_in_a_row"] == 2
+
+
 def test_counters_add_up_over_continued_runs_and_reach_tensorboard(shards: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
