@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Type, TypeVar
@@ -213,7 +214,7 @@ class TrainConfig(_Config):
     valid_utterances: int = 20  # per validation speaker
     keep_checkpoints: int = 5
     max_minutes: float = 0.0  # stop (with a checkpoint) after this long; 0: no limit
-    threads: int = 0  # torch CPU threads on CPU (0: the cores left after the loader's workers)
+    threads: int = 0  # torch CPU threads on CPU (0: every core, shared among torchrun processes)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile on CUDA
 
@@ -239,6 +240,15 @@ class TrainConfig(_Config):
         if self.optimizer == "adam":
             return 1e-3
         return 0.01 * (self.n_speakers * self.n_utterances if self.reduction == "mean" else 1)
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun launched it (``RANK``; 0 when run alone). Only rank 0 reports
+    to the user: the others would repeat the same lines (their errors still end them, exit 1)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def parse_seg_len(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:

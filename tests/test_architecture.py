@@ -437,3 +437,14 @@ def test_function_length_rule_bites() -> None:
     )
     found = {(t.name, t.lines) for t in long_functions(src, "fake.py")}
     assert found == {("undocumented", 81), ("bare_phrase", 86), ("method", 124)}
+
+
+def test_test_file_names_are_unique() -> None:
+    """Test folders have no __init__.py, so pytest imports test modules by file name: two files of
+    one name in different folders would collide (an error at collection)."""
+    tests = Path(__file__).resolve().parent
+    names: dict[str, list[str]] = {}
+    for path in tests.rglob("*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    clashes = {name: paths for name, paths in names.items() if len(paths) > 1}
+    assert not clashes, f"test modules with the same name: {clashes}"

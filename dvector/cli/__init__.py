@@ -18,7 +18,8 @@ from typing import List, Optional
 import typer
 
 from dvector.cli import build, demo, train, use
-from dvector.cli.console import print_error
+from dvector.cli.console import print_error, show_warnings_as_lines
+from dvector.config import launch_rank
 from dvector.errors import DvectorError
 
 app = typer.Typer(
@@ -43,9 +44,12 @@ app.command("synth")(demo.synth_cmd)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: user errors (``DvectorError``) print one line and exit 1, without a traceback."""
+    """Console entry point: user errors (``DvectorError``) print one line and exit 1, without a
+    traceback; under torchrun only rank 0 prints it. Warnings print as one ``warning:`` line."""
+    show_warnings_as_lines()
     try:
         app(args=argv, standalone_mode=True)
     except DvectorError as exc:
-        print_error(str(exc))
+        if launch_rank() == 0:
+            print_error(str(exc))
         sys.exit(1)

@@ -8,6 +8,7 @@ would otherwise be read as a tag.
 from __future__ import annotations
 
 import os
+import warnings
 import time
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,15 @@ def printable(text: str) -> str:
 
 def _only_escapes(text: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def show_warnings_as_lines() -> None:
+    """Python warnings (a skipped sample or shard, say) as one ``warning: MESSAGE`` line each on
+    stderr, instead of a file name, a line number and a source line."""
+    def one_line(message: Any, category: Any, filename: str, lineno: int, line: Any = None) -> str:
+        return f"warning: {printable(str(message))}\n"
+
+    warnings.formatwarning = one_line
 
 
 def print_error(message: str) -> None:

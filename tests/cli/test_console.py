@@ -54,3 +54,35 @@ def test_plain_line_has_an_eta_midway() -> None:
     clock[0] += 60.0  # half the work in a minute: a minute left
     bar.update(task, completed=50)
     assert plain_progress_line(bar.tasks[0]) == "train: 50/100 loss 1.0 | 60 s elapsed, ETA 0:01:00"
+
+
+def test_under_torchrun_only_rank_0_prints_an_error(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+
+    import warnings
+
+    from dvector.cli import main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own; restored after
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["index", str(tmp_path)])  # not a build folder: a DvectorError
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert ("error:" in err) == shown, (rank, err)
+        assert "Traceback" not in err
+
+
+def test_warnings_print_as_one_line() -> None:
+    import warnings
+
+    from dvector.cli.console import show_warnings_as_lines
+
+    before = warnings.formatwarning
+    try:
+        show_warnings_as_lines()
+        text = warnings.formatwarning("skipping shard x.tar: truncated", RuntimeWarning, "/some/file.py", 12)
+    finally:
+        warnings.formatwarning = before
+    assert text == "warning: skipping shard x.tar: truncated\n"
