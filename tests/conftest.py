@@ -6,14 +6,18 @@ Session fixtures are read-only for tests: a test that changes a build copies it 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from build_helpers import SMALL_CFG, Corpus, make_messy_root, make_synth_roots
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig
+from train_helpers import session_shards
+from use_helpers import trained_run
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,49 @@ def synth_build_copy(synth_build: SimpleNamespace, tmp_path: Path) -> Path:
     dest = tmp_path / "shards"
     shutil.copytree(synth_build.out, dest)
     return dest
+
+
+# ---- training: the session's synthetic shards, and torch threads put back after every test ----
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Training shards (16 synthetic speakers x 10 utterances), built once per session; a test module
+    may define its own ``shards`` fixture instead."""
+    return session_shards(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():  # noqa: ANN201
+    """Tests that set torch's thread count (training does) leave it as they found it; likewise the
+    warnings format that the CLI's ``main`` sets."""
+    before, formatwarning = torch.get_num_threads(), warnings.formatwarning
+    yield
+    torch.set_num_threads(before)
+    warnings.formatwarning = formatwarning
+
+
+# ---- using a trained model: one small run per session, its embedder, a quick evaluation root ----
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A trained run (``root``, ``shards``, ``run``), trained once per session (use_helpers.trained_run)."""
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def embedder(trained: SimpleNamespace):  # noqa: ANN201
+    """The trained run's embedder, one torch thread."""
+    from dvector.use.embedder import load
+
+    return load(trained.run, threads=1)
+
+
+@pytest.fixture(scope="module")
+def small_root(trained: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 speakers x 3 files of the trained run's corpus: quick to evaluate."""
+    root = tmp_path_factory.mktemp("small") / "root"
+    for speaker in sorted(p for p in trained.root.iterdir() if p.is_dir())[:3]:
+        for f in sorted(speaker.iterdir())[:3]:
+            (root / speaker.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / speaker.name / f.name)
+    return root

@@ -16,23 +16,12 @@ from typer.testing import CliRunner
 
 from dvector.training.checkpoint import load_checkpoint
 from dvector.cli import app, main
-from train_helpers import assert_same_weights, ckpt_dir, narrow_shards, numbered, session_shards
+from train_helpers import assert_same_weights, ckpt_dir, narrow_shards, numbered
 
 runner = CliRunner()
 # -w 0 --threads 1: one process and one thread, so that runs are comparable and fast
 SMALL = ["-n", "4", "-m", "4", "-l", "40", "--model", "tiny", "-w", "0", "--threads", "1"]
 
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_shards(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*args: str):  # noqa: ANN201

@@ -12,14 +12,9 @@ from typer.testing import CliRunner
 from dvector.cli import app, main
 from dvector.use.embed_inputs import load_embeddings
 from dvector.errors import DvectorError
-from use_helpers import copy_run, trained_run
+from use_helpers import copy_run
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
 
 
 @pytest.fixture

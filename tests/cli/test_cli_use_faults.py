@@ -13,12 +13,7 @@ import pytest
 from dvector.cli import main
 from dvector.use import results
 from dvector.use.embed_inputs import load_embeddings
-from use_helpers import copy_run, trained_run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
+from use_helpers import copy_run
 
 
 def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002

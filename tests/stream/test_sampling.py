@@ -486,7 +486,6 @@ def test_stats_carry_bad_samples_and_shards_and_add_up():
 
 def _write_stream_shards(folder) -> list[str]:
     """Two good shards, one with a damaged .npy (a bad sample), one cut short (a broken shard)."""
-    import warnings  # noqa: F401  (kept local: the rest of this module reads no shards)
     from dvector.shards.format import shard_name, write_shard
 
     rng = np.random.default_rng(0)

@@ -22,45 +22,14 @@ import pytest
 import torch
 
 from dvector.errors import DvectorError
-from dvector.files import write_json_atomic
-from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_shard
 from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches
 from dvector.stream.loader import ge2e_loader
 from dvector.stream.samples import SampleStream
 from dvector.stream.sampling import SamplingStats
 from dvector.stream.sources import Consumer, StreamPosition
+from stream_helpers import N_MELS, make_shards
 
-N_MELS = 4  # channel 0: utterance id, 1: frame number, 2: speaker index, 3: noise
 L = 20
-
-
-def make_shards(folder: Path, n_speakers: int, per_speaker: int, n_shards: int, block: int,
-                frames: tuple[int, int] = (30, 60), seed: int = 0) -> Path:
-    """Speaker blocks shuffled over shards, as build-shards lays them out (as in test_stream.py)."""
-    rng = np.random.default_rng(seed)
-    blocks = [(s, u0) for s in range(n_speakers) for u0 in range(0, per_speaker, block)]
-    order = rng.permutation(len(blocks))
-    folder.mkdir(parents=True, exist_ok=True)
-    infos, uid = [], 0
-    for k in range(n_shards):
-        samples = []
-        for b in order[k::n_shards]:
-            s, u0 = blocks[b]
-            for u in range(u0, min(u0 + block, per_speaker)):
-                T = int(rng.integers(frames[0], frames[1] + 1))
-                mel = np.empty((T, N_MELS), np.float16)
-                mel[:, 0], mel[:, 1], mel[:, 2] = uid, np.arange(T), s
-                mel[:, 3] = rng.standard_normal(T)
-                samples.append((f"s{s:03d}_u{u:03d}", mel, {"speaker": f"t/s{s:03d}", "speaker_index": s,
-                                                           "source": f"s{s:03d}/{u}.wav", "n_frames": T}))
-                uid += 1
-        assert uid < 2048  # ids exact in float16
-        infos.append(write_shard(folder / shard_name(k), samples).to_dict())
-    write_json_atomic(folder / INDEX_NAME, {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {"features": {"n_mels": N_MELS}},
-        "speakers": [{"id": f"t/s{s:03d}", "index": s, "utterances": per_speaker} for s in range(n_speakers)],
-        "shards": infos, "failures": []})
-    return folder
 
 
 def urls_of(folder: Path) -> list[str]:

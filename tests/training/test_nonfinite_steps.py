@@ -24,23 +24,12 @@ from dvector.training.checkpoint import checkpoint_dir, load_checkpoint, save_ch
 from dvector.training.loop import train
 from dvector.training.steps import MAX_NONFINITE_IN_A_ROW
 from dvector.training.validation import heldout_speakers
-from train_helpers import assert_same_weights, ckpt_dir, numbered, session_shards, trained_params
+from train_helpers import assert_same_weights, ckpt_dir, numbered, trained_params
 
 TINY = ModelConfig.preset("tiny")
 BASE = TrainConfig(steps=8, save_every=1, decay_every=3, valid_every=1000, log_every=1, n_speakers=4,
                    n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=100, threads=1)
 
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_shards(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def poison_batches(monkeypatch: pytest.MonkeyPatch, bad: Any, value: float = float("nan")) -> None:

@@ -15,23 +15,12 @@ from dvector.config import ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.training.checkpoint import load_checkpoint, load_resume_checkpoint
 from dvector.training.loop import train
-from train_helpers import assert_same_weights, ckpt_dir, narrow_shards, session_shards
+from train_helpers import assert_same_weights, ckpt_dir, narrow_shards
 
 TINY = ModelConfig.preset("tiny")
 CFG = TrainConfig(steps=6, save_every=2, decay_every=4, valid_every=1000, log_every=1, n_speakers=4, n_utterances=4,
                   seg_len=(40, 40), workers=0, keep_checkpoints=10, threads=1)
 
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_shards(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

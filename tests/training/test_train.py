@@ -28,17 +28,12 @@ from dvector.errors import DvectorError
 from dvector.nn.loss import W_MIN
 from dvector.training.loop import StepLog, TrainResult, train
 from dvector.training.validation import MAX_VALID_SPEAKERS, collect_validation, heldout_speakers
-from train_helpers import N_SPEAKERS, assert_same_weights, ckpt_dir, numbered, session_shards
+from train_helpers import N_SPEAKERS, assert_same_weights, ckpt_dir, numbered
 
 TINY = ModelConfig.preset("tiny")
 # small batches; lr decays inside the runs and SGD has momentum, so optimizer and scheduler state matter on resume
 BASE = TrainConfig(steps=20, save_every=10, decay_every=7, valid_every=10, log_every=1, n_speakers=4,
                    n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=5)
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return session_shards(tmp_path_factory)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -7,16 +7,11 @@ the sample), and validation goes on with what is left; only too little left is a
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import io
 import json
-import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -33,6 +28,7 @@ from dvector.stream.validation_samples import ReadReport, good_samples
 from dvector.training.checkpoint import load_checkpoint
 from dvector.training.loop import train
 from dvector.training.validation import collect_validation
+from stream_helpers import serve
 from train_helpers import session_shards
 
 N_MELS = 40  # as the session's training shards
@@ -163,24 +159,10 @@ def test_good_samples_counts_what_it_skips(tmp_path):
 # ---- over http ------------------------------------------------------------------------------------
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
+def log_message(self, *args) -> None:
         pass
 
 
-@contextlib.contextmanager
-def serve(folder: Path) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` serving ``folder`` until the block ends."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_a_404_in_the_validation_shards_is_skipped_and_named(tmp_path):

@@ -18,19 +18,9 @@ from dvector.use.embed_inputs import MODEL_KEY, TIMES_PREFIX, embed_paths, load_
 from dvector.errors import DvectorError
 from dvector.signal.features import log_mel
 from dvector.demo.synth import random_voice, utterance
-from use_helpers import trained_run, write_wav
+from use_helpers import write_wav
 
 RATE = 16000
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(trained) -> Embedder:  # noqa: ANN001
-    return load(trained.run, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,7 @@ from dvector.use.evaluate import (Trial, check_trial_files, compute_metrics, cos
                                   parse_trials, read_trials, save_det, write_trials)
 from dvector.use.results import DEFAULT_THRESHOLD, EVAL_FILE, decision_threshold, eval_path, write_eval
 from dvector.metrics import eer, min_dcf
-from use_helpers import copy_run, trained_run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(trained):  # noqa: ANN001, ANN201
-    from dvector.use.embedder import load
-
-    return load(trained.run, threads=1)
+from use_helpers import copy_run
 
 
 # ---- metrics against brute force ----------------------------------------------------------------

@@ -13,23 +13,7 @@ import pytest
 from dvector.use.evaluate import compute_metrics
 from dvector.use.results import (DEFAULT_THRESHOLD, DET_FILE, EVAL_FILE, NO_DET_NOTE, Decision, Threshold,
                                  choose_threshold, decide, eval_outputs, run_eval, write_eval)
-from use_helpers import copy_run, trained_run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def small_root(trained, tmp_path_factory) -> Path:  # noqa: ANN001
-    """3 speakers x 3 files of the trained run's corpus: quick to evaluate."""
-    root = tmp_path_factory.mktemp("small") / "root"
-    for speaker in sorted(p for p in trained.root.iterdir() if p.is_dir())[:3]:
-        for f in sorted(speaker.iterdir())[:3]:
-            (root / speaker.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, root / speaker.name / f.name)
-    return root
+from use_helpers import copy_run
 
 
 # ---- where eval writes ---------------------------------------------------------------------------

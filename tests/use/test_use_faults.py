@@ -18,33 +18,12 @@ from dvector.errors import DvectorError
 from dvector.use import results
 from dvector.use.embed_inputs import (MODEL_KEY, EmbedResult, embed_paths, key_of, load_embeddings, member_name,
                                       save_embeddings)
-from dvector.use.embedder import EmbedError, load
+from dvector.use.embedder import EmbedError
 from dvector.use.evaluate import Trial, check_trial_files, evaluate, parse_trials, read_trials
 from dvector.use.results import DET_FILE, EVAL_FILE, run_eval
-from use_helpers import copy_run, trained_run, write_wav
+from use_helpers import copy_run, write_wav
 
 RATE = 16000
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):  # noqa: ANN001, ANN201
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(trained):  # noqa: ANN001, ANN201
-    return load(trained.run, threads=1)
-
-
-@pytest.fixture(scope="module")
-def small_root(trained, tmp_path_factory) -> Path:  # noqa: ANN001
-    """3 speakers x 3 files of the trained run's corpus."""
-    root = tmp_path_factory.mktemp("small") / "root"
-    for speaker in sorted(p for p in trained.root.iterdir() if p.is_dir())[:3]:
-        for f in sorted(speaker.iterdir())[:3]:
-            (root / speaker.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, root / speaker.name / f.name)
-    return root
 
 
 # ---- .npz keys: stored losslessly ------------------------------------------------------------------
