@@ -44,6 +44,9 @@ ShortPolicy = Annotated[str, typer.Option("--short-policy", help="Utterances sho
 TrainThreads = threads_option(
     "Torch threads on CPU (0: every core, shared by the torchrun processes of a machine; 1 where other jobs keep "
     "the cores busy).")
+StallTimeout = Annotated[Optional[float], typer.Option(
+    "--stall-timeout", help="Seconds a remote read (http(s), pipe:) may wait for data before it counts as stalled "
+    "(default: $DVECTOR_STALL_TIMEOUT, else 60).")]
 MaxMinutes = Annotated[float, typer.Option(
     "--max-minutes", help="Stop with a checkpoint after this long (e.g. a job's time limit); 0: none.")]
 
@@ -75,6 +78,7 @@ def train_cmd(
     short_policy: ShortPolicy = train_default("short_policy"),
     threads: TrainThreads = train_default("threads"),
     max_minutes: MaxMinutes = train_default("max_minutes"),
+    stall_timeout: StallTimeout = None,
 ) -> None:
     """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
 
@@ -82,8 +86,10 @@ def train_cmd(
     """
     from dvector.cli.summary import print_train_summary
     from dvector.config import ModelConfig, parse_seg_len
+    from dvector.shards.streams import set_stall_timeout
     from dvector.training.loop import train
 
+    set_stall_timeout(stall_timeout)
     cfg = TrainConfig(steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
                       log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,

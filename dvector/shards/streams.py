@@ -73,6 +73,16 @@ def stall_timeout() -> float:
     return value
 
 
+def set_stall_timeout(seconds: float | None) -> None:
+    """Make every read of this process and the processes it starts (loader workers) wait at most
+    ``seconds`` for bytes; None leaves the environment's setting (or the default)."""
+    if seconds is None:
+        return
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise DvectorError(f"the stall timeout must be a number of seconds above 0, got {seconds}")
+    os.environ[STALL_ENV] = repr(float(seconds))
+
+
 class LocalFile:
     """A local file as a :class:`ByteSource` (no deadline: local reads do not wait on a peer)."""
 
@@ -119,7 +129,7 @@ class CommandOutput:
         if not self.poller.poll(self.stall * 1000):
             self.close()
             raise StallError(f"no data for {self.stall:g} s from {self.what}: it stalled (the limit is "
-                             f"{STALL_ENV}, in seconds)")
+                             f"train's --stall-timeout or {STALL_ENV}, in seconds)")
         return os.read(self.fd, n if n > 0 else _CHUNK)
 
     def finish(self) -> None:

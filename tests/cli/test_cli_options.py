@@ -40,7 +40,8 @@ SURFACE = {
     "train": ["SHARDS", "MODEL_DIR", "-i/--steps", "-s/--save-every", "-d/--decay-every", "-n/--n-speakers",
               "-m/--n-utterances", "-l/--seg-len", "-c/--continue", "--valid", "--valid-every", "--model", "--loss",
               "--reduction", "--optimizer", "--lr", "-w/--workers", "--seed", "--device", "--amp/--no-amp",
-              "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes"],
+              "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes",
+              "--stall-timeout"],
     "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads"],
     "score": ["MODEL", "A", "B", "-t/--threshold", "--threads"],
     "eval": ["MODEL", "ROOT", "--trials", "--det", "--n-nontarget", "--seed", "-e/--extensions", "--save/--no-save",
@@ -69,10 +70,10 @@ def test_train_defaults_are_train_config_defaults() -> None:
     for name in fields:
         assert p[name].default == getattr(TrainConfig(), renamed.get(name, name)), name
     assert p["seg_len"].default == range_text(TrainConfig().seg_len) == "160"
-    for name in ("resume", "valid", "model", "device"):  # chosen by the library when not given
+    for name in ("resume", "valid", "model", "device", "stall_timeout"):  # chosen by the library when not given
         assert p[name].default is None, name
     # every option the command has left: the arguments
-    assert set(p) - fields - {"seg_len", "resume", "valid", "model", "device"} == {"shards", "model_dir"}
+    assert set(p) - fields - {"seg_len", "resume", "valid", "model", "device", "stall_timeout"} == {"shards", "model_dir"}
 
 
 def test_build_defaults_are_the_build_config_defaults() -> None:

@@ -266,3 +266,32 @@ def test_a_command_that_closes_its_output_but_never_exits_is_stopped(monkeypatch
     with pytest.raises(StallError):
         read_url("pipe:exec >&-; sleep 100", 1 << 20)
     assert read_url(f"pipe:cat {shards / shard_name(0)}", 1 << 30) == (shards / shard_name(0)).read_bytes()
+
+
+def test_train_with_a_server_that_never_answers_ends_with_one_error_line(tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """The issue's case through the command line: `dvector train URL/` against a server that accepts
+    and never answers ends with one `error:` line naming the index, bounded by --stall-timeout."""
+    from dvector.cli import main
+
+    monkeypatch.delenv(STALL_ENV, raising=False)
+    with silent_server() as base:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", f"{base}/shards/", str(tmp_path / "run"), "-n", "2", "-m", "2", "--model", "tiny",
+                  "-w", "0", "--stall-timeout", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "index.json" in err and "stalled" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_stall_timeout_option_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvector.shards.streams import set_stall_timeout
+
+    monkeypatch.delenv(STALL_ENV, raising=False)
+    set_stall_timeout(None)
+    assert stall_timeout() == 60.0
+    set_stall_timeout(2.5)
+    assert stall_timeout() == 2.5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(DvectorError, match="stall timeout"):
+            set_stall_timeout(bad)
