@@ -178,12 +178,45 @@ class BuildConfig(_Config):
     merge_speakers: bool = False  # key speakers by directory name alone, across roots
     features: FeatureConfig = field(default_factory=FeatureConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    # also write every utterance at these speeds, as new speakers ``SPK@sp0.9`` (empty: none)
+    speed_perturb: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extensions", normalize_extensions(self.extensions))
+        object.__setattr__(self, "speed_perturb", parse_speed_perturb(self.speed_perturb))
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.min_shards >= 1, "min_shards must be >= 1")
         _check(self.block_size >= 1, "block_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the other configs, but without ``speed_perturb`` when it is empty: a build without speed
+        perturbation has the same record and hash as builds made before the option existed (so they resume)."""
+        data = super().to_dict()
+        if not self.speed_perturb:
+            del data["speed_perturb"]
+        return data
+
+
+def parse_speed_perturb(value: str | Iterable[float]) -> tuple[float, ...]:
+    """Speed perturbation factors, checked: the one parser of ``--speed-perturb``.
+
+    ``"1.1,0.9"`` or ``[1.1, 0.9]`` -> ``(0.9, 1.1)``: sorted, unique, rounded to 4 decimals; ``""`` or
+    ``()`` -> ``()`` (none). Each factor must lie in (0.5, 2.0) and not be 1 (the utterance itself).
+    """
+    items: Iterable[Any] = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+    factors = set()
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            factor = round(float(item), 4)
+        except (TypeError, ValueError):
+            raise DvectorError(f"speed_perturb: factors must be numbers like 0.9,1.1, got {item!r}") from None
+        _check(0.5 < factor < 2.0, f"speed_perturb: each factor must be in (0.5, 2.0), got {item!r}")
+        _check(factor != 1.0, "speed_perturb: a factor of 1 is the utterance itself; "
+                              "give only other speeds (e.g. 0.9,1.1)")
+        factors.add(factor)
+    return tuple(sorted(factors))
 
 
 @dataclass(frozen=True)

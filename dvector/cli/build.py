@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from dvector.cli.console import console, progress
 from dvector.cli.options import EXTENSIONS, Extensions, Workers, default, out_option, seed_option
-from dvector.config import BuildConfig, FeatureConfig, VadConfig
+from dvector.config import BuildConfig, FeatureConfig, VadConfig, parse_speed_perturb
 
 ShardsOut = out_option("Output folder for shard-NNNNNN.tar and index.json.", "-s", "--save_dir", "--save-dir")
 ShuffleSeed = seed_option("Seed of the block shuffle.")
@@ -26,6 +26,8 @@ NMels = Annotated[int, typer.Option("--n-mels", help="Mel bands.")]
 Vad = Annotated[bool, typer.Option("--vad/--no-vad", help="Trim silence and shorten long pauses.")]
 MergeSpeakers = Annotated[bool, typer.Option(
     "--merge-speakers", help="Key speakers by folder name alone, merging same-named folders across roots.")]
+SpeedPerturb = Annotated[str, typer.Option(
+    "--speed-perturb", help="Also write each utterance at these speeds (e.g. 0.9,1.1) as new speakers ROOT/SPK@sp0.9.")]
 Part = Annotated[Optional[str], typer.Option(
     "--part", help="Build only part i of n (e.g. 3/8), for array jobs on shared storage.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a build made with another configuration.")]
@@ -48,6 +50,7 @@ def build_shards_cmd(
     n_mels: NMels = default(FeatureConfig, "n_mels"),
     vad: Vad = default(VadConfig, "enabled"),
     merge_speakers: MergeSpeakers = default(BuildConfig, "merge_speakers"),
+    speed_perturb: SpeedPerturb = "",
     part: Part = None,
     overwrite: Overwrite = False,
     strict: Strict = False,
@@ -61,7 +64,7 @@ def build_shards_cmd(
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
 
     cfg = BuildConfig(extensions=extensions, shard_size=shard_size, min_shards=min_shards, block_size=block_size,
-                      seed=seed, merge_speakers=merge_speakers,
+                      seed=seed, merge_speakers=merge_speakers, speed_perturb=parse_speed_perturb(speed_perturb),
                       features=FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), vad=VadConfig(enabled=vad))
     with progress() as bar:
         task = bar.add_task("build-shards", total=None, info="scanning")

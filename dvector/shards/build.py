@@ -107,13 +107,13 @@ def keep_freed_memory() -> bool:
 
 
 def _process_chunk(
-    items: list[tuple[str, str, str, int, str]], features: FeatureConfig, vad: VadConfig
+    items: list[tuple[str, str, str, int, str, float]], features: FeatureConfig, vad: VadConfig
 ) -> list[tuple[str, Any, dict[str, Any]]]:
-    """Features for a chunk of (key, path, root name, speaker index, source); runs in a worker."""
+    """Features for a chunk of (key, path, root name, speaker index, source, speed); runs in a worker."""
     out = []
-    for key, path, root_name, speaker_index, source in items:
+    for key, path, root_name, speaker_index, source, speed in items:
         try:
-            result = process_file(Path(path), features, vad)
+            result = process_file(Path(path), features, vad, speed)
         except SkipUtterance as exc:
             out.append((key, None, {"reason": str(exc)}))
             continue
@@ -126,6 +126,8 @@ def _process_chunk(
             "input_rate": result.input_rate,
             "seconds": result.seconds,
         }
+        if speed != 1.0:  # only on perturbed copies: samples as recorded are stored as before the option
+            meta["speed"] = speed
         out.append((key, result.mel, meta))
     return out
 
@@ -137,8 +139,8 @@ FEW_UTTERANCES = 10  # speakers with fewer are reported: too few for typical GE2
 
 def _chunks(plan: Plan, numbers: Sequence[int], roots: dict[str, str]) -> Iterator[tuple[int, list]]:
     for number in numbers:
-        items = [(p.key, str(p.utterance.path), roots[p.utterance.root], p.speaker_index, p.utterance.source)
-                 for p in plan.shards[number]]
+        items = [(p.key, str(p.utterance.path), roots[p.utterance.root], p.speaker_index, p.utterance.source,
+                  p.speed) for p in plan.shards[number]]
         for i in range(0, len(items), CHUNK_UTTERANCES):
             yield number, items[i:i + CHUNK_UTTERANCES]
 
@@ -197,7 +199,7 @@ class _ShardAssembler:
                 continue
             for stage, secs in meta.pop("seconds").items():
                 self.report.stage_s[stage] = self.report.stage_s.get(stage, 0.0) + secs
-            meta.update(speaker=utt.speaker, speaker_index=planned.speaker_index, root=root, source=utt.source,
+            meta.update(speaker=planned.speaker, speaker_index=planned.speaker_index, root=root, source=utt.source,
                         n_frames=int(mel.shape[0]))
             self.samples.append((key, mel, meta))
             audio_s += meta["duration_s"]
@@ -208,7 +210,8 @@ class _ShardAssembler:
 
     def _failed(self, planned: PlannedUtterance, reason: str) -> None:
         utt = planned.utterance
-        failure = {"root": self.scan.root_names[utt.root], "speaker": utt.speaker, "source": utt.source,
+        # a perturbed copy's failure names its speaker (``SPK@sp0.9``): the speed is in the id
+        failure = {"root": self.scan.root_names[utt.root], "speaker": planned.speaker, "source": utt.source,
                    "reason": reason}
         self.failures.append(failure)
         self.report.failures.append(failure)

@@ -15,6 +15,24 @@ import numpy as np
 
 from dvector.corpus import ScanResult, Utterance
 from dvector.config import BuildConfig
+from dvector.errors import DvectorError
+
+
+SPEED_SUFFIX = "@sp"  # a speed-perturbed copy's speaker id: its source speaker's, then this and the factor
+
+
+def speed_speaker(speaker: str, speed: float) -> str:
+    """The speaker id of ``speaker``'s utterances at ``speed`` (``vctk/p225@sp0.9``; itself at speed 1)."""
+    return speaker if speed == 1.0 else f"{speaker}{SPEED_SUFFIX}{float(speed)!r}"
+
+
+def source_speaker(speaker: str) -> str:
+    """The speaker a (perhaps speed-perturbed) speaker id was made from: ``vctk/p225@sp0.9`` -> ``vctk/p225``."""
+    head, sep, tail = speaker.rpartition(SPEED_SUFFIX)
+    try:
+        return head if sep and float(tail) > 0 else speaker
+    except ValueError:
+        return speaker
 
 
 @dataclass(frozen=True)
@@ -22,6 +40,12 @@ class PlannedUtterance:
     key: str  # webdataset sample key, unique in the build
     utterance: Utterance
     speaker_index: int
+    speed: float = 1.0  # speed perturbation factor (1: the utterance as recorded)
+
+    @property
+    def speaker(self) -> str:
+        """The speaker id this sample is stored under (a perturbed copy's has the ``@sp`` suffix)."""
+        return speed_speaker(self.utterance.speaker, self.speed)
 
 
 @dataclass
@@ -57,18 +81,26 @@ def make_plan(scan: ScanResult, cfg: BuildConfig) -> Plan:
     Each speaker's utterances are shuffled and cut into blocks of ``block_size``; all blocks are
     shuffled together and laid out in order; the shard count is enough to keep each shard within
     ``shard_size`` utterances but at least ``min_shards`` (if there are that many blocks), so a
-    small corpus still gives every worker and every training process shards of its own.
+    small corpus still gives every worker and every training process shards of its own. With
+    ``speed_perturb``, each speed's copy of a speaker is a speaker of its own (``SPK@sp0.9``, indexed
+    after every speaker as recorded), blocked and shuffled like the others.
     """
     rng = np.random.default_rng(cfg.seed)
-    index_of = {spk: i for i, spk in enumerate(scan.speakers)}
     by_speaker: dict[str, list[Utterance]] = {spk: [] for spk in scan.speakers}
     for utt in scan.utterances:
         by_speaker[utt.speaker].append(utt)
-    blocks: list[list[Utterance]] = []
-    for spk in scan.speakers:
+    # every speaker as recorded, then (after them, so their indices do not change) each speed's copies
+    copies = [(spk, 1.0) for spk in scan.speakers] + [(spk, f) for f in cfg.speed_perturb for spk in scan.speakers]
+    speakers = [speed_speaker(spk, speed) for spk, speed in copies]
+    clash = sorted(set(speakers[len(scan.speakers):]) & set(scan.speakers))
+    if clash:
+        raise DvectorError(f"speaker folder {clash[0]!r} is named like a speed-perturbed copy; rename it, "
+                           "or build without --speed-perturb")
+    blocks: list[list[tuple[int, float, Utterance]]] = []
+    for index, (spk, speed) in enumerate(copies):
         utts = sorted(by_speaker[spk], key=lambda u: (scan.root_names[u.root], u.source))
         order = rng.permutation(len(utts))
-        shuffled = [utts[i] for i in order]
+        shuffled = [(index, speed, utts[i]) for i in order]
         blocks.extend(shuffled[i:i + cfg.block_size] for i in range(0, len(shuffled), cfg.block_size))
     blocks = [blocks[i] for i in rng.permutation(len(blocks))]
     total = sum(len(b) for b in blocks)
@@ -78,8 +110,7 @@ def make_plan(scan: ScanResult, cfg: BuildConfig) -> Plan:
     for block in blocks:
         # the shard holding the middle of this block, so shard sizes stay balanced
         shard = min(n_shards - 1, (2 * position + len(block)) * n_shards // (2 * total))
-        for utt in block:
-            spk = index_of[utt.speaker]
-            shards[shard].append(PlannedUtterance(f"s{spk:06d}u{position:09d}", utt, spk))
+        for spk, speed, utt in block:
+            shards[shard].append(PlannedUtterance(f"s{spk:06d}u{position:09d}", utt, spk, speed))
             position += 1
-    return Plan(list(scan.speakers), [s for s in shards if s], input_digest(scan, cfg))
+    return Plan(speakers, [s for s in shards if s], input_digest(scan, cfg))

@@ -1,4 +1,4 @@
-"""One utterance from file to stored features: decode -> mono -> resample -> VAD -> log-mel (float16).
+"""One utterance from file to stored features: decode -> mono -> resample (and speed) -> VAD -> log-mel (float16).
 
 Used by build-shards (in worker processes) and by embedding, so that both see identical features.
 """
@@ -58,8 +58,14 @@ def waveform_to_mel(
     return mel, kept
 
 
-def process_file(path: Path, features: FeatureConfig, vad: VadConfig) -> Processed:
-    """Features of one audio file; SkipUtterance with the reason when it cannot give any."""
+def process_file(path: Path, features: FeatureConfig, vad: VadConfig, speed: float = 1.0) -> Processed:
+    """Features of one audio file; SkipUtterance with the reason when it cannot give any.
+
+    ``speed`` other than 1 perturbs it as Kaldi's and WeSpeaker's speed perturbation does (sox
+    ``speed``): the audio is read as if recorded at ``rate * speed`` and resampled to the feature
+    rate, so its duration scales by 1/speed and its pitch and formants by speed (before VAD).
+    ``duration_s`` is then the perturbed audio's.
+    """
     clock = time.perf_counter
     t0 = clock()
     try:
@@ -74,14 +80,15 @@ def process_file(path: Path, features: FeatureConfig, vad: VadConfig) -> Process
     t1 = clock()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for below, not warned about
         try:
-            wav = resample(wav, rate, features.sample_rate)
+            wav = resample(wav, rate if speed == 1.0 else rate * speed, features.sample_rate)
         except DecodeError as exc:
             raise SkipUtterance(str(exc)) from exc
         seconds = {"decode": t1 - t0, "resample": clock() - t1}
         mel, kept = waveform_to_mel(wav, features, vad, seconds)
         stored = mel.astype(np.float16)
     check_finite(stored)
-    return Processed(stored, data.shape[0] / rate, kept, rate, seconds)
+    duration_s = data.shape[0] / rate if speed == 1.0 else data.shape[0] / (rate * speed)
+    return Processed(stored, duration_s, kept, rate, seconds)
 
 
 def check_finite(mel: np.ndarray) -> None:

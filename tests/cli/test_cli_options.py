@@ -34,7 +34,8 @@ def spelled(param) -> str:  # noqa: ANN001
 SURFACE = {
     "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--shard-size",
                      "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad",
-                     "--merge-speakers", "--part", "--overwrite", "--strict", "--fail-fast"],
+                     "--merge-speakers", "--speed-perturb", "--part", "--overwrite", "--strict",
+                     "--fail-fast"],
     "index": ["FOLDER"],
     "check": ["FOLDER", "-j/--workers"],
     "train": ["SHARDS", "MODEL_DIR", "-i/--steps", "-s/--save-every", "-d/--decay-every", "-n/--n-speakers",
