@@ -119,12 +119,14 @@ class VadConfig(_Config):
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Every preset subtracts each utterance's log-mel mean (input_norm="mean"): the level never reaches the network.
     # The GE2E paper: 3-layer LSTM, 768 cells, 256 projection, last frame.
-    "paper": dict(hidden_size=768, proj_size=256, n_layers=3, embed_dim=256, pooling="last"),
+    "paper": dict(hidden_size=768, proj_size=256, n_layers=3, embed_dim=256, pooling="last", input_norm="mean"),
     # The original project's default: 3 x 256 LSTM, tanh(Linear) per frame, attentive pooling.
-    "attentive": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="attention"),
+    "attentive": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="attention",
+                      input_norm="mean"),
     # For tests and the CPU demo.
-    "tiny": dict(hidden_size=64, proj_size=0, n_layers=1, embed_dim=64, pooling="attention"),
+    "tiny": dict(hidden_size=64, proj_size=0, n_layers=1, embed_dim=64, pooling="attention", input_norm="mean"),
 }
 
 
@@ -139,12 +141,18 @@ class ModelConfig(_Config):
     n_layers: int = 3
     embed_dim: int = 256
     pooling: str = "attention"  # "attention" or "last"
+    # "mean" (every preset): each input row's log-mel mean over its (valid) frames is subtracted inside
+    # the network, so the recording level and a fixed channel gain never reach it. "none", the field's
+    # default: the raw log-mels, what checkpoints saved before this setting existed compute (their
+    # records lack the field, so from_dict gives them "none").
+    input_norm: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.n_mels >= 1 and self.hidden_size >= 1 and self.n_layers >= 1, "sizes must be >= 1")
         _check(0 <= self.proj_size < self.hidden_size, "proj_size must be in [0, hidden_size)")
         _check(self.embed_dim >= 1, "embed_dim must be >= 1")
         _check(self.pooling in ("attention", "last"), f"pooling must be 'attention' or 'last', got {self.pooling!r}")
+        _check(self.input_norm in ("mean", "none"), f"input_norm must be 'mean' or 'none', got {self.input_norm!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":

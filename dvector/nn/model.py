@@ -10,6 +10,14 @@ Two poolings, chosen by ``ModelConfig.pooling``:
   then a softmax over time of ``Linear(embed_dim, 1)`` scores weights the frames, summed.
   The "attentive" preset has the original's parameter count (1,423,873).
 
+Input normalisation, chosen by ``ModelConfig.input_norm``: with ``"mean"`` (every preset) each row's
+log-mel mean over time (over its valid frames when ``lengths`` is given) is subtracted per mel band
+before the LSTM, as Kaldi's and WeSpeaker's per-utterance mean normalisation. A gain ``g`` on the
+waveform adds ``20 log10 g`` dB to every log-mel bin, so the recording level (and a fixed channel
+colouring) never reaches the encoder. It lives in ``forward`` so that training, validation, ``embed``,
+per-window embeddings and the TorchScript export all apply it with the same code. ``"none"``: the
+raw log-mels (checkpoints saved before the setting existed load with it, unchanged).
+
 The output is L2-normalised with an eps, so even an all-zero embedding stays finite.
 ``forward`` is TorchScript-friendly (the export step scripts it): every branch is typed and
 optional modules are refined with ``is not None``.
@@ -43,6 +51,7 @@ class DVector(nn.Module):
         self.config = config
         self.n_mels: int = config.n_mels
         self.embed_dim: int = config.embed_dim
+        self.mean_norm: bool = config.input_norm == "mean"
         self.lstm = nn.LSTM(
             input_size=config.n_mels,
             hidden_size=config.hidden_size,
@@ -66,10 +75,12 @@ class DVector(nn.Module):
             f"DVector expects mels of shape (B, T, {self.n_mels}), got {list(mels.shape)}"
         )
         B, T = mels.size(0), mels.size(1)
-        frames, _ = self.lstm(mels)  # (B, T, H)
         if lengths is not None:
             assert lengths.shape == (B,), f"lengths must have shape ({B},), got {list(lengths.shape)}"
             assert bool(((lengths >= 1) & (lengths <= T)).all()), f"lengths must lie in [1, {T}]"
+        if self.mean_norm:
+            mels = self.subtract_mean(mels, lengths)
+        frames, _ = self.lstm(mels)  # (B, T, H)
         score = self.score
         if score is not None:
             frames = torch.tanh(self.embedding(frames))  # (B, T, D)
@@ -88,6 +99,18 @@ class DVector(nn.Module):
                 last = frames[rows, lengths.to(mels.device) - 1]  # (B, H)
             embeds = self.embedding(last)  # (B, D)
         return F.normalize(embeds, p=2.0, dim=-1, eps=self.norm_eps)  # (B, D)
+
+    def subtract_mean(self, mels: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """``mels`` less each row's per-band mean over time; with ``lengths``, the mean of the valid
+        frames only (padded frames are left as they are: nothing reads them)."""
+        if lengths is None:
+            return mels - mels.mean(dim=1, keepdim=True)  # (B, T, n_mels)
+        B, T = mels.size(0), mels.size(1)
+        counts = lengths.to(mels.device).view(B, 1, 1)  # (B, 1, 1)
+        valid = torch.arange(T, device=mels.device).view(1, T, 1) < counts  # (B, T, 1)
+        zeros = torch.zeros_like(mels)
+        mean = torch.where(valid, mels, zeros).sum(dim=1, keepdim=True) / counts.to(mels.dtype)  # (B, 1, n_mels)
+        return torch.where(valid, mels - mean, mels)  # (B, T, n_mels)
 
     @torch.jit.unused
     def projection_parameters(self) -> List[nn.Parameter]:

@@ -112,10 +112,13 @@ def test_tiny_model_learns_separable_speakers() -> None:
     torch.manual_seed(0)
     N, M, L = 4, 5, 30
     gen = torch.Generator().manual_seed(1)
-    voices = 0.3 * torch.randn(N, 1, 1, 40, generator=gen)  # (N, 1, 1, n_mels): one spectrum per speaker
+    voices = torch.randn(N, 1, 1, 40, generator=gen)  # (N, 1, 1, n_mels): one spectrum per speaker
+    # Each voice alternates in sign frame by frame: a constant spectrum alone would be removed by the
+    # network's per-utterance mean normalisation (input_norm="mean"), as a recording channel is.
+    alternate = (1.0 - 2.0 * (torch.arange(L) % 2)).view(1, 1, L, 1)  # (1, 1, L, 1): +1, -1, +1, ...
 
     def batch() -> torch.Tensor:  # the voices are weak against the noise: an untrained net confuses them
-        mels = voices + torch.randn(N, M, L, 40, generator=gen)  # (N, M, L, n_mels)
+        mels = voices * alternate + torch.randn(N, M, L, 40, generator=gen)  # (N, M, L, n_mels)
         return mels.view(N * M, L, 40)
 
     model = DVector(ModelConfig.preset("tiny"))
