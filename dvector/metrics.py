@@ -66,8 +66,20 @@ def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_mi
     return float(cost[i] / norm), float(rates.thresholds[i])
 
 
-def all_pairs_scores(embeddings: np.ndarray, speakers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine scores and same-speaker labels of every unordered pair of unit-length embeddings."""
+def all_pairs_scores(embeddings: np.ndarray, speakers: np.ndarray,
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores and same-speaker labels of every unordered pair of unit-length embeddings.
+
+    ``groups`` (one label per embedding, e.g. its corpus): only pairs within one group are kept, so
+    no non-target pair is told apart by what tells the groups apart (a speaker is in one group).
+    """
     sims = embeddings @ embeddings.T  # (U, U)
+    speakers = np.asarray(speakers)
     i, j = np.triu_indices(len(speakers), k=1)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != speakers.shape:
+            raise DvectorError(f"{groups.size} group labels for {speakers.size} embeddings")
+        keep = groups[i] == groups[j]
+        i, j = i[keep], j[keep]
     return sims[i, j], speakers[i] == speakers[j]

@@ -60,6 +60,15 @@ def _skipped_counts(sampling: dict[str, int]) -> str:
                      if name not in _SAMPLING_REPORTED and isinstance(count, int) and count)
 
 
+def _best_valid(result) -> str:  # type: ignore[no-untyped-def]
+    """``"2.50% (minDCF 0.310, step 400)"``: the best checkpoint's validation measures, what is known of them."""
+    if result.best_eer is None:
+        return "-"
+    dcf, step = getattr(result, "best_min_dcf", None), getattr(result, "best_step", None)
+    extra = ", ".join(([f"minDCF {dcf:.3f}"] if dcf is not None else []) + ([f"step {step}"] if step is not None else []))
+    return f"{100 * result.best_eer:.2f}%" + (f" ({extra})" if extra else "")
+
+
 def print_train_summary(result, console: Console) -> None:  # type: ignore[no-untyped-def]
     table = Table(title=f"train: {escape(str(result.model_dir))}", show_header=False, box=None)
     table.add_row("steps", f"{result.steps_done} this run, at step {result.final_step}")
@@ -77,7 +86,9 @@ def print_train_summary(result, console: Console) -> None:  # type: ignore[no-un
     if getattr(result, "skipped_steps", 0):
         table.add_row("skipped steps", f"{result.skipped_steps} with NaN or Inf in the loss or gradient norm "
                                        "(no optimizer step)")
-    table.add_row("best valid EER", "-" if result.best_eer is None else f"{100 * result.best_eer:.2f}%")
+    table.add_row("best valid EER", _best_valid(result))
+    if getattr(result, "validation_note", ""):
+        table.add_row("validation", escape(result.validation_note))
     if result.checkpoints:
         table.add_row("checkpoints", escape(f"{result.checkpoints[-1]} (and latest.pt, best.pt beside it)"))
     table.add_row("logs", escape(f"tensorboard --logdir {result.model_dir / 'logs'}"))

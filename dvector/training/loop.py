@@ -22,6 +22,7 @@ from dvector.training.distributed import ends_own_process_group
 from dvector.training.prepare import (GE2ETrainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
 from dvector.training.steps import StepLog, StepLoop
+from dvector.training.validation import validation_note
 
 __all__ = ["GE2ETrainee", "StepLog", "TrainResult", "train"]
 
@@ -42,6 +43,9 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or the only process): the one that logs and saves
     skipped_steps: int = 0  # steps of this run without an optimizer step: NaN or Inf in the loss or gradient norm
     counters: dict[str, Any] = field(default_factory=dict)  # totals over the continued runs too, as a checkpoint holds them
+    best_min_dcf: float | None = None  # the validation minDCF (p_target 0.01) of the best checkpoint, where known
+    best_step: int | None = None  # the step of the best checkpoint, where known
+    validation_note: str = ""  # why validation could not choose a checkpoint well (too easy, narrow), or ""
 
 
 @ends_own_process_group
@@ -68,7 +72,7 @@ def train(
     if parts.step >= cfg.steps:
         ctx.say(f"nothing to do: the checkpoint is at step {parts.step} and -i asks for {cfg.steps} steps in all")
     first_step = parts.step
-    loader = make_loader(cfg, ctx, validation.heldout)
+    loader = make_loader(cfg, ctx, validation.excluded)
     runner = make_runner(parts.trainee, cfg, ctx)
     ctx.say(describe(cfg, ctx, parts.model, validation.data))
     loop = StepLoop(cfg, ctx, parts, validation, loader, runner, on_log)
@@ -76,4 +80,6 @@ def train(
     seconds = time.perf_counter() - started
     return TrainResult(ctx.model_dir, parts.step - first_step, parts.step, loop.last_loss, parts.best_eer, seconds,
                        loop.wait_total / max(seconds, 1e-9), loop.saved, loader.stats.to_dict(), is_main=ctx.ddp.main,
-                       skipped_steps=loop.skipped, counters=loop.counters())
+                       skipped_steps=loop.skipped, counters=loop.counters(), best_min_dcf=parts.best_min_dcf,
+                       best_step=parts.best_step,
+                       validation_note=validation_note(validation.data, parts.best_eer, parts.best_min_dcf))

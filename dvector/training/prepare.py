@@ -27,7 +27,7 @@ from dvector.stream.loader import GE2ELoader
 from dvector.stream import ShardSource, resolve_shards
 from dvector.training.checkpoint import checkpoint_dir, load_resume_checkpoint
 from dvector.training.distributed import Distributed, setup_process
-from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers
+from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers, perturbed_copies
 
 
 class GE2ETrainee(nn.Module):
@@ -117,12 +117,19 @@ class ValidationSpeakers:
     heldout: list[int]  # speakers of the training shards held out of training (none with --valid)
     data: ValidationSet | None  # their utterances; rank 0 only
     active: bool  # whether the run validates: the same on every rank
+    copies: list[int] = field(default_factory=list)  # speed-perturbed copies of ``heldout``: not trained, not validated
+
+    @property
+    def excluded(self) -> list[int]:
+        """The speakers kept out of training: the held-out ones and their speed-perturbed copies."""
+        return sorted({*self.heldout, *self.copies})
 
 
 def validation_speakers(cfg: TrainConfig, ctx: RunContext, valid: str | None) -> ValidationSpeakers:
     """Validation speakers: a separate shard set (``valid``), or a held-out fraction of the training
     speakers when the shards have an index, else none (with a warning)."""
     heldout: list[int] = []
+    copies: list[int] = []
     data: ValidationSet | None = None
     frames = cfg.seg_len[1]
     if valid is not None:
@@ -131,11 +138,14 @@ def validation_speakers(cfg: TrainConfig, ctx: RunContext, valid: str | None) ->
             data = collect_validation(vsource.urls, vsource.index, None, cfg.valid_utterances, frames, cfg.seed)
     elif ctx.source.index is not None:
         heldout = heldout_speakers(ctx.source.index, cfg.valid_fraction, cfg.seed)
+        copies = perturbed_copies(ctx.source.index, heldout)
         if ctx.ddp.main:
             data = collect_validation(ctx.source.urls, ctx.source.index, heldout, cfg.valid_utterances, frames, cfg.seed)
     else:
         ctx.say("warning: no index.json beside the shards and no --valid set: training without validation")
-    return ValidationSpeakers(heldout, data, valid is not None or ctx.source.index is not None)
+    for line in data.root_notes() if data is not None else ():
+        ctx.say(line)
+    return ValidationSpeakers(heldout, data, valid is not None or ctx.source.index is not None, copies)
 
 
 # ---- model, loss, optimizer ----------------------------------------------------------------------
@@ -151,6 +161,8 @@ class Parts:
     scheduler: Any  # StepLR
     step: int = 0
     best_eer: float | None = None
+    best_min_dcf: float | None = None  # the validation minDCF of the best checkpoint (None: not known)
+    best_step: int | None = None  # the step of the best checkpoint (None: not known)
     counters: dict[str, Any] = field(default_factory=dict)  # a checkpoint's "counters": totals of the runs before
 
 
@@ -190,7 +202,7 @@ def apply_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: T
 
 def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, dev: torch.device,
              say: Callable[[str], None]) -> None:
-    """Load weights, optimizer (when it is the same kind), scheduler, step, best EER, counters and
+    """Load weights, optimizer (when it is the same kind), scheduler, step, best EER (and minDCF), counters and
     the RNG state from a checkpoint, then apply this run's learning-rate settings."""
     parts.model.load_state_dict(checkpoint["model"])
     parts.criterion.load_state_dict(checkpoint["criterion"])
@@ -203,6 +215,8 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
     parts.step = int(checkpoint["step"])
     apply_learning_rate(parts.optimizer, parts.scheduler, cfg, parts.step, say)
     parts.best_eer = checkpoint.get("best_eer")
+    best = checkpoint.get("best_valid") or {}
+    parts.best_min_dcf, parts.best_step = best.get("min_dcf"), best.get("step")
     parts.counters = dict(checkpoint.get("counters") or {})
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if dev.type == "cuda" and "cuda" in checkpoint["rng"]:
@@ -237,8 +251,13 @@ def make_loader(cfg: TrainConfig, ctx: RunContext, heldout: Sequence[int]) -> GE
 
 def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: ValidationSet | None) -> str:
     """The one-line summary said before the first step."""
+    valid = ""
+    if valid_set is not None:
+        roots = len(valid_set.speakers_per_root())
+        valid = (f"; validating on {valid_set.n_speakers} held-out speakers"
+                 + (f" of {roots} roots (trials within a root)" if roots > 1 else ""))
     return (f"model {ctx.model_cfg.name}: {count_parameters(model):,} parameters; device {ctx.dev}"
             + (f" x {ctx.ddp.world} processes" if ctx.ddp.world > 1 else "")
             + f"; batches of {cfg.n_speakers} speakers x {cfg.n_utterances} utterances x {cfg.seg_len[0]}"
             + (f"-{cfg.seg_len[1]}" if cfg.seg_len[1] != cfg.seg_len[0] else "") + " frames"
-            + (f"; validating on {valid_set.n_speakers} held-out speakers" if valid_set is not None else ""))
+            + valid)

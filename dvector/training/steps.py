@@ -26,7 +26,7 @@ from dvector.stream.loader import GE2ELoader
 from dvector.training.checkpoint import check_finite, save_checkpoint
 from dvector.training.distributed import main_value, out_of_time, sum_over_ranks
 from dvector.training.prepare import Parts, RunContext, ValidationSpeakers
-from dvector.training.validation import validation_eer
+from dvector.training.validation import ValidationScores, improves, validation_scores
 
 
 @dataclass
@@ -43,6 +43,7 @@ class StepLog:
     data_wait: float  # fraction of the time spent waiting for batches
     valid_eer: float | None = None
     skipped_steps: int = 0  # steps skipped so far for a non-finite loss or gradient norm (continued runs included)
+    valid_min_dcf: float | None = None  # the validation minDCF (p_target 0.01), when it validates
 
 
 MAX_NONFINITE_IN_A_ROW = 10  # steps in a row with a NaN/Inf loss or gradient norm that stop training
@@ -74,9 +75,18 @@ def plain_config(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def best_valid(parts: Parts) -> dict[str, Any] | None:
+    """A checkpoint's ``"best_valid"``: the step and validation measures (eer, min_dcf) of the best so far."""
+    if parts.best_eer is None:
+        return None
+    return {"step": parts.best_step, "eer": parts.best_eer, "min_dcf": parts.best_min_dcf}
+
+
 def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_entry: dict[str, Any],
-                      heldout: list[int], loss: float, counters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a checkpoint holds (plain values and tensors), in the order it is saved."""
+                      heldout: list[int], loss: float, counters: dict[str, Any] | None = None,
+                      valid: ValidationScores | None = None) -> dict[str, Any]:
+    """Everything a checkpoint holds (plain values and tensors), in the order it is saved; ``valid``:
+    this step's validation measures, when it validated."""
     index = ctx.source.index
     return {
         "step": parts.step, "model": parts.model.state_dict(), "criterion": parts.criterion.state_dict(),
@@ -85,7 +95,8 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
         "feature_config": ctx.features.to_dict() if ctx.features else None,
         "vad_config": index["config"].get("vad") if index else None,
         "rng": rng_state(ctx.dev), "loader": loader_entry,
-        "best_eer": parts.best_eer, "heldout_speakers": heldout, "loss": loss,
+        "best_eer": parts.best_eer, "best_valid": best_valid(parts),
+        "valid": valid.to_dict() if valid is not None else None, "heldout_speakers": heldout, "loss": loss,
         "counters": counters if counters is not None else run_counters(parts.counters, 0, {},
                                                                        parts.counters.get("skipped_in_a_row", 0)),
     }
@@ -102,10 +113,12 @@ def open_writer(ctx: RunContext, step: int) -> Any:
 
 def write_scalars(writer: Any, entry: StepLog, sampling: dict[str, int] | None = None) -> None:
     """One log entry as TensorBoard scalars (those that have a value), and the sampling counters as ``data/*``."""
-    for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer", "skipped_steps"):
+    valid = {"valid_eer": "valid/eer", "valid_min_dcf": "valid/min_dcf"}
+    for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer", "valid_min_dcf",
+                 "skipped_steps"):
         value = getattr(entry, name)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            writer.add_scalar(f"train/{name}" if name != "valid_eer" else "valid/eer", value, entry.step)
+            writer.add_scalar(valid.get(name, f"train/{name}"), value, entry.step)
     for name, count in (sampling or {}).items():
         writer.add_scalar(f"data/{name}", count, entry.step)
 
@@ -233,23 +246,28 @@ class StepLoop:
         if log_now or valid_now or save_now:
             self.last_loss = float(loss.detach())
         speed, wait = window.rates() if log_now else (math.nan, math.nan)
-        eer_now = self._validate() if valid_now else None
-        improved = eer_now is not None and (self.parts.best_eer is None or eer_now < self.parts.best_eer)
-        if ctx.ddp.main and (log_now or eer_now is not None):
+        scores = self._validate() if valid_now else None
+        improved = scores is not None and improves(scores, self.parts.best_eer, self.parts.best_min_dcf)
+        if ctx.ddp.main and (log_now or scores is not None):
             counters = self.counters()
             self._log(StepLog(step, self.last_loss, self.parts.scheduler.get_last_lr()[0], float(grad_norm),
-                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait, eer_now,
-                              counters["skipped_steps"]), counters["sampling"])
+                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait,
+                              scores.eer if scores else None, counters["skipped_steps"],
+                              scores.min_dcf if scores else None), counters["sampling"])
         if save_now or improved:
-            self._save(eer_now if improved else None)
+            self._save(scores, improved)
         if stop:
             ctx.say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
         return not stop
 
-    def _validate(self) -> float | None:
-        """The validation EER, computed by rank 0 and shared with every rank (they all decide whether to save)."""
-        eer_now = validation_eer(self.parts.model, self.validation.data, self.ctx.dev) if self.ctx.ddp.main else None
-        return main_value(eer_now, self.ctx.ddp)
+    def _validate(self) -> ValidationScores | None:
+        """The validation EER and minDCF, computed by rank 0 and shared with every rank (they all decide
+        whether to save)."""
+        data = self.validation.data
+        scores = None
+        if self.ctx.ddp.main and data is not None:
+            scores = validation_scores(self.parts.model, data, self.ctx.dev)
+        return main_value(scores, self.ctx.ddp)
 
     def _log(self, entry: StepLog, sampling: dict[str, int]) -> None:
         """Hand a log entry (and the sampling counters) to TensorBoard, the entry to ``on_log`` (rank 0)."""
@@ -258,19 +276,19 @@ class StepLoop:
         if self.on_log:
             self.on_log(entry)
 
-    def _save(self, new_best: float | None) -> None:
-        """Save a checkpoint (rank 0 writes it; every rank gives its loader position). ``new_best``:
-        the EER that makes this the best checkpoint so far, else None. Weights holding NaN or Inf
-        (the same on every rank) stop training with an error instead."""
+    def _save(self, scores: ValidationScores | None, new_best: bool) -> None:
+        """Save a checkpoint (rank 0 writes it; every rank gives its loader position). ``scores``: this
+        step's validation measures, if it validated; ``new_best``: they make this the best checkpoint
+        so far. Weights holding NaN or Inf (the same on every rank) stop training with an error instead."""
         check_finite({"step": self.parts.step, "model": self.parts.model.state_dict(),
                       "criterion": self.parts.criterion.state_dict()})
         loader_entry = self.loader.checkpoint_entry()
         sampling = sum_over_ranks(self.loader.stats.to_dict(), self.ctx.ddp)
-        if new_best is not None:
-            self.parts.best_eer = new_best
+        if new_best and scores is not None:
+            self.parts.best_eer, self.parts.best_min_dcf = scores.eer, scores.min_dcf
+            self.parts.best_step = self.parts.step
         if self.ctx.ddp.main:
             counters = run_counters(self.parts.counters, self.skipped, sampling, self.bad_in_a_row)
             state = checkpoint_state(self.cfg, self.ctx, self.parts, loader_entry, self.validation.heldout,
-                                      self.last_loss, counters)
-            self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints,
-                                              best=new_best is not None))
+                                      self.last_loss, counters, scores)
+            self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints, best=new_best))
