@@ -61,7 +61,9 @@ class Run:
 # ---- learning ------------------------------------------------------------------------------------
 
 def test_loss_goes_down_and_w_stays_positive(shards: Path, tmp_path: Path) -> None:
-    cfg = replace(BASE, steps=60, save_every=60, decay_every=1000, valid_every=30, momentum=0.0)
+    # lr 0.05: with the recording level normalised away (input_norm "mean"), the synthetic speakers are no
+    # longer told apart by loudness, and 60 steps at the paper's 0.01 move the loss by only ~6%
+    cfg = replace(BASE, steps=60, save_every=60, decay_every=1000, valid_every=30, momentum=0.0, lr=0.05)
     run = Run(shards, tmp_path / "run", cfg)
     losses = np.array([entry.loss for entry in run.logs])
     assert len(losses) == 60 and np.isfinite(losses).all()
@@ -84,8 +86,9 @@ def test_w_is_projected_back_positive(shards: Path, tmp_path: Path) -> None:
     state["criterion"]["w"] = torch.tensor(-3.0)
     torch.save(state, tmp_path / "negative.pt")
     run = Run(shards, tmp_path / "b", replace(BASE, steps=10, lr=1.0), resume=tmp_path / "negative.pt")
-    assert run.logs and all(entry.w >= W_MIN for entry in run.logs)
-    assert float(load_checkpoint(tmp_path / "b")["criterion"]["w"]) >= W_MIN
+    w_min = float(np.float32(W_MIN))  # w is a float32 parameter: the clamp stores W_MIN rounded to float32
+    assert run.logs and all(entry.w >= w_min > 0 for entry in run.logs)
+    assert float(load_checkpoint(tmp_path / "b")["criterion"]["w"]) >= w_min
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -132,8 +135,10 @@ def test_checkpoint_round_trip(shards: Path, tmp_path: Path) -> None:
     eers = {entry.step: entry.valid_eer for entry in run.logs if entry.valid_eer is not None}
     assert sorted(eers) == [10, 20, 30]
     best = torch.load(folder / "best.pt", weights_only=True)
-    best_step = min(eers, key=lambda s: (eers[s], s))
+    dcfs = {entry.step: entry.valid_min_dcf for entry in run.logs if entry.valid_eer is not None}
+    best_step = min(eers, key=lambda s: (eers[s], dcfs[s], -s))  # ties: the lower minDCF, then the later step
     assert best["step"] == best_step and best["best_eer"] == pytest.approx(eers[best_step])
+    assert best["best_valid"] == {"step": best_step, "eer": eers[best_step], "min_dcf": dcfs[best_step]}
     assert run.result.best_eer == pytest.approx(min(eers.values()))
 
 
