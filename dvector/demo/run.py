@@ -20,6 +20,10 @@ from dvector.demo.synth import write_corpus
 from dvector.training.loop import StepLog, train
 
 
+# Adam's rate: with the level normalised away, 1e-3 reached 10.30% EER in 1,500 steps, 3e-3 9.44%
+DEMO_LR = 3e-3
+
+
 @dataclass(frozen=True)
 class DemoSize:
     train_speakers: int = 320
@@ -67,8 +71,8 @@ def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), 
     cfg = TrainConfig(steps=size.steps, save_every=size.steps, valid_every=max(1, size.steps // 5),
                       log_every=max(1, size.steps // 30), n_speakers=size.n_speakers,
                       n_utterances=size.n_utterances, seg_len=(size.seg_len, size.seg_len), optimizer="adam",
-                      workers=1, seed=seed)
-    say(f"training the tiny model for {size.steps} steps on the CPU (Adam, N={size.n_speakers}, "
+                      lr=DEMO_LR, workers=1, seed=seed)
+    say(f"training the tiny model for {size.steps} steps on the CPU (Adam {DEMO_LR:g}, N={size.n_speakers}, "
         f"M={size.n_utterances}, L={size.seg_len})")
     train(str(out / "shards"), out / "run", cfg, ModelConfig.preset("tiny"), device="cpu", say=say, on_log=on_log)
 
