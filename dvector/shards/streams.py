@@ -83,20 +83,21 @@ def set_stall_timeout(seconds: float | None) -> None:
     os.environ[STALL_ENV] = repr(float(seconds))
 
 
-class LocalFile:
-    """A local file as a :class:`ByteSource` (no deadline: local reads do not wait on a peer)."""
+class FileSource:
+    """A file object as a :class:`ByteSource`, without a deadline: a local file (local reads do not
+    wait on a peer), or whatever else ``gopen`` gives."""
 
-    def __init__(self, path: str) -> None:
-        self.file = open(path, "rb")
+    def __init__(self, f) -> None:  # noqa: ANN001
+        self.f = f
 
     def read(self, n: int = -1) -> bytes:
-        return self.file.read(n)
+        return self.f.read(n)
 
     def finish(self) -> None:
         pass
 
     def close(self) -> None:
-        self.file.close()
+        self.f.close()
 
 
 class CommandOutput:
@@ -177,29 +178,13 @@ def open_url(url: str, stall: float | None = None) -> ByteSource:
         return CommandOutput.start(url[5:], f"command {url[5:]!r}", stall, ok=(0, 141))
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
-        return LocalFile(url2pathname(urlparse(url).path) if scheme == "file" else url)
+        return FileSource(open(url2pathname(urlparse(url).path) if scheme == "file" else url, "rb"))
     if scheme in ("http", "https"):
         return CommandOutput.start(["curl", *CURL_ARGS, url], "the server (curl)", stall, ok=(0,), curl=True)
     opened = gopen(url, "rb")
     if isinstance(opened, Pipe):
         return CommandOutput(opened.proc, f"the command for {url}", stall, ok=opened.ignore_status, own_group=False)
-    return _Plain(opened)
-
-
-class _Plain:
-    """Any other file object ``gopen`` gives, as a :class:`ByteSource`."""
-
-    def __init__(self, f) -> None:  # noqa: ANN001
-        self.f = f
-
-    def read(self, n: int = -1) -> bytes:
-        return self.f.read(n)
-
-    def finish(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.f.close()
+    return FileSource(opened)
 
 
 def read_url(url: str, limit: int, stall: float | None = None) -> bytes:
