@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -114,7 +115,7 @@ def _train_bar(bar: Any, steps: int) -> Any:
             state["eer"] = entry.valid_eer
         eer = f", EER {100 * state['eer']:.2f}%" if state["eer"] is not None else ""
         speed = ""
-        if entry.steps_per_s == entry.steps_per_s:  # not NaN: a log step measured it
+        if not math.isnan(entry.steps_per_s):  # a log step measured it
             speed = f", {entry.steps_per_s:.1f} steps/s, {100 * entry.data_wait:.0f}% data wait"
         bar.update(task, completed=entry.step, info=f"loss {entry.loss:.3f}{eer}{speed}")
 

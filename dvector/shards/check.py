@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from dvector.files import sha256_file
 from dvector.shards.format import ShardInfo
-from dvector.shards.index import read_index
+from dvector.shards.index import index_checks, read_index
 from dvector.shards.reader import SampleChecks, iter_shard
 
 
@@ -39,15 +39,6 @@ def describe_tar(path: Path, checks: SampleChecks | None = None) -> ShardInfo:
         speakers.add(int(sample["speaker_index"]))
     info.speakers = sorted(speakers)
     return info
-
-
-def index_checks(index: dict[str, Any]) -> SampleChecks:
-    """The sample checks an index implies: its mel bands and its speaker table."""
-    features = (index.get("config") or {}).get("features") or {}
-    n_mels = features.get("n_mels") if isinstance(features, dict) else None
-    speakers = index.get("speakers")
-    return SampleChecks(n_mels if isinstance(n_mels, int) else None,
-                        len(speakers) - 1 if isinstance(speakers, list) and speakers else None)
 
 
 def check_one(path: Path, expected: dict[str, Any], checks: SampleChecks | None = None) -> list[str]:

@@ -7,6 +7,8 @@ sha256 and speakers, the feature and VAD settings, and the files the build skipp
 from __future__ import annotations
 
 import json
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
 from dvector.shards.build_folder import STATE_DIR, sidecar_path, state_dir
 from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, is_remote
+from dvector.shards.reader import SampleChecks
 from dvector.shards.streams import read_url
 
 
@@ -33,7 +36,7 @@ def read_index(location: str | os.PathLike[str]) -> dict[str, Any]:
         if is_remote(target):
             data = json.loads(read_url(target, MAX_INDEX_BYTES))
         else:
-            path = Path(target[len("file://"):] if target.startswith("file://") else target)
+            path = Path(url2pathname(urlparse(target).path) if target.startswith("file:") else target)  # %20...
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
     except FileNotFoundError as exc:
@@ -108,3 +111,18 @@ def write_index(out_dir: Path) -> dict[str, Any]:
         pass  # missing or damaged: write it
     write_json_atomic(target, index)
     return index
+
+
+def index_checks(index: dict[str, Any] | None) -> SampleChecks:
+    """The sample checks an index implies, where it says: its mel bands and its largest speaker_index."""
+    if not isinstance(index, dict):
+        return SampleChecks()
+    try:
+        n_mels = int(index["config"]["features"]["n_mels"])
+    except (KeyError, TypeError, ValueError):
+        n_mels = None
+    try:
+        top = max((int(s["index"]) for s in index["speakers"]), default=None)
+    except (KeyError, TypeError, ValueError):
+        top = None
+    return SampleChecks(n_mels, top)

@@ -330,7 +330,7 @@ class _MemberSelector:
 def _members(stream: ShardBytes, select: Callable[[str, int], bool]) -> Iterator[bytes]:
     """The data of each regular member of the tar ``stream`` that ``select(name, size)`` accepts;
     the others are passed over unread (``tarfile`` in stream mode skips their data)."""
-    tar = tarfile.open(fileobj=stream, mode="r|*")
+    tar = tarfile.open(fileobj=stream, mode="r|*", bufsize=1 << 16)  # fewer, larger reads (each may poll a pipe)
     for info in tar:
         if info.isreg() and select(info.name, info.size):
             member = tar.extractfile(info)

@@ -8,7 +8,8 @@ Owns: reading shards for training. May import ``shards`` and the shared helpers;
 ``training``, ``use`` or ``cli``. Training reads shards only through this package.
 """
 
+from dvector.shards.index import index_checks
 from dvector.shards.locate import ShardSource, resolve_shards
 from dvector.shards.reader import iter_shard
 
-__all__ = ["ShardSource", "iter_shard", "resolve_shards"]
+__all__ = ["ShardSource", "index_checks", "iter_shard", "resolve_shards"]

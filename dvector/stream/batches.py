@@ -264,7 +264,7 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
             delta = out.counts(_difference(stats, reported) + bad.take())
             reported = SamplingStats(**stats.to_dict())
             after = WorkerState(state.round, state.start, drawn, shared, state.before)
-            yield out.batch(pool, batch), WorkerState.from_dict(after.to_dict()), delta
+            yield out.batch(pool, batch), after, delta
         out.carry += _difference(stats, reported) + bad.take()  # end-of-round counts ride on the next batch
         if drawn == 0:
             holds, size = _what_a_pool_holds(settings, pool), f"{settings.n_speakers} x {settings.n_utterances}"

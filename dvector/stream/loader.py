@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dvector.errors import DvectorError
 from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches
 from dvector.stream.sampling import SamplingStats, SegLen
-from dvector.stream import ShardSource, resolve_shards
+from dvector.stream import ShardSource, index_checks, resolve_shards
 from dvector.stream.sources import Consumer, StreamPosition
 
-__all__ = ["GE2EDataset", "GE2ELoader", "distributed_rank_world", "ge2e_loader", "index_checks"]
+__all__ = ["GE2EDataset", "GE2ELoader", "distributed_rank_world", "ge2e_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +95,10 @@ class GE2EDataset(IterableDataset):
             yield None, str(exc), worker, None, None  # raised as it is by the loader: no worker traceback
 
 
-def index_checks(index: dict[str, Any] | None) -> tuple[int | None, int | None]:
-    """(mel bands, largest speaker_index) that an index.json says its shards hold, where it says."""
-    if not isinstance(index, dict):
-        return None, None
-    try:
-        n_mels = int(index["config"]["features"]["n_mels"])
-    except (KeyError, TypeError, ValueError):
-        n_mels = None
-    try:
-        top = max((int(s["index"]) for s in index["speakers"]), default=None)
-    except (KeyError, TypeError, ValueError):
-        top = None
-    return n_mels, top
-
-
 def _checked_against(settings: BatchSettings, index: dict[str, Any] | None) -> BatchSettings:
     """``settings`` with the mel bands and speaker range of ``index`` where they are not set."""
-    n_mels, top = index_checks(index)
+    checks = index_checks(index)
+    n_mels, top = checks.n_mels, checks.max_speaker_index
     return replace(settings, n_mels=settings.n_mels if settings.n_mels is not None else n_mels,
                    max_speaker_index=settings.max_speaker_index if settings.max_speaker_index is not None else top)
 
@@ -139,7 +125,7 @@ class GE2ELoader:
         self.states: dict[int, WorkerState] = {}
         self.next_worker = 0
         self.stats = SamplingStats()
-        self.n_mels = source.index["config"]["features"]["n_mels"] if source.index else None
+        self.n_mels = self.settings.n_mels  # from the index, where it says
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position (plain values): its batch settings, world, workers and every worker's state."""

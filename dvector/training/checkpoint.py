@@ -44,12 +44,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def nonfinite_weights(state: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors of a checkpoint's ``model`` and ``criterion`` that hold NaN or Inf."""
-    bad = []
-    for part in ("model", "criterion"):
-        for name, value in (state.get(part) or {}).items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad.append(f"{part}.{name}")
-    return bad
+    named = [(f"{part}.{name}", value) for part in ("model", "criterion")
+             for name, value in (state.get(part) or {}).items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([value.isfinite().all().cpu() for _, value in named]).tolist()  # one device sync
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def check_finite(state: dict[str, Any]) -> None:

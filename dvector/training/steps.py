@@ -83,7 +83,7 @@ def best_valid(parts: Parts) -> dict[str, Any] | None:
 
 
 def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_entry: dict[str, Any],
-                      heldout: list[int], loss: float, counters: dict[str, Any] | None = None,
+                      heldout: list[int], loss: float, counters: dict[str, Any],
                       valid: ValidationScores | None = None) -> dict[str, Any]:
     """Everything a checkpoint holds (plain values and tensors), in the order it is saved; ``valid``:
     this step's validation measures, when it validated."""
@@ -97,8 +97,7 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
         "rng": rng_state(ctx.dev), "loader": loader_entry,
         "best_eer": parts.best_eer, "best_valid": best_valid(parts),
         "valid": valid.to_dict() if valid is not None else None, "heldout_speakers": heldout, "loss": loss,
-        "counters": counters if counters is not None else run_counters(parts.counters, 0, {},
-                                                                       parts.counters.get("skipped_in_a_row", 0)),
+        "counters": counters,
     }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from dvector.errors import DvectorError
 from dvector.metrics import all_pairs_scores, eer, min_dcf
-from dvector.stream.loader import index_checks
+from dvector.stream import index_checks
 from dvector.stream.sampling import crop
 from dvector.stream.validation_samples import ReadReport, good_samples
 
@@ -123,7 +123,8 @@ def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speake
     names = {u.rsplit("/", 1)[-1]: u for u in urls}
     if index is not None and wanted is not None:
         urls = [names[s["name"]] for s in index["shards"] if wanted & set(s["speakers"]) and s["name"] in names]
-    n_mels, top = index_checks(index)
+    checks = index_checks(index)
+    n_mels, top = checks.n_mels, checks.max_speaker_index
     report = ReadReport()
     taken: dict[int, list[np.ndarray]] = {}
     ids = {int(s["index"]): str(s.get("id", "")) for s in index["speakers"]} if index is not None else {}
@@ -178,10 +179,6 @@ def validation_scores(model: torch.nn.Module, data: ValidationSet, device: torch
     scores, labels = all_pairs_scores(embeddings, data.speakers, data.pair_groups)
     return ValidationScores(eer(scores, labels)[0], min_dcf(scores, labels, p_target=VALID_P_TARGET)[0])
 
-
-def validation_eer(model: torch.nn.Module, data: ValidationSet, device: torch.device) -> float:
-    """EER (a fraction) over every pair of validation utterances within one root, by cosine score."""
-    return validation_scores(model, data, device).eer
 
 
 def improves(now: ValidationScores, best_eer: float | None, best_min_dcf: float | None) -> bool:

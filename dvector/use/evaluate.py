@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -50,9 +50,9 @@ def outside_root(path: str) -> str | None:
 
     Only the text counts: a symlink inside the root that points elsewhere was put there by the user.
     """
-    if os.path.isabs(path):
+    if os.path.isabs(path) or PureWindowsPath(path).is_absolute() or path.startswith(("/", "\\")):
         return "is an absolute path"
-    if ".." in path.split(os.sep):
+    if ".." in PurePosixPath(path.replace("\\", "/")).parts:  # trials files use "/" whatever the system
         return "climbs out with '..'"
     return None
 

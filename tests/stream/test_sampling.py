@@ -542,7 +542,8 @@ def test_the_loader_checks_samples_against_the_index_not_the_first_sample(tmp_pa
 
     from dvector.files import write_json_atomic
     from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name, write_shard
-    from dvector.stream.loader import ge2e_loader, index_checks
+    from dvector.stream import index_checks
+    from dvector.stream.loader import ge2e_loader
 
     rng = np.random.default_rng(0)
     odd = [("a_odd", rng.standard_normal((40, N_MELS + 2)).astype(np.float16), {"speaker_index": 0}),
@@ -554,7 +555,8 @@ def test_the_loader_checks_samples_against_the_index_not_the_first_sample(tmp_pa
     index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {"features": {"n_mels": N_MELS}},
              "speakers": [{"id": f"t/{s}", "index": s, "utterances": 6} for s in range(6)], "shards": [info]}
     write_json_atomic(tmp_path / "s" / INDEX_NAME, index)
-    assert index_checks(json.loads((tmp_path / "s" / INDEX_NAME).read_text())) == (N_MELS, 5)
+    checks = index_checks(json.loads((tmp_path / "s" / INDEX_NAME).read_text()))
+    assert (checks.n_mels, checks.max_speaker_index) == (N_MELS, 5)
     loader = ge2e_loader(tmp_path / "s", 4, 3, 20, workers=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -657,3 +657,12 @@ def test_a_dropped_download_is_opened_again_where_it_broke(shards):
         with pytest.warns(RuntimeWarning, match=r"shard-000001.tar.*opening it again at sample \d+"):
             keys = drain(SampleStream([], Consumer(), 0), f"{base}/{shard_name(1)}")
     assert keys == local
+
+
+def test_file_urls_with_escaped_characters_find_their_index(tmp_path):
+    """``file://`` URLs escape a space as %20: the index beside them is read from the same folder."""
+    folder = make_shards(tmp_path / "a b" / "shards", n_shards=2)
+    url = (folder / "shard-000000.tar").as_uri()
+    assert "%20" in url
+    source = resolve_shards([url])
+    assert source.index is not None and source.index["shards"][0]["name"] == "shard-000000.tar"
