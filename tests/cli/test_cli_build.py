@@ -233,7 +233,7 @@ def test_cli_fail_fast(messy_root: Corpus, tmp_path: Path, capsys: pytest.Captur
 def dvector_process(*args, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "dvector", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120, **kwargs)
+                          env=env, timeout=900, **kwargs)  # a hang guard only
 
 
 def test_python_m_dvector_errors_without_traceback(tmp_path: Path, synth_roots: Corpus) -> None:
@@ -272,7 +272,7 @@ def run_and_kill(command: list[str], out: Path, reference: dict[str, bytes], sto
     """Run ``command``; kill -9 it when ``stop(names in out)`` holds; check every shard as it appears."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checked: set[str] = set()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a hang guard only
     try:
         while proc.poll() is None:
             names = os.listdir(out) if out.exists() else []

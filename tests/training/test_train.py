@@ -266,7 +266,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def torchrun(args: list[str], cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
