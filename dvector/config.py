@@ -188,6 +188,8 @@ class BuildConfig(_Config):
     vad: VadConfig = field(default_factory=VadConfig)
     # also write every utterance at these speeds, as new speakers ``SPK@sp0.9`` (empty: none)
     speed_perturb: tuple[float, ...] = ()
+    # cut each utterance's speech (log-mel frames after VAD) into samples of this many seconds (0: off)
+    split_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extensions", normalize_extensions(self.extensions))
@@ -195,13 +197,20 @@ class BuildConfig(_Config):
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.min_shards >= 1, "min_shards must be >= 1")
         _check(self.block_size >= 1, "block_size must be >= 1")
+        _check(isinstance(self.split_seconds, (int, float)) and not isinstance(self.split_seconds, bool)
+               and (self.split_seconds == 0 or 0.1 <= self.split_seconds <= 3600),
+               f"split_seconds must be 0 (off) or between 0.1 and 3600, got {self.split_seconds!r}")
+        object.__setattr__(self, "split_seconds", float(self.split_seconds))
 
     def to_dict(self) -> dict[str, Any]:
-        """As the other configs, but without ``speed_perturb`` when it is empty: a build without speed
-        perturbation has the same record and hash as builds made before the option existed (so they resume)."""
+        """As the other configs, but without ``speed_perturb`` when it is empty and ``split_seconds`` when
+        it is 0: a build without these options has the same record and hash as builds made before they
+        existed (so they resume)."""
         data = super().to_dict()
         if not self.speed_perturb:
             del data["speed_perturb"]
+        if not self.split_seconds:
+            del data["split_seconds"]
         return data
 
 

@@ -28,6 +28,9 @@ MergeSpeakers = Annotated[bool, typer.Option(
     "--merge-speakers", help="Key speakers by folder name alone, merging same-named folders across roots.")]
 SpeedPerturb = Annotated[str, typer.Option(
     "--speed-perturb", help="Also write each utterance at these speeds (e.g. 0.9,1.1) as new speakers ROOT/SPK@sp0.9.")]
+SplitSeconds = Annotated[float, typer.Option(
+    "--split-seconds", help="Cut each utterance's speech (after VAD) into samples of this many seconds, same "
+    "speaker; a remainder under half a segment joins the last one (0: off). For few, long utterances per speaker.")]
 Part = Annotated[Optional[str], typer.Option(
     "--part", help="Build only part i of n (e.g. 3/8), for array jobs on shared storage.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a build made with another configuration.")]
@@ -51,6 +54,7 @@ def build_shards_cmd(
     vad: Vad = default(VadConfig, "enabled"),
     merge_speakers: MergeSpeakers = default(BuildConfig, "merge_speakers"),
     speed_perturb: SpeedPerturb = "",
+    split_seconds: SplitSeconds = default(BuildConfig, "split_seconds"),
     part: Part = None,
     overwrite: Overwrite = False,
     strict: Strict = False,
@@ -65,6 +69,7 @@ def build_shards_cmd(
 
     cfg = BuildConfig(extensions=extensions, shard_size=shard_size, min_shards=min_shards, block_size=block_size,
                       seed=seed, merge_speakers=merge_speakers, speed_perturb=parse_speed_perturb(speed_perturb),
+                      split_seconds=split_seconds,
                       features=FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), vad=VadConfig(enabled=vad))
     with progress() as bar:
         task = bar.add_task("build-shards", total=None, info="scanning")
@@ -81,6 +86,9 @@ def build_shards_cmd(
         report = build_shards([str(r) for r in roots], out, cfg, workers=workers, part=parse_part(part),
                               overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance))
     print_build_summary(report, console)
+    if cfg.split_seconds:
+        console.print(f"split: {report.utterances_ok} utterance(s) written this run as {report.samples_ok} "
+                      f"sample(s) of about {cfg.split_seconds:g} s")
     if strict and report.failures:
         console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
         raise typer.Exit(2)

@@ -29,7 +29,7 @@ from dvector.shards.build_folder import (is_complete, plan_record, prepare_folde
                                          sidecar_path)
 from dvector.shards.format import shard_name, write_shard
 from dvector.shards.index import write_index
-from dvector.shards.plan import Plan, PlannedUtterance, make_plan
+from dvector.shards.plan import Plan, PlannedUtterance, make_plan, segment_bounds, segment_frames, segment_key
 from dvector.signal.process import SkipUtterance, process_file
 from dvector.signal.vad import warm_up
 
@@ -43,6 +43,7 @@ class BuildReport:
     shards_written: int = 0
     shards_skipped: int = 0  # complete from an earlier run
     utterances_ok: int = 0
+    samples_ok: int = 0  # samples written: utterances_ok, or more with --split-seconds (one per segment)
     failures: list[dict[str, str]] = field(default_factory=list)
     audio_s: float = 0.0
     frames: int = 0
@@ -178,8 +179,9 @@ class _ShardAssembler:
     and record) as soon as results of the next one arrive, and counts everything in ``report``."""
 
     def __init__(self, out: Path, scan: ScanResult, by_key: dict[str, PlannedUtterance], report: BuildReport,
-                 fail_fast: bool) -> None:
+                 fail_fast: bool, segment: int = 0) -> None:
         self.out, self.scan, self.by_key, self.report, self.fail_fast = out, scan, by_key, report, fail_fast
+        self.segment = segment  # frames per segment with --split-seconds (0: each utterance is one sample)
         self.current: int | None = None
         self.samples: list[tuple[str, np.ndarray, dict]] = []
         self.failures: list[dict[str, str]] = []
@@ -201,12 +203,26 @@ class _ShardAssembler:
                 self.report.stage_s[stage] = self.report.stage_s.get(stage, 0.0) + secs
             meta.update(speaker=planned.speaker, speaker_index=planned.speaker_index, root=root, source=utt.source,
                         n_frames=int(mel.shape[0]))
-            self.samples.append((key, mel, meta))
+            self._add_samples(key, mel, meta)
             audio_s += meta["duration_s"]
             self.report.utterances_ok += 1
             self.report.frames += int(mel.shape[0])
         self.report.audio_s += audio_s
         return audio_s
+
+    def _add_samples(self, key: str, mel: np.ndarray, meta: dict[str, Any]) -> None:
+        """The utterance as one sample, or (with a segment length) one sample per segment: keyed
+        ``KEYg000``, ``KEYg001``... with ``segment`` and ``segments`` in their metadata (``duration_s``
+        and ``vad`` stay the whole utterance's)."""
+        if not self.segment:
+            self.samples.append((key, mel, meta))
+            self.report.samples_ok += 1
+            return
+        bounds = segment_bounds(int(mel.shape[0]), self.segment)
+        for number, (start, stop) in enumerate(bounds):
+            part = {**meta, "n_frames": stop - start, "segment": number, "segments": len(bounds)}
+            self.samples.append((segment_key(key, number), mel[start:stop], part))
+        self.report.samples_ok += len(bounds)
 
     def _failed(self, planned: PlannedUtterance, reason: str) -> None:
         utt = planned.utterance
@@ -236,7 +252,8 @@ def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg:
     """Process the utterances of the ``todo`` shards on ``workers`` processes and write those shards."""
     if not todo:
         return
-    assembler = _ShardAssembler(out, scan, {p.key: p for k in todo for p in plan.shards[k]}, report, fail_fast)
+    assembler = _ShardAssembler(out, scan, {p.key: p for k in todo for p in plan.shards[k]}, report, fail_fast,
+                                segment_frames(cfg.split_seconds, cfg.features.hop_ms))
     warm_up()  # before forking: the workers inherit the loaded kernels
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
     try:

@@ -35,6 +35,37 @@ def source_speaker(speaker: str) -> str:
         return speaker
 
 
+SEGMENT_MARK = "g"  # a split utterance's sample keys: its planned key, then this and the segment number
+
+
+def segment_frames(split_seconds: float, hop_ms: float) -> int:
+    """Log-mel frames in one segment of ``split_seconds`` (0: no splitting)."""
+    return max(1, int(round(split_seconds * 1000.0 / hop_ms))) if split_seconds > 0 else 0
+
+
+def segment_bounds(n_frames: int, length: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the segments an utterance of ``n_frames`` is cut into, ``length`` frames each.
+
+    The utterance is cut into whole segments from its start; a trailing remainder of at least half a
+    segment is a segment of its own, a shorter one joins the last whole segment (which is then up to
+    1.5 segments long). An utterance shorter than one segment stays whole; ``length`` 0 splits nothing.
+    """
+    if length <= 0 or n_frames < length:
+        return [(0, n_frames)]
+    whole, rest = divmod(n_frames, length)
+    bounds = [(i * length, (i + 1) * length) for i in range(whole)]
+    if 2 * rest >= length:
+        bounds.append((whole * length, n_frames))
+    else:
+        bounds[-1] = (bounds[-1][0], n_frames)
+    return bounds
+
+
+def segment_key(key: str, number: int) -> str:
+    """The sample key of segment ``number`` of the utterance planned as ``key``: ``s000003u000000042g002``."""
+    return f"{key}{SEGMENT_MARK}{number:03d}"
+
+
 @dataclass(frozen=True)
 class PlannedUtterance:
     key: str  # webdataset sample key, unique in the build

@@ -34,7 +34,7 @@ def spelled(param) -> str:  # noqa: ANN001
 SURFACE = {
     "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--shard-size",
                      "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad",
-                     "--merge-speakers", "--speed-perturb", "--part", "--overwrite", "--strict",
+                     "--merge-speakers", "--speed-perturb", "--split-seconds", "--part", "--overwrite", "--strict",
                      "--fail-fast"],
     "index": ["FOLDER"],
     "check": ["FOLDER", "-j/--workers"],
