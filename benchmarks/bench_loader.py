@@ -33,6 +33,7 @@ window after a warm-up:
 
     python benchmarks/bench_loader.py                   # N=64, M=10, L=160, workers=2
     python benchmarks/bench_loader.py --seconds 30 --data-dir /tmp/loader-bench
+    python benchmarks/bench_loader.py --augment default   # with the training default's augmentation
 
 The last printed line is ``loader_batches_per_s=<number>``.
 """
@@ -167,16 +168,20 @@ def main() -> None:
     p.add_argument("-l", "--seg-len", type=int, default=160)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--pool-size", type=int, default=0, help="utterances per pool (0: the loader's default)")
+    p.add_argument("--augment", default="none", help="online augmentation, as dvector train --augment takes it "
+                   "(none, default, all, or a comma list)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
     p.add_argument("--seconds", type=float, default=20.0, help="measured steady window")
     args = p.parse_args()
 
     index = build_corpus(args.data_dir, args.speakers, args.utterances, (200, 800), args.block, args.shards)
     N, M = args.n_speakers, args.n_utterances
-    loader = ge2e_loader(args.data_dir, N, M, args.seg_len, workers=args.workers, seed=0, pool_size=args.pool_size)
+    loader = ge2e_loader(args.data_dir, N, M, args.seg_len, workers=args.workers, seed=0, pool_size=args.pool_size,
+                         augment=args.augment)
     pool = loader.settings.pool
     print(f"corpus: {index['totals']['utterances']} utterances, {args.speakers} speakers, {args.shards} shards; "
-          f"pool {pool} utterances per worker; N={N} M={M} L={args.seg_len} workers={args.workers}")
+          f"pool {pool} utterances per worker; N={N} M={M} L={args.seg_len} workers={args.workers}; "
+          f"augment {args.augment}")
 
     workers = max(1, args.workers)
     rounds: dict[tuple[int, int], list[np.ndarray]] = defaultdict(list)

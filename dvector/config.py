@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import numbers
 from dataclasses import dataclass, field
@@ -236,6 +237,108 @@ def parse_speed_perturb(value: str | Iterable[float]) -> tuple[float, ...]:
     return tuple(sorted(factors))
 
 
+AUGMENT_KINDS = ("noise", "babble", "reverb", "channel", "specaugment", "gain")
+DEFAULT_AUGMENT: tuple[str, ...] = ("noise", "babble", "reverb", "channel", "specaugment")  # chosen by benchmarks/real_speech.py
+
+
+def parse_augment(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``--augment``: a comma list of AUGMENT_KINDS, ``all``, ``none`` or ``default`` -> the kinds, in
+    AUGMENT_KINDS' order."""
+    items = [p.strip().lower() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    if items in (["none"], []):
+        return ()
+    if items == ["all"]:
+        return AUGMENT_KINDS
+    if items == ["default"]:
+        return DEFAULT_AUGMENT
+    unknown = [k for k in items if k not in AUGMENT_KINDS]
+    _check(not unknown, f"augment: unknown kind(s) {', '.join(map(repr, unknown))}; choose from "
+                        f"{', '.join(AUGMENT_KINDS)}, or all, none, default")
+    return tuple(k for k in AUGMENT_KINDS if k in items)
+
+
+def parse_probabilities(value: str) -> dict[str, float]:
+    """``--augment-prob noise=0.5,reverb=0.2`` -> {"noise": 0.5, "reverb": 0.2}, checked."""
+    out: dict[str, float] = {}
+    for item in (p.strip() for p in value.split(",") if p.strip()):
+        kind, _, number = item.partition("=")
+        _check(kind.strip() in AUGMENT_KINDS, f"augment-prob: unknown kind {kind.strip()!r} in {item!r}; "
+                                              f"choose from {', '.join(AUGMENT_KINDS)}")
+        try:
+            out[kind.strip()] = float(number)
+        except ValueError:
+            raise DvectorError(f"augment-prob: {item!r} is not KIND=PROBABILITY (e.g. noise=0.5)") from None
+    return out
+
+
+def parse_range(value: str | Iterable[float], name: str) -> tuple[float, float]:
+    """``"5-20"``, ``"-5:20"``, ``"10"`` or a pair -> (lo, hi), checked lo <= hi."""
+    if isinstance(value, str):
+        text = value.strip()
+        sep = ":" if ":" in text else ("-" if "-" in text.lstrip("-") else "")
+        parts = [text] if not sep else ([text[:text.index(sep, 1)], text[text.index(sep, 1) + 1:]])
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise DvectorError(f"{name}: expected a number or a range LO:HI (e.g. 5:20), got {value!r}") from None
+    else:
+        numbers = [float(v) for v in value]
+    _check(len(numbers) in (1, 2), f"{name}: expected one number or two, got {value!r}")
+    lo, hi = numbers[0], numbers[-1]
+    _check(math.isfinite(lo) and math.isfinite(hi) and lo <= hi, f"{name}: expected LO <= HI, got {value!r}")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class AugmentConfig(_Config):
+    """Online augmentation of training crops (``dvector.augment``): which kinds, how often, how strong.
+
+    Each kind applies to a row with its probability; ranges are drawn uniformly. Levels in dB of power.
+    """
+
+    kinds: tuple[str, ...] = DEFAULT_AUGMENT
+    noise_prob: float = 0.5
+    noise_snr: tuple[float, float] = (0.0, 15.0)  # dB
+    noise_colours: tuple[str, ...] = ("white", "pink", "brown")
+    babble_prob: float = 0.3
+    babble_snr: tuple[float, float] = (13.0, 20.0)  # dB (MUSAN babble's usual range)
+    babble_speakers: tuple[int, int] = (3, 7)
+    reverb_prob: float = 0.3
+    reverb_rt60: tuple[float, float] = (0.2, 1.0)  # seconds
+    reverb_drr: tuple[float, float] = (0.0, 10.0)  # dB, direct-to-reverberant ratio
+    channel_prob: float = 0.5
+    channel_db: float = 6.0  # peak of the gain curve across bands
+    specaugment_prob: float = 0.5
+    time_masks: int = 1
+    time_mask_frames: int = 10  # widest mask
+    freq_masks: int = 1
+    freq_mask_bands: int = 6
+    gain_prob: float = 0.5
+    gain_db: float = 10.0  # +- this
+    noise_dir: str = ""  # recordings for "noise" (instead of coloured noise)
+    rir_dir: str = ""  # room responses for "reverb" (instead of drawn RT60 and DRR)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", parse_augment(self.kinds))
+        for kind in AUGMENT_KINDS:
+            p = getattr(self, f"{kind}_prob")
+            _check(isinstance(p, (int, float)) and 0.0 <= p <= 1.0, f"{kind} probability must be in [0, 1], got {p!r}")
+        for name in ("noise_snr", "babble_snr", "reverb_rt60", "reverb_drr", "babble_speakers"):
+            object.__setattr__(self, name, parse_range(getattr(self, name), name))
+        object.__setattr__(self, "babble_speakers", tuple(int(v) for v in self.babble_speakers))
+        _check(self.babble_speakers[0] >= 1, "babble_speakers must be >= 1")
+        _check(self.reverb_rt60[0] > 0, "reverb_rt60 must be > 0 seconds")
+        bad = [c for c in self.noise_colours if c not in ("white", "pink", "brown")]
+        _check(bool(self.noise_colours) and not bad, f"noise_colours: white, pink or brown, got {self.noise_colours!r}")
+        for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bands"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _check(self.channel_db >= 0 and self.gain_db >= 0, "channel_db and gain_db must be >= 0")
+
+    def with_probabilities(self, probabilities: dict[str, float]) -> "AugmentConfig":
+        """A copy with some kinds' probabilities set (``parse_probabilities``' result)."""
+        return dataclasses.replace(self, **{f"{k}_prob": v for k, v in probabilities.items()})
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Config):
     """Training settings. Defaults follow the GE2E paper and the original project's flags."""
@@ -267,6 +370,7 @@ class TrainConfig(_Config):
     threads: int = 0  # torch CPU threads on CPU (0: every core, shared among torchrun processes)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile on CUDA
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # online augmentation of the crops
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every", "decay_every", "valid_every", "log_every", "keep_checkpoints",

@@ -248,12 +248,13 @@ def imports() -> list[Import]:
 
 LAYER_RULES: dict[str, tuple[list[str], list[str]]] = {
     # importer package: (forbidden, allowed exceptions inside the forbidden ones)
-    "signal": (["shards", "stream", "nn", "training", "use", "cli", "demo"], []),
-    "nn": (["signal", "shards", "stream", "training", "use", "cli", "demo"], []),
-    "shards": (["stream", "nn", "training", "use", "cli", "demo"], []),
+    "signal": (["augment", "shards", "stream", "nn", "training", "use", "cli", "demo"], []),
+    "augment": (["shards", "stream", "nn", "training", "use", "cli", "demo"], []),
+    "nn": (["signal", "augment", "shards", "stream", "training", "use", "cli", "demo"], []),
+    "shards": (["augment", "stream", "nn", "training", "use", "cli", "demo"], []),
     "stream": (["nn", "training", "use", "cli", "demo"], []),
     "training": (["shards", "use", "cli", "demo"], []),
-    "use": (["stream", "training", "cli", "demo"], ["training.checkpoint"]),
+    "use": (["augment", "stream", "training", "cli", "demo"], ["training.checkpoint"]),
 }
 
 
@@ -271,6 +272,10 @@ def assert_layer(imports: list[Import], part: str) -> None:
 
 def test_signal_imports_no_later_part(imports: list[Import]) -> None:
     assert_layer(imports, "signal")
+
+
+def test_augment_imports_only_signal(imports: list[Import]) -> None:
+    assert_layer(imports, "augment")
 
 
 def test_nn_imports_no_other_part(imports: list[Import]) -> None:

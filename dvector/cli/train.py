@@ -11,9 +11,17 @@ import typer
 
 from dvector.cli.console import console, progress, say
 from dvector.cli.options import Seed, default, range_text, threads_option
-from dvector.config import TrainConfig
+from dvector.config import AUGMENT_KINDS, AugmentConfig, TrainConfig
 
 train_default = partial(default, TrainConfig)
+augment_default = partial(default, AugmentConfig)
+
+
+def _span(name: str) -> str:
+    """A (lo, hi) augmentation default as typed (``0:15``)."""
+    lo, hi = augment_default(name)
+    return f"{lo:g}:{hi:g}"
+
 
 Shards = Annotated[str, typer.Argument(help="Shard folder (with index.json), brace pattern, or http(s)/pipe: URLs.")]
 ModelDir = Annotated[Path, typer.Argument(help="Run folder: checkpoints/, logs/ (TensorBoard).")]
@@ -48,6 +56,19 @@ TrainThreads = threads_option(
 StallTimeout = Annotated[Optional[float], typer.Option(
     "--stall-timeout", help="Seconds a remote read (http(s), pipe:) may wait for data before it counts as stalled "
     "(default: $DVECTOR_STALL_TIMEOUT, else 60).")]
+Augment = Annotated[str, typer.Option(
+    "--augment", help=f"Online augmentation of the training crops: a comma list of {', '.join(AUGMENT_KINDS)}; "
+    "all; none; or default (" + ",".join(augment_default("kinds")) + ", chosen on real speech: see the README).")]
+AugmentProb = Annotated[str, typer.Option(
+    "--augment-prob", help="Probability per utterance of some kinds, e.g. noise=0.5,reverb=0.3 (defaults: "
+    + ",".join(f"{k}={augment_default(k + '_prob'):g}" for k in AUGMENT_KINDS) + ").")]
+NoiseSnr = Annotated[str, typer.Option("--noise-snr", help="SNR range of added noise, dB (LO:HI).")]
+BabbleSnr = Annotated[str, typer.Option("--babble-snr", help="SNR range of babble (3-7 other speakers), dB.")]
+ReverbRt60 = Annotated[str, typer.Option("--reverb-rt60", help="RT60 range of the simulated rooms, seconds.")]
+NoiseDir = Annotated[Optional[Path], typer.Option(
+    "--noise-dir", help="Folder of noise recordings (e.g. MUSAN) for 'noise' instead of coloured noise.")]
+RirDir = Annotated[Optional[Path], typer.Option(
+    "--rir-dir", help="Folder of room impulse responses (e.g. RIRS_NOISES) for 'reverb' instead of simulated rooms.")]
 MaxMinutes = Annotated[float, typer.Option(
     "--max-minutes", help="Stop with a checkpoint after this long (e.g. a job's time limit); 0: none.")]
 
@@ -80,13 +101,20 @@ def train_cmd(
     threads: TrainThreads = train_default("threads"),
     max_minutes: MaxMinutes = train_default("max_minutes"),
     stall_timeout: StallTimeout = None,
+    augment: Augment = "default",
+    augment_prob: AugmentProb = "",
+    noise_snr: NoiseSnr = _span("noise_snr"),
+    babble_snr: BabbleSnr = _span("babble_snr"),
+    reverb_rt60: ReverbRt60 = _span("reverb_rt60"),
+    noise_dir: NoiseDir = None,
+    rir_dir: RirDir = None,
 ) -> None:
     """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
 
     Several GPUs: torchrun --nproc-per-node=8 -m dvector train SHARDS MODEL_DIR
     """
     from dvector.cli.summary import print_train_summary
-    from dvector.config import ModelConfig, parse_seg_len
+    from dvector.config import ModelConfig, parse_probabilities, parse_seg_len
     from dvector.shards.streams import set_stall_timeout
     from dvector.training.loop import train
 
@@ -95,7 +123,11 @@ def train_cmd(
                       log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
-                      short_policy=short_policy, threads=threads, max_minutes=max_minutes)
+                      short_policy=short_policy, threads=threads, max_minutes=max_minutes,
+                      augment=AugmentConfig(kinds=augment, noise_snr=noise_snr, babble_snr=babble_snr,
+                                            reverb_rt60=reverb_rt60, noise_dir=str(noise_dir or ""),
+                                            rir_dir=str(rir_dir or "")).with_probabilities(
+                          parse_probabilities(augment_prob)))
     with progress(every_s=0) as bar:  # without a terminal: a line per --log-every steps
         on_log = _train_bar(bar, steps)
         result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 import torch
 
+from dvector.augment import AugmentPlan, Augmenter, RowInfo
 from dvector.errors import DvectorError
 from dvector.stream.samples import SampleStream
 from dvector.stream.sampling import (DEFAULT_MIN_FRAMES, Batch, SamplingStats, SegLen, SegmentSpec, crop_rows,
@@ -53,6 +54,7 @@ class BatchSettings:
     exclude_speakers: tuple[int, ...] = ()  # speaker indices never drawn (held out for validation)
     n_mels: int | None = None  # mel bands every sample must have (None: those of the first good one)
     max_speaker_index: int | None = None  # the largest valid speaker_index (None: any sane one)
+    augment: AugmentPlan | None = None  # online augmentation of the crops (None: none)
 
     @property
     def pool(self) -> int:
@@ -160,6 +162,7 @@ def _next_pool(samples: Iterator[tuple[StreamPosition, dict | None]], seen: set[
             if not fits or usable.get(speaker, 0) >= n_utterances:
                 continue
         seen.add(sample["__key__"])
+        sample["__pass__"] = pos.pass_  # augmentation draws depend on it
         pool.append(sample)
         if fits:
             usable[speaker] = usable.get(speaker, 0) + 1
@@ -183,12 +186,13 @@ def _what_a_pool_holds(settings: BatchSettings, pool: list[dict]) -> str:
 
 
 class _Sink:
-    """Where a consumer's batches go: buffers from ``allocate`` (or new arrays) in ``dtype``; and the
-    counts not handed on yet (``carry``: they ride on the next batch)."""
+    """Where a consumer's batches go: buffers from ``allocate`` (or new arrays) in ``dtype``, augmented
+    where asked; and the counts not handed on yet (``carry``: they ride on the next batch)."""
 
-    def __init__(self, dtype: Any, allocate: Allocate | None):
+    def __init__(self, dtype: Any, allocate: Allocate | None, augment: AugmentPlan | None = None):
         self.dtype, self.allocate, self.scratch = dtype, allocate, {}  # scratch: crop_batch's staging buffer
         self.carry = SamplingStats()
+        self.augmenter: Augmenter | None = augment.make() if augment is not None else None
 
     def counts(self, delta: SamplingStats) -> SamplingStats:
         """``delta`` and what was carried: the counts to hand on with a batch."""
@@ -201,7 +205,16 @@ class _Sink:
         dtype = np.dtype(self.dtype) if self.dtype is not None else first.dtype
         shape = (len(batch.pool_index), batch.seg_len, first.shape[1])  # (N*M, L, n_mels)
         out = self.allocate(shape, dtype) if self.allocate is not None else np.empty(shape, dtype)
-        return batch._replace(mels=crop_batch(pool, batch, out, self.scratch))
+        mels = crop_batch(pool, batch, out, self.scratch)
+        if self.augmenter is not None:
+            rows = [pool[p] for p in batch.pool_index.tolist()]
+            info = RowInfo([s["__key__"] for s in rows], [s.get("__pass__", 0) for s in rows], batch.offset,
+                           batch.speaker_index)
+            work = mels if mels.dtype == np.float32 else mels.astype(np.float32)
+            self.augmenter(work, info)
+            if work is not mels:
+                mels[...] = work
+        return batch._replace(mels=mels)
 
 
 class _BadCounts:
@@ -292,7 +305,7 @@ def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Con
     (see the module doc); :class:`DvectorError` when the whole data cannot form one.
     """
     state = WorkerState.from_dict(state.to_dict()) if state else WorkerState()
-    out = _Sink(dtype, allocate)
+    out = _Sink(dtype, allocate, settings.augment)
     note = None
     if not state.shared:
         state, note = yield from _rounds(urls, settings, consumer, state, out)

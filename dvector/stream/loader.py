@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dvector.augment import AugmentPlan
+from dvector.config import AugmentConfig, FeatureConfig
 from dvector.errors import DvectorError
 from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches
 from dvector.stream.sampling import SamplingStats, SegLen
@@ -221,11 +223,24 @@ def ge2e_loader(shards: str | os.PathLike[str] | Sequence[str], n_speakers: int 
 
     ``shards``: a folder with index.json, a brace pattern, a list of URLs, or ``file://``,
     ``http(s)://`` and ``pipe:`` URLs. ``options``: :class:`BatchSettings` fields (pool_size,
-    max_uses, short_policy, min_frames, on_error, exclude_speakers) and GE2ELoader's (rank, world,
-    dtype, pin_memory, prefetch).
+    max_uses, short_policy, min_frames, on_error, exclude_speakers), ``augment`` (kinds as ``--augment``
+    takes them, an :class:`~dvector.config.AugmentConfig` or an AugmentPlan) and GE2ELoader's (rank,
+    world, dtype, pin_memory, prefetch).
     """
     loader_keys = {"rank", "world", "dtype", "pin_memory", "prefetch"}
     loader_opts = {k: v for k, v in options.items() if k in loader_keys}
+    source = resolve_shards(shards, index)
+    augment = options.pop("augment", None)
+    if augment is not None and not isinstance(augment, AugmentPlan):  # kinds ("noise,reverb", "all") or a config
+        config = augment if isinstance(augment, AugmentConfig) else AugmentConfig(kinds=augment)
+        augment = AugmentPlan(config, shard_features(source), seed) if config.kinds else None
     settings = BatchSettings(n_speakers=n_speakers, n_utterances=n_utterances, seg_len=seg_len, seed=seed,
-                             **{k: v for k, v in options.items() if k not in loader_keys})
-    return GE2ELoader(resolve_shards(shards, index), settings, workers=workers, **loader_opts)
+                             augment=augment, **{k: v for k, v in options.items() if k not in loader_keys})
+    return GE2ELoader(source, settings, workers=workers, **loader_opts)
+
+
+def shard_features(source: ShardSource, n_mels: int | None = None) -> FeatureConfig:
+    """The feature settings the shards' index records (the defaults with ``n_mels`` where there is none)."""
+    if source.index is not None and "features" in source.index.get("config", {}):
+        return FeatureConfig.from_dict(source.index["config"]["features"])
+    return FeatureConfig(n_mels=n_mels) if n_mels else FeatureConfig()

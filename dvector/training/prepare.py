@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from dvector.augment import AugmentPlan
+from dvector.augment.sources import prepare_sources
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.nn.loss import GE2ELoss
@@ -239,7 +241,7 @@ def make_loader(cfg: TrainConfig, ctx: RunContext, heldout: Sequence[int]) -> GE
     """This rank's batch stream without the held-out speakers, where the checkpoint left it."""
     settings = BatchSettings(n_speakers=cfg.n_speakers, n_utterances=cfg.n_utterances, seg_len=tuple(cfg.seg_len),
                              pool_size=cfg.pool_size, short_policy=cfg.short_policy, seed=cfg.seed,
-                             exclude_speakers=tuple(heldout))
+                             exclude_speakers=tuple(heldout), augment=augment_plan(cfg, ctx))
     loader = GE2ELoader(ctx.source, settings, workers=cfg.workers, rank=ctx.ddp.rank, world=ctx.ddp.world,
                         pin_memory=ctx.dev.type == "cuda")
     if ctx.checkpoint is not None:
@@ -247,6 +249,16 @@ def make_loader(cfg: TrainConfig, ctx: RunContext, heldout: Sequence[int]) -> GE
         if message:
             ctx.say(message)
     return loader
+
+
+def augment_plan(cfg: TrainConfig, ctx: RunContext) -> AugmentPlan | None:
+    """What the loader workers need to augment (None: augmentation off); the user's noise and room
+    recordings are turned into mel-domain sources once, cached in the run folder."""
+    if not cfg.augment.kinds:
+        return None
+    features = ctx.features or FeatureConfig(n_mels=ctx.model_cfg.n_mels)
+    sources = prepare_sources(cfg.augment.noise_dir, cfg.augment.rir_dir, features, ctx.model_dir / "augment")
+    return AugmentPlan(cfg.augment, features, cfg.seed, sources)
 
 
 def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: ValidationSet | None) -> str:
@@ -260,4 +272,4 @@ def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: Valid
             + (f" x {ctx.ddp.world} processes" if ctx.ddp.world > 1 else "")
             + f"; batches of {cfg.n_speakers} speakers x {cfg.n_utterances} utterances x {cfg.seg_len[0]}"
             + (f"-{cfg.seg_len[1]}" if cfg.seg_len[1] != cfg.seg_len[0] else "") + " frames"
-            + valid)
+            + valid + "; augmentation: " + (", ".join(cfg.augment.kinds) or "none"))

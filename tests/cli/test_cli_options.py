@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from dvector.cli import app, main
 from dvector.cli.options import EXTENSIONS, default, range_text
-from dvector.config import DEFAULT_EXTENSIONS, BuildConfig, FeatureConfig, TrainConfig, VadConfig
+from dvector.config import (DEFAULT_EXTENSIONS, BuildConfig, FeatureConfig, TrainConfig, VadConfig, parse_augment,
+                            parse_range)
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -42,7 +43,8 @@ SURFACE = {
               "-m/--n-utterances", "-l/--seg-len", "-c/--continue", "--valid", "--valid-every", "--model", "--loss",
               "--reduction", "--optimizer", "--lr", "-w/--workers", "--seed", "--device", "--amp/--no-amp",
               "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes",
-              "--stall-timeout"],
+              "--stall-timeout", "--augment", "--augment-prob", "--noise-snr", "--babble-snr", "--reverb-rt60",
+              "--noise-dir", "--rir-dir"],
     "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads"],
     "score": ["MODEL", "A", "B", "-t/--threshold", "--threads"],
     "eval": ["MODEL", "ROOT", "--trials", "--det", "--n-nontarget", "--seed", "-e/--extensions", "--save/--no-save",
@@ -73,8 +75,16 @@ def test_train_defaults_are_train_config_defaults() -> None:
     assert p["seg_len"].default == range_text(TrainConfig().seg_len) == "160"
     for name in ("resume", "valid", "model", "device", "stall_timeout"):  # chosen by the library when not given
         assert p[name].default is None, name
+    # augmentation: "default" is TrainConfig's kinds; the ranges as typed are AugmentConfig's
+    augment = TrainConfig().augment
+    assert parse_augment(p["augment"].default) == augment.kinds and p["augment_prob"].default == ""
+    for name in ("noise_snr", "babble_snr", "reverb_rt60"):
+        assert parse_range(p[name].default, name) == getattr(augment, name), name
+    assert p["noise_dir"].default is None and p["rir_dir"].default is None
+    aug = {"augment", "augment_prob", "noise_snr", "babble_snr", "reverb_rt60", "noise_dir", "rir_dir"}
     # every option the command has left: the arguments
-    assert set(p) - fields - {"seg_len", "resume", "valid", "model", "device", "stall_timeout"} == {"shards", "model_dir"}
+    assert (set(p) - fields - aug - {"seg_len", "resume", "valid", "model", "device", "stall_timeout"}
+            == {"shards", "model_dir"})
 
 
 def test_build_defaults_are_the_build_config_defaults() -> None:

@@ -1,0 +1,17 @@
+"""augment: online augmentation of log-mel crops in the training stream, per utterance.
+
+Shards hold log-mels, so every kind works in the mel domain (power or log): additive noise
+(coloured, or the user's recordings) and babble at a drawn SNR, reverberation as a per-band
+exponentially decaying response (an approximation of a room; or decays fitted to the user's room
+responses), channel colouring, random gain, and SpecAugment masks. :class:`Augmenter` changes a
+batch of crops in place; every random choice for a row is a pure function of (seed, pass, sample
+key, crop offset) (:mod:`dvector.augment.draws`), so a resumed run sees the same augmented batches.
+
+Imports: ``dvector.config``, ``dvector.errors``, ``dvector.files``, ``dvector.signal``; never
+``dvector.stream``, ``dvector.training`` or anything above them.
+"""
+
+from dvector.augment.apply import AugmentPlan, Augmenter
+from dvector.augment.plan import RowInfo
+
+__all__ = ["AugmentPlan", "Augmenter", "RowInfo"]

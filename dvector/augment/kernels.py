@@ -1,0 +1,114 @@
+"""numba kernels that change a batch's rows in place with one pass each (no per-row numpy calls).
+
+``mix_rows``: per power row, reverberation, then noise and babble at their SNRs. ``shift_and_mask``:
+per log row, a per-band offset (channel colouring plus gain), then SpecAugment masks filled with
+the row's mean. numpy keeps the exp and log (its vectorised ones are faster than scalar calls).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["mix_rows", "shift_and_mask"]
+
+
+@njit(cache=True)
+def _reverberate(x: np.ndarray, decay: np.ndarray, gain: np.ndarray) -> None:  # pragma: no cover
+    """``tail[t] = decay * tail[t-1] + gain * x[t-1]; x[t] += tail[t]``, per band (bands innermost)."""
+    frames, bands = x.shape
+    tail = np.zeros(bands, np.float32)
+    prev = x[0].copy()
+    for t in range(1, frames):
+        row = x[t]
+        for b in range(bands):
+            tail[b] = decay[b] * tail[b] + gain[b] * prev[b]
+            prev[b] = row[b]
+            row[b] += tail[b]
+
+
+@njit(cache=True)
+def _add_scaled(x: np.ndarray, added: np.ndarray, scale: np.float32) -> None:  # pragma: no cover
+    for k in range(x.shape[0]):
+        x[k] += scale * added[k]
+
+
+@njit(cache=True)
+def mix_rows(power, decay, gain, noise_bank, noise_entry, noise_start, noise_colour, noise_snr,
+             babble_clean, babble_first, babble_rows, babble_snr) -> None:  # pragma: no cover
+    """In place on ``power`` (rows, frames, bands) float32, row i:
+
+    - reverberation where ``decay[i, 0] >= 0`` (decay, gain: (rows, bands) per band);
+    - noise where ``noise_entry[i] >= 0``: ``noise_bank[entry, start:start+frames] * noise_colour[i]``
+      scaled so that mean(speech) / mean(noise) = 10^(noise_snr[i] / 10);
+    - babble where ``babble_first[i] < babble_first[i+1]``: the sum of ``babble_clean`` rows
+      ``babble_rows[first:next]``, each scaled to a mean of 1, then scaled to ``babble_snr[i]``.
+    SNRs are relative to the speech as it is after reverberation. Loops run over flat rows, so that
+    LLVM vectorises them. Long because the three kinds share one pass over each row.
+    """
+    rows, frames, bands = power.shape
+    size = frames * bands
+    flat = power.reshape(rows, size)  # C-contiguous views: the flat loops vectorise
+    clean = babble_clean.reshape(babble_clean.shape[0], size)
+    added = np.empty(size, np.float32)
+    levels = np.full(babble_clean.shape[0], -1.0)  # mean power of each clean row, once
+    for i in range(rows):
+        x2 = power[i]
+        if decay[i, 0] >= 0:
+            _reverberate(x2, decay[i], gain[i])
+        has_noise = noise_entry[i] >= 0
+        has_babble = babble_first[i] < babble_first[i + 1]
+        if not (has_noise or has_babble):
+            continue
+        x = flat[i]
+        speech = x.sum() / size
+        if has_noise:
+            crop = noise_bank[noise_entry[i], noise_start[i]:noise_start[i] + frames]
+            colour = noise_colour[i]
+            for t in range(frames):
+                for b in range(bands):
+                    added[t * bands + b] = crop[t, b] * colour[b]
+            total = added.sum() / size
+            if total > 0:
+                _add_scaled(x, added, np.float32(speech / (total * 10.0 ** (noise_snr[i] / 10.0))))
+        if has_babble:
+            added[:] = 0.0
+            for j in range(babble_first[i], babble_first[i + 1]):
+                r = babble_rows[j]
+                p = clean[r]
+                if levels[r] < 0:
+                    levels[r] = p.sum() / size
+                if levels[r] > 0:
+                    _add_scaled(added, p, np.float32(1.0 / levels[r]))
+            level = added.sum() / size
+            if level > 0:
+                _add_scaled(x, added, np.float32(speech / (level * 10.0 ** (babble_snr[i] / 10.0))))
+
+
+@njit(cache=True)
+def shift_and_mask(mels, rows, offset, time_masks, freq_masks) -> None:  # pragma: no cover
+    """In place on ``mels`` (batch, frames, bands): row ``rows[i]`` gets ``offset[i]`` (bands,) added,
+    then its masks (``time_masks[i]``, ``freq_masks[i]``: (masks, 2) [start, end), empty where
+    start == end) set to its mean; a row with no mask (all empty) skips the mean."""
+    frames, bands = mels.shape[1], mels.shape[2]
+    for i in range(rows.shape[0]):
+        x = mels[rows[i]]
+        shift = offset[i]
+        for t in range(frames):
+            row = x[t]
+            for b in range(bands):
+                row[b] += shift[b]
+        masked = False
+        for k in range(time_masks.shape[1]):
+            masked = masked or time_masks[i, k, 0] < time_masks[i, k, 1]
+        for k in range(freq_masks.shape[1]):
+            masked = masked or freq_masks[i, k, 0] < freq_masks[i, k, 1]
+        if not masked:
+            continue
+        fill = x.mean()
+        for k in range(time_masks.shape[1]):
+            for t in range(time_masks[i, k, 0], time_masks[i, k, 1]):
+                x[t, :] = fill
+        for k in range(freq_masks.shape[1]):
+            for b in range(freq_masks[i, k, 0], freq_masks[i, k, 1]):
+                x[:, b] = fill
