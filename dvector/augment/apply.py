@@ -22,6 +22,7 @@ from dvector.errors import DvectorError
 
 __all__ = ["AugmentPlan", "Augmenter"]
 
+MAX_SCRATCH_BYTES = 1 << 28  # batches bigger than this do not keep their scratch buffers
 HIGH_BAND_RT60 = 0.6  # the top band's RT60 relative to the lowest (air and walls absorb highs faster)
 
 
@@ -48,6 +49,7 @@ class Augmenter:
         self.noise = load_noise(sources)  # (frames, n_mels) float16 log-mels, or None
         self.rooms = load_rooms(sources)  # (rooms, 2, n_mels), or None
         self._bank = np.zeros((0, 0, 0), np.float32)
+        self._scratch_of: dict[str, np.ndarray] = {}
 
     def _use_bands(self, n_mels: int) -> None:
         if self.noise is not None or self.rooms is not None:
@@ -74,8 +76,8 @@ class Augmenter:
         """Apply ``plan`` to ``mels`` in place (see the module doc for the order)."""
         rows = plan.power_rows
         if rows.size:
-            clean, where = power_rows_of(mels, rows, plan)
-            power = clean[where[rows]] if clean.shape[0] != rows.shape[0] else clean.copy()
+            clean, where = self._power_rows_of(mels, rows, plan)
+            power = np.take(clean, where[rows], axis=0, out=self._scratch("power", (rows.shape[0], *mels.shape[1:])))
             at = np.full(mels.shape[0], -1)
             at[rows] = np.arange(rows.shape[0])  # batch row -> row of ``power``
             decay, gain = self._reverb(plan, rows.shape[0], at, mels.shape[2])
@@ -83,9 +85,28 @@ class Augmenter:
             first, partners, babble_snr = _babble(plan, rows.shape[0], at, where)
             mix_rows(power, decay, gain, bank, entry, start, colour, noise_snr, clean, first, partners, babble_snr)
             mels[rows] = np.log(power, out=power)  # >= the clean power: nothing below the log floor
+            self._scratch_of.clear() if mels.nbytes > MAX_SCRATCH_BYTES else None
         shifted = np.union1d(np.union1d(plan.channel_rows, plan.gain_rows), plan.mask_rows)
         if shifted.size:
             self._shift_and_mask(mels, plan, shifted)
+
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 buffer of ``shape`` kept between batches (big temporaries each batch would
+        fragment a worker's heap: its memory grew by hundreds of MB without them)."""
+        size = int(np.prod(shape))
+        buf = self._scratch_of.get(name)
+        if buf is None or buf.size < size:
+            buf = self._scratch_of[name] = np.empty(size, np.float32)
+        return buf[:size].reshape(shape)
+
+    def _power_rows_of(self, mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        """The clean power of ``rows`` and of babble partners (their union, in row order), and where
+        each batch row is in it (-1: not there)."""
+        needed = np.union1d(rows, np.concatenate(plan.babble_partners)) if plan.babble_rows.size else rows
+        where = np.full(mels.shape[0], -1)
+        where[needed] = np.arange(needed.shape[0])
+        clean = np.take(mels, needed, axis=0, out=self._scratch("clean", (needed.shape[0], *mels.shape[1:])))
+        return np.exp(clean, out=clean), where
 
     def _reverb(self, plan: BatchPlan, n: int, at: np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, n_mels) decay and gain per power row (decay -1: no reverberation)."""
@@ -155,15 +176,6 @@ def _colours(features: FeatureConfig, names: tuple[str, ...]) -> np.ndarray:
     """(len(names), n_mels) mean band powers of the named noise colours."""
     table, known = colour_power(features), list(COLOUR_EXPONENTS)
     return np.stack([table[known.index(c)] for c in names])
-
-
-def power_rows_of(mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-    """The clean power of ``rows`` and of babble partners (their union, in row order), and where each
-    batch row is in it (-1: not there)."""
-    needed = np.union1d(rows, np.concatenate(plan.babble_partners)) if plan.babble_rows.size else rows
-    where = np.full(mels.shape[0], -1)
-    where[needed] = np.arange(needed.shape[0])
-    return np.exp(mels[needed]), where
 
 
 def _babble(plan: BatchPlan, n: int, at: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, ...]:

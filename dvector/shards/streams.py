@@ -93,6 +93,13 @@ class FileSource:
     def read(self, n: int = -1) -> bytes:
         return self.f.read(n)
 
+    def seekable_file(self):  # noqa: ANN201 - a binary file object, or None
+        """The file itself where it can seek (a local file): tar members then read by offset."""
+        try:
+            return self.f if self.f.seekable() else None
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def finish(self) -> None:
         pass
 
