@@ -82,8 +82,9 @@ class Augmenter:
             at[rows] = np.arange(rows.shape[0])  # batch row -> row of ``power``
             decay, gain = self._reverb(plan, rows.shape[0], at, mels.shape[2])
             bank, entry, start, colour, noise_snr = self._noise(plan, rows.shape[0], at, mels.shape[1:])
-            first, partners, babble_snr = _babble(plan, rows.shape[0], at, where)
-            mix_rows(power, decay, gain, bank, entry, start, colour, noise_snr, clean, first, partners, babble_snr)
+            first, members, crowd, babble_snr = _babble(plan, rows.shape[0], at, where)
+            mix_rows(power, decay, gain, bank, entry, start, colour, noise_snr, clean, first, members, crowd,
+                     babble_snr)
             mels[rows] = np.log(power, out=power)  # >= the clean power: nothing below the log floor
             self._scratch_of.clear() if mels.nbytes > MAX_SCRATCH_BYTES else None
         shifted = np.union1d(np.union1d(plan.channel_rows, plan.gain_rows), plan.mask_rows)
@@ -102,7 +103,7 @@ class Augmenter:
     def _power_rows_of(self, mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
         """The clean power of ``rows`` and of babble partners (their union, in row order), and where
         each batch row is in it (-1: not there)."""
-        needed = np.union1d(rows, np.concatenate(plan.babble_partners)) if plan.babble_rows.size else rows
+        needed = np.union1d(rows, np.concatenate(plan.crowds)) if plan.babble_rows.size else rows
         where = np.full(mels.shape[0], -1)
         where[needed] = np.arange(needed.shape[0])
         clean = np.take(mels, needed, axis=0, out=self._scratch("clean", (needed.shape[0], *mels.shape[1:])))
@@ -179,14 +180,10 @@ def _colours(features: FeatureConfig, names: tuple[str, ...]) -> np.ndarray:
 
 
 def _babble(plan: BatchPlan, n: int, at: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Babble partners per power row as CSR (first, rows of the clean powers) and SNRs."""
-    counts, snr = np.zeros(n, np.int64), np.zeros(n)
-    rows = at[plan.babble_rows]
-    counts[rows] = [p.size for p in plan.babble_partners]
-    snr[rows] = plan.babble_snr
-    first = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=first[1:])
-    partners = np.zeros(int(first[-1]), np.int64)
-    for i, r in enumerate(rows.tolist()):
-        partners[first[r]:first[r + 1]] = where[plan.babble_partners[i]]
-    return first, partners, snr
+    """The crowds as CSR (first, rows of the clean powers), each power row's crowd (-1: none) and SNR."""
+    first = np.zeros(len(plan.crowds) + 1, np.int64)
+    np.cumsum([c.size for c in plan.crowds], out=first[1:])
+    members = where[np.concatenate(plan.crowds)] if plan.crowds else np.zeros(0, np.int64)
+    crowd, snr = np.full(n, -1, np.int64), np.zeros(n)
+    crowd[at[plan.babble_rows]], snr[at[plan.babble_rows]] = plan.babble_crowd, plan.babble_snr
+    return first, members, crowd, snr

@@ -27,37 +27,47 @@ def _reverberate(x: np.ndarray, decay: np.ndarray, gain: np.ndarray) -> None:  #
             row[b] += tail[b]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def _add_scaled(x: np.ndarray, added: np.ndarray, scale: np.float32) -> None:  # pragma: no cover
     for k in range(x.shape[0]):
         x[k] += scale * added[k]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def mix_rows(power, decay, gain, noise_bank, noise_entry, noise_start, noise_colour, noise_snr,
-             babble_clean, babble_first, babble_rows, babble_snr) -> None:  # pragma: no cover
+             babble_clean, crowd_first, crowd_rows, row_crowd, babble_snr) -> None:  # pragma: no cover
     """In place on ``power`` (rows, frames, bands) float32, row i:
 
     - reverberation where ``decay[i, 0] >= 0`` (decay, gain: (rows, bands) per band);
     - noise where ``noise_entry[i] >= 0``: ``noise_bank[entry, start:start+frames] * noise_colour[i]``
       scaled so that mean(speech) / mean(noise) = 10^(noise_snr[i] / 10);
-    - babble where ``babble_first[i] < babble_first[i+1]``: the sum of ``babble_clean`` rows
-      ``babble_rows[first:next]``, each scaled to a mean of 1, then scaled to ``babble_snr[i]``.
-    SNRs are relative to the speech as it is after reverberation. Loops run over flat rows, so that
-    LLVM vectorises them. Long because the three kinds share one pass over each row.
+    - babble where ``row_crowd[i] >= 0``: crowd c is the sum of ``babble_clean`` rows
+      ``crowd_rows[crowd_first[c]:crowd_first[c+1]]``, each scaled to a mean of 1 (summed once per
+      batch); it is scaled to ``babble_snr[i]``.
+    SNRs are relative to the speech as it is after reverberation. Loops run over flat rows and sums
+    may be reassociated (fastmath), so that LLVM vectorises them. Long because the three kinds share one pass over each row.
     """
     rows, frames, bands = power.shape
     size = frames * bands
     flat = power.reshape(rows, size)  # C-contiguous views: the flat loops vectorise
     clean = babble_clean.reshape(babble_clean.shape[0], size)
     added = np.empty(size, np.float32)
-    levels = np.full(babble_clean.shape[0], -1.0)  # mean power of each clean row, once
+    n_crowds = crowd_first.shape[0] - 1
+    crowd = np.zeros((n_crowds, size), np.float32)
+    crowd_level = np.zeros(n_crowds)
+    for c in range(n_crowds):
+        for j in range(crowd_first[c], crowd_first[c + 1]):
+            p = clean[crowd_rows[j]]
+            level = p.sum() / size
+            if level > 0:
+                _add_scaled(crowd[c], p, np.float32(1.0 / level))
+        crowd_level[c] = crowd[c].sum() / size
     for i in range(rows):
         x2 = power[i]
         if decay[i, 0] >= 0:
             _reverberate(x2, decay[i], gain[i])
         has_noise = noise_entry[i] >= 0
-        has_babble = babble_first[i] < babble_first[i + 1]
+        has_babble = row_crowd[i] >= 0
         if not (has_noise or has_babble):
             continue
         x = flat[i]
@@ -65,24 +75,19 @@ def mix_rows(power, decay, gain, noise_bank, noise_entry, noise_start, noise_col
         if has_noise:
             crop = noise_bank[noise_entry[i], noise_start[i]:noise_start[i] + frames]
             colour = noise_colour[i]
+            total = 0.0
             for t in range(frames):
                 for b in range(bands):
-                    added[t * bands + b] = crop[t, b] * colour[b]
-            total = added.sum() / size
+                    v = crop[t, b] * colour[b]
+                    added[t * bands + b] = v
+                    total += v
+            total /= size
             if total > 0:
                 _add_scaled(x, added, np.float32(speech / (total * 10.0 ** (noise_snr[i] / 10.0))))
         if has_babble:
-            added[:] = 0.0
-            for j in range(babble_first[i], babble_first[i + 1]):
-                r = babble_rows[j]
-                p = clean[r]
-                if levels[r] < 0:
-                    levels[r] = p.sum() / size
-                if levels[r] > 0:
-                    _add_scaled(added, p, np.float32(1.0 / levels[r]))
-            level = added.sum() / size
-            if level > 0:
-                _add_scaled(x, added, np.float32(speech / (level * 10.0 ** (babble_snr[i] / 10.0))))
+            c = row_crowd[i]
+            if crowd_level[c] > 0:
+                _add_scaled(x, crowd[c], np.float32(speech / (crowd_level[c] * 10.0 ** (babble_snr[i] / 10.0))))
 
 
 @njit(cache=True)

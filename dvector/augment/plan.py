@@ -20,7 +20,8 @@ __all__ = ["RowInfo", "BatchPlan", "draw_plan", "BABBLE_MAX"]
 
 _SALT = {kind: np.uint64(salt) for kind, salt in (("noise", 0x6E01), ("babble", 0xBA66), ("reverb", 0x4E7B),
                                                    ("channel", 0xC4A2), ("specaugment", 0x59EC), ("gain", 0x6A17))}
-BABBLE_MAX = 16  # most babble speakers a row can draw (more are clipped)
+BABBLE_MAX = 16  # most babble speakers a crowd can have (more are clipped)
+CROWDS = 8  # babble crowds per batch
 CHANNEL_COMPONENTS = 3
 
 
@@ -52,7 +53,8 @@ class BatchPlan:
     noise_where: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # uniforms: which bank entry, offset
     babble_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     babble_snr: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    babble_partners: list[np.ndarray] = field(default_factory=list)  # batch rows of other speakers, per row
+    crowds: list[np.ndarray] = field(default_factory=list)  # batch rows of each babble crowd (distinct speakers)
+    babble_crowd: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # each babble row's crowd
     reverb_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     reverb_u: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # RT60, DRR, room
     channel_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -62,6 +64,11 @@ class BatchPlan:
     mask_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     time_masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2), np.int64))  # (rows, masks, [start, end))
     freq_masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2), np.int64))
+
+    @property
+    def babble_partners(self) -> list[np.ndarray]:
+        """The rows mixed into each babble row (its crowd)."""
+        return [self.crowds[c] for c in self.babble_crowd.tolist()]
 
     @property
     def power_rows(self) -> np.ndarray:
@@ -76,22 +83,39 @@ def _masks(u: np.ndarray, count: int, widest: int, size: int) -> np.ndarray:
     return np.stack([start, start + width], axis=-1)
 
 
-def _babble_partners(u: np.ndarray, rows: np.ndarray, speakers: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-    """For each babble row, up to ``counts`` distinct rows of other speakers (none in a one-speaker batch).
+def _crowds(seeds: np.ndarray, speakers: np.ndarray, cfg: AugmentConfig) -> list[np.ndarray]:
+    """The batch's ``CROWDS`` babble crowds: each 3-7 (``babble_speakers``) rows of distinct speakers.
 
-    Vectorised: rows sorted by speaker; a row's j-th draw picks among the rows outside its speaker's
-    run in that order (position ``j`` before the run, ``j + run length`` after it).
+    Drawn from a hash of all the batch's row seeds: a function of the batch's samples, so the same
+    batch (after a resume too) gets the same crowds. One sum per crowd, not one per row, keeps
+    babble's cost to about one pass over each row it changes.
     """
-    order = np.argsort(speakers, kind="stable")
-    sorted_spk = speakers[order]
-    lo = np.searchsorted(sorted_spk, speakers[rows], "left")
-    hi = np.searchsorted(sorted_spk, speakers[rows], "right")
-    others = speakers.shape[0] - (hi - lo)  # (babble rows,)
-    width = int(counts.max()) if counts.size else 0
-    j = (u[:, :width] * others[:, None]).astype(np.int64)
-    j = np.minimum(j, np.maximum(others - 1, 0)[:, None])
-    picked = order[np.where(j < lo[:, None], j, j + (hi - lo)[:, None]) % speakers.shape[0]]
-    return [np.unique(picked[i, :counts[i]]) if others[i] else picked[i, :0] for i in range(rows.shape[0])]
+    batch_seed = np.bitwise_xor.reduce(seeds) ^ _SALT["babble"]
+    unique = np.unique(speakers)
+    lo, hi = min(cfg.babble_speakers[0], BABBLE_MAX), min(cfg.babble_speakers[1], BABBLE_MAX)
+    u = uniforms(splitmix64(batch_seed + np.arange(CROWDS, dtype=np.uint64)), 1 + 2 * BABBLE_MAX)
+    crowds = []
+    for c in range(CROWDS):
+        count = min(int(lo + _pick(u[c, :1], hi - lo + 1)[0]), unique.size)
+        voices = unique[np.argsort(u[c, 1:1 + unique.size])[:count]] if unique.size <= BABBLE_MAX else \
+            unique[np.unique(_pick(u[c, 1:1 + count], unique.size))]
+        rows = [np.flatnonzero(speakers == v) for v in voices]
+        crowds.append(np.sort([r[_pick(u[c, 1 + BABBLE_MAX + j:2 + BABBLE_MAX + j], r.size)[0]]
+                               for j, r in enumerate(rows)]).astype(np.int64))
+    return crowds
+
+
+def _babble_crowd(u: np.ndarray, rows: np.ndarray, speakers: np.ndarray, crowds: list[np.ndarray]) -> np.ndarray:
+    """Each babble row's crowd: the drawn one or the next without the row's speaker (-1: none is)."""
+    out = np.full(rows.shape[0], -1, np.int64)
+    first = _pick(u, len(crowds))
+    for i, r in enumerate(rows.tolist()):
+        for step in range(len(crowds)):
+            c = (first[i] + step) % len(crowds)
+            if crowds[c].size and not np.any(speakers[crowds[c]] == speakers[r]):
+                out[i] = c
+                break
+    return out
 
 
 def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels: int,
@@ -110,14 +134,14 @@ def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels
     if chosen.size:
         plan.noise_rows, plan.noise_snr, plan.noise_where = chosen, _span(u[:, 0], cfg.noise_snr), u[:, 2:4]
         plan.noise_source = np.full(chosen.size, -1) if has_recordings else _pick(u[:, 1], n_colours)
-    chosen, u = block("babble", 2 + BABBLE_MAX)
+    chosen, u = block("babble", 2)
     if chosen.size:
-        lo, hi = min(cfg.babble_speakers[0], BABBLE_MAX), min(cfg.babble_speakers[1], BABBLE_MAX)
-        counts = lo + _pick(u[:, 1], hi - lo + 1)
-        partners = _babble_partners(u[:, 2:], chosen, np.asarray(rows.speakers), counts)
-        keep = np.asarray([p.size > 0 for p in partners], bool)  # a batch of one speaker has no babble
+        speakers = np.asarray(rows.speakers)
+        crowds = _crowds(seeds, speakers, cfg)
+        crowd = _babble_crowd(u[:, 1], chosen, speakers, crowds)
+        keep = crowd >= 0  # a batch of one speaker has no babble
         plan.babble_rows, plan.babble_snr = chosen[keep], _span(u[keep, 0], cfg.babble_snr)
-        plan.babble_partners = [p for p, k in zip(partners, keep) if k]
+        plan.crowds, plan.babble_crowd = crowds, crowd[keep]
     chosen, u = block("reverb", 3)
     if chosen.size:
         plan.reverb_rows, plan.reverb_u = chosen, u
