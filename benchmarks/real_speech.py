@@ -4,7 +4,7 @@ with the untrained network and Resemblyzer's pretrained encoder, on trial lists 
 Protocol (also in ``benchmarks/real_speech/README.md``):
 
 - Four corpora (roots of real-dev): audiomnist_az, emodb, fsdd, librispeech_test_other. In-corpus
-  held-out speakers (the same as ``benchmarks/real_dev.sh``): az48-az59, emodb spk14-16, fsdd theo and
+  held-out speakers: az48-az59, emodb spk14-16, fsdd theo and
   yweweler, LibriSpeech 3331, 367, 533 (20 speakers); ``benchmarks/real_speech/splits.tsv``.
 - A fold holds out one whole corpus X. It trains on the other three corpora minus their held-out
   speakers (plus every speaker of ``--extra DIR``, e.g. real-extra's 251 LibriSpeech speakers) and

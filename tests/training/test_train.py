@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dvector.training.checkpoint import load_checkpoint
-from dvector.config import ModelConfig, TrainConfig
+from dvector.config import AUGMENT_KINDS, AugmentConfig, ModelConfig, TrainConfig
 from dvector.stream.batches import BatchSettings
 from dvector.stream.loader import GE2ELoader
 from dvector.shards.locate import resolve_shards
@@ -31,9 +31,11 @@ from dvector.training.validation import MAX_VALID_SPEAKERS, collect_validation, 
 from train_helpers import N_SPEAKERS, assert_same_weights, ckpt_dir, numbered
 
 TINY = ModelConfig.preset("tiny")
-# small batches; lr decays inside the runs and SGD has momentum, so optimizer and scheduler state matter on resume
+# small batches; lr decays inside the runs and SGD has momentum, so optimizer and scheduler state matter on resume;
+# every augmentation kind on, so that exact resume covers the augmented stream too
 BASE = TrainConfig(steps=20, save_every=10, decay_every=7, valid_every=10, log_every=1, n_speakers=4,
-                   n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=5)
+                   n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=5,
+                   augment=AugmentConfig(kinds=AUGMENT_KINDS))
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -253,7 +255,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     torch.set_num_threads(1)
-    from dvector.config import ModelConfig, TrainConfig
+    from dvector.config import AUGMENT_KINDS, AugmentConfig, ModelConfig, TrainConfig
     from dvector.training.loop import train
     args = json.loads(sys.argv[1])
     cfg = TrainConfig.from_dict(args["cfg"])
