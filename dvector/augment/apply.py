@@ -76,16 +76,16 @@ class Augmenter:
         """Apply ``plan`` to ``mels`` in place (see the module doc for the order)."""
         rows = plan.power_rows
         if rows.size:
-            clean, where = self._power_rows_of(mels, rows, plan)
-            power = np.take(clean, where[rows], axis=0, out=self._scratch("power", (rows.shape[0], *mels.shape[1:])))
+            power, where = self._clean_power(mels, rows, plan)
             at = np.full(mels.shape[0], -1)
-            at[rows] = np.arange(rows.shape[0])  # batch row -> row of ``power``
+            at[rows] = np.arange(rows.shape[0])  # batch row -> its place among the power rows
             decay, gain = self._reverb(plan, rows.shape[0], at, mels.shape[2])
             bank, entry, start, colour, noise_snr = self._noise(plan, rows.shape[0], at, mels.shape[1:])
             first, members, crowd, babble_snr = _babble(plan, rows.shape[0], at, where)
-            mix_rows(power, decay, gain, bank, entry, start, colour, noise_snr, clean, first, members, crowd,
+            mix_rows(power, where[rows], decay, gain, bank, entry, start, colour, noise_snr, first, members, crowd,
                      babble_snr)
-            mels[rows] = np.log(power, out=power)  # >= the clean power: nothing below the log floor
+            for a, b in _runs(rows):  # back to log (>= the clean power: nothing below the log floor)
+                np.log(power[where[a]:where[a] + b - a], out=mels[a:b])
             self._scratch_of.clear() if mels.nbytes > MAX_SCRATCH_BYTES else None
         shifted = np.union1d(np.union1d(plan.channel_rows, plan.gain_rows), plan.mask_rows)
         if shifted.size:
@@ -100,14 +100,17 @@ class Augmenter:
             buf = self._scratch_of[name] = np.empty(size, np.float32)
         return buf[:size].reshape(shape)
 
-    def _power_rows_of(self, mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
-        """The clean power of ``rows`` and of babble partners (their union, in row order), and where
-        each batch row is in it (-1: not there)."""
+    def _clean_power(self, mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        """The power of ``rows`` and of the babble crowds' rows (their union, in row order), and where
+        each batch row is in it (-1: not there). Consecutive rows go through ``exp`` as one slice
+        (a gather of the rows first would cost as much as the exp)."""
         needed = np.union1d(rows, np.concatenate(plan.crowds)) if plan.babble_rows.size else rows
         where = np.full(mels.shape[0], -1)
         where[needed] = np.arange(needed.shape[0])
-        clean = np.take(mels, needed, axis=0, out=self._scratch("clean", (needed.shape[0], *mels.shape[1:])))
-        return np.exp(clean, out=clean), where
+        power = self._scratch("power", (needed.shape[0], *mels.shape[1:]))
+        for a, b in _runs(needed):
+            np.exp(mels[a:b], out=power[where[a]:where[a] + b - a])
+        return power, where
 
     def _reverb(self, plan: BatchPlan, n: int, at: np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, n_mels) decay and gain per power row (decay -1: no reverberation)."""
@@ -179,8 +182,17 @@ def _colours(features: FeatureConfig, names: tuple[str, ...]) -> np.ndarray:
     return np.stack([table[known.index(c)] for c in names])
 
 
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct rows as [start, stop) runs of consecutive ones."""
+    if not rows.size:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts, stops = rows[np.r_[0, breaks]], rows[np.r_[breaks - 1, rows.size - 1]] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
 def _babble(plan: BatchPlan, n: int, at: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The crowds as CSR (first, rows of the clean powers), each power row's crowd (-1: none) and SNR."""
+    """The crowds as CSR (first, their rows in the power buffer), each power row's crowd (-1: none), SNR."""
     first = np.zeros(len(plan.crowds) + 1, np.int64)
     np.cumsum([c.size for c in plan.crowds], out=first[1:])
     members = where[np.concatenate(plan.crowds)] if plan.crowds else np.zeros(0, np.int64)

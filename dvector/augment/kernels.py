@@ -34,43 +34,42 @@ def _add_scaled(x: np.ndarray, added: np.ndarray, scale: np.float32) -> None:  #
 
 
 @njit(cache=True, fastmath=True)
-def mix_rows(power, decay, gain, noise_bank, noise_entry, noise_start, noise_colour, noise_snr,
-             babble_clean, crowd_first, crowd_rows, row_crowd, babble_snr) -> None:  # pragma: no cover
-    """In place on ``power`` (rows, frames, bands) float32, row i:
+def mix_rows(power, rows_of, decay, gain, noise_bank, noise_entry, noise_start, noise_colour, noise_snr,
+             crowd_first, crowd_rows, row_crowd, babble_snr) -> None:  # pragma: no cover
+    """In place on ``power`` (n, frames, bands) float32, clean powers: row ``rows_of[i]`` gets, for i:
 
     - reverberation where ``decay[i, 0] >= 0`` (decay, gain: (rows, bands) per band);
     - noise where ``noise_entry[i] >= 0``: ``noise_bank[entry, start:start+frames] * noise_colour[i]``
       scaled so that mean(speech) / mean(noise) = 10^(noise_snr[i] / 10);
-    - babble where ``row_crowd[i] >= 0``: crowd c is the sum of ``babble_clean`` rows
+    - babble where ``row_crowd[i] >= 0``: crowd c is the sum of ``power`` rows
       ``crowd_rows[crowd_first[c]:crowd_first[c+1]]``, each scaled to a mean of 1 (summed once per
-      batch); it is scaled to ``babble_snr[i]``.
+      batch, before any row changes); it is scaled to ``babble_snr[i]``.
     SNRs are relative to the speech as it is after reverberation. Loops run over flat rows and sums
     may be reassociated (fastmath), so that LLVM vectorises them. Long because the three kinds share one pass over each row.
     """
-    rows, frames, bands = power.shape
+    frames, bands = power.shape[1], power.shape[2]
     size = frames * bands
-    flat = power.reshape(rows, size)  # C-contiguous views: the flat loops vectorise
-    clean = babble_clean.reshape(babble_clean.shape[0], size)
+    flat = power.reshape(power.shape[0], size)  # C-contiguous views: the flat loops vectorise
     added = np.empty(size, np.float32)
     n_crowds = crowd_first.shape[0] - 1
     crowd = np.zeros((n_crowds, size), np.float32)
     crowd_level = np.zeros(n_crowds)
     for c in range(n_crowds):
         for j in range(crowd_first[c], crowd_first[c + 1]):
-            p = clean[crowd_rows[j]]
+            p = flat[crowd_rows[j]]
             level = p.sum() / size
             if level > 0:
                 _add_scaled(crowd[c], p, np.float32(1.0 / level))
         crowd_level[c] = crowd[c].sum() / size
-    for i in range(rows):
-        x2 = power[i]
+    for i in range(rows_of.shape[0]):
+        x2 = power[rows_of[i]]
         if decay[i, 0] >= 0:
             _reverberate(x2, decay[i], gain[i])
         has_noise = noise_entry[i] >= 0
         has_babble = row_crowd[i] >= 0
         if not (has_noise or has_babble):
             continue
-        x = flat[i]
+        x = flat[rows_of[i]]
         speech = x.sum() / size
         if has_noise:
             crop = noise_bank[noise_entry[i], noise_start[i]:noise_start[i] + frames]

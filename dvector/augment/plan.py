@@ -107,15 +107,13 @@ def _crowds(seeds: np.ndarray, speakers: np.ndarray, cfg: AugmentConfig) -> list
 
 def _babble_crowd(u: np.ndarray, rows: np.ndarray, speakers: np.ndarray, crowds: list[np.ndarray]) -> np.ndarray:
     """Each babble row's crowd: the drawn one or the next without the row's speaker (-1: none is)."""
-    out = np.full(rows.shape[0], -1, np.int64)
-    first = _pick(u, len(crowds))
-    for i, r in enumerate(rows.tolist()):
-        for step in range(len(crowds)):
-            c = (first[i] + step) % len(crowds)
-            if crowds[c].size and not np.any(speakers[crowds[c]] == speakers[r]):
-                out[i] = c
-                break
-    return out
+    holds = np.zeros((len(crowds), rows.shape[0]), bool)  # crowd c holds row i's speaker
+    for c, members in enumerate(crowds):
+        holds[c] = np.isin(speakers[rows], speakers[members])
+    step = np.arange(len(crowds))
+    order = (_pick(u, len(crowds))[:, None] + step[None, :]) % len(crowds)  # (rows, crowds): tried in turn
+    fits = ~holds[order, np.arange(rows.shape[0])[:, None]]
+    return np.where(fits.any(1), order[np.arange(rows.shape[0]), fits.argmax(1)], -1)
 
 
 def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels: int,
