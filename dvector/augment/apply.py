@@ -20,7 +20,7 @@ from dvector.augment.spectra import (COLOUR_EXPONENTS, channel_curves, colour_po
 from dvector.config import AugmentConfig, FeatureConfig
 from dvector.errors import DvectorError
 
-__all__ = ["AugmentPlan", "Augmenter"]
+__all__ = ["AugmentPlan", "Augmenter", "bank_frames"]
 
 MAX_SCRATCH_BYTES = 1 << 28  # batches bigger than this do not keep their scratch buffers
 HIGH_BAND_RT60 = 0.6  # the top band's RT60 relative to the lowest (air and walls absorb highs faster)
@@ -48,7 +48,7 @@ class Augmenter:
         self.colours = _colours(features, config.noise_colours)  # (colours, n_mels)
         self.noise = load_noise(sources)  # (frames, n_mels) float16 log-mels, or None
         self.rooms = load_rooms(sources)  # (rooms, 2, n_mels), or None
-        self._bank = np.zeros((0, 0, 0), np.float32)
+        self._banks: dict[int, np.ndarray] = {}  # coloured-noise fluctuations by length (bank_frames)
         self._scratch_of: dict[str, np.ndarray] = {}
 
     def _use_bands(self, n_mels: int) -> None:
@@ -57,7 +57,7 @@ class Augmenter:
                                f"recordings were prepared with {self.features.n_mels}")
         self.features = replace(self.features, n_mels=n_mels)
         self.colours = _colours(self.features, self.config.noise_colours)
-        self._bank = np.zeros((0, 0, 0), np.float32)
+        self._banks.clear()
 
     def plan(self, rows: RowInfo, seg_len: int) -> BatchPlan:
         """Every row's draws for a batch of ``seg_len``-frame crops."""
@@ -157,9 +157,15 @@ class Augmenter:
         return bank, entry, start, colour, snr
 
     def _fluctuations(self, frames: int) -> np.ndarray:
-        if self._bank.shape[1] < frames:
-            self._bank = fluctuation_bank(self.features, self.seed, frames=max(512, frames))
-        return self._bank
+        """The fluctuation bank for ``frames``-frame crops: its length is a function of ``frames``
+        alone (never of the crops seen before), so a batch's noise does not depend on batch order."""
+        size = bank_frames(frames)
+        bank = self._banks.get(size)
+        if bank is None:
+            if len(self._banks) >= 4:
+                self._banks.clear()
+            bank = self._banks[size] = fluctuation_bank(self.features, self.seed, frames=size)
+        return bank
 
     def _shift_and_mask(self, mels: np.ndarray, plan: BatchPlan, rows: np.ndarray) -> None:
         at = np.full(mels.shape[0], -1)
@@ -174,6 +180,12 @@ class Augmenter:
         freq_masks = np.zeros((rows.shape[0], plan.freq_masks.shape[1], 2), np.int64)
         time_masks[at[plan.mask_rows]], freq_masks[at[plan.mask_rows]] = plan.time_masks, plan.freq_masks
         shift_and_mask(mels, rows.astype(np.int64), offset, time_masks, freq_masks)
+
+
+def bank_frames(frames: int) -> int:
+    """Frames of the fluctuation bank that crops of ``frames`` frames are cut from: 512, or the next
+    power of two above it."""
+    return max(512, 1 << max(frames - 1, 0).bit_length())
 
 
 def _colours(features: FeatureConfig, names: tuple[str, ...]) -> np.ndarray:

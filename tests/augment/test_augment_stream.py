@@ -56,6 +56,15 @@ def test_augmented_batches_are_the_plain_crops_changed_and_resume_exactly(shards
         np.testing.assert_array_equal(a.mels, b.mels)
 
 
+def test_float16_batches_are_the_float32_ones_rounded(shards: Path) -> None:
+    s = settings(AugmentConfig(kinds=AUGMENT_KINDS))
+    wide = batches(shards, s, 6)
+    narrow = list(itertools.islice(consumer_batches(urls(shards), s, Consumer(), None, dtype=np.float16), 6))
+    for (a, _, _), (b, _, _) in zip(wide, narrow):
+        assert b.mels.dtype == np.float16
+        np.testing.assert_array_equal(b.mels, a.mels.astype(np.float16))
+
+
 def test_all_probabilities_zero_give_the_plain_batches(shards: Path) -> None:
     zero = AugmentConfig(kinds=AUGMENT_KINDS, **{f"{k}_prob": 0.0 for k in AUGMENT_KINDS})
     for (a, _, _), (b, _, _) in zip(batches(shards, settings(None), 8), batches(shards, settings(zero), 8)):
