@@ -84,7 +84,8 @@ def _masks(u: np.ndarray, count: int, widest: int, size: int) -> np.ndarray:
 
 
 def _crowds(seeds: np.ndarray, speakers: np.ndarray, cfg: AugmentConfig) -> list[np.ndarray]:
-    """The batch's ``CROWDS`` babble crowds: each 3-7 (``babble_speakers``) rows of distinct speakers.
+    """The batch's ``CROWDS`` babble crowds: each 3-7 (``babble_speakers``) rows of distinct speakers
+    (fewer in a batch of fewer speakers: at most all of them but one).
 
     Drawn from a hash of all the batch's row seeds: a function of the batch's samples, so the same
     batch (after a resume too) gets the same crowds. One sum per crowd, not one per row, keeps
@@ -96,7 +97,8 @@ def _crowds(seeds: np.ndarray, speakers: np.ndarray, cfg: AugmentConfig) -> list
     u = uniforms(splitmix64(batch_seed + np.arange(CROWDS, dtype=np.uint64)), 1 + 2 * BABBLE_MAX)
     crowds = []
     for c in range(CROWDS):
-        count = min(int(lo + _pick(u[c, :1], hi - lo + 1)[0]), unique.size)
+        # at most all speakers but one: a crowd of every speaker would fit no row (batches of few speakers)
+        count = min(int(lo + _pick(u[c, :1], hi - lo + 1)[0]), max(unique.size - 1, 1))
         voices = unique[np.argsort(u[c, 1:1 + unique.size])[:count]] if unique.size <= BABBLE_MAX else \
             unique[np.unique(_pick(u[c, 1:1 + count], unique.size))]
         rows = [np.flatnonzero(speakers == v) for v in voices]
@@ -138,8 +140,9 @@ def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels
         crowds = _crowds(seeds, speakers, cfg)
         crowd = _babble_crowd(u[:, 1], chosen, speakers, crowds)
         keep = crowd >= 0  # a batch of one speaker has no babble
-        plan.babble_rows, plan.babble_snr = chosen[keep], _span(u[keep, 0], cfg.babble_snr)
-        plan.crowds, plan.babble_crowd = crowds, crowd[keep]
+        if keep.any():  # (crowds no row uses would still be summed)
+            plan.babble_rows, plan.babble_snr = chosen[keep], _span(u[keep, 0], cfg.babble_snr)
+            plan.crowds, plan.babble_crowd = crowds, crowd[keep]
     chosen, u = block("reverb", 3)
     if chosen.size:
         plan.reverb_rows, plan.reverb_u = chosen, u

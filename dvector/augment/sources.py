@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvector.augment.reverb import fit_decay
+from dvector.augment.reverb import direct_spread, fit_decay
 from dvector.config import FeatureConfig
 from dvector.errors import DvectorError
 from dvector.files import atomic_write, display_path
@@ -31,6 +31,7 @@ __all__ = ["SourcePaths", "prepare_sources", "load_noise", "load_rooms", "AUDIO_
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".sph")
 MAX_FILE_FRAMES = 60 * 100  # a minute of noise per file at a 10 ms hop
 MAX_NOISE_FRAMES = 500_000  # ~83 minutes in all (80 MB at 40 bands, float16)
+ROOM_FIT = 2  # the version of fit_decay's method (2: the direct sound spread over its frames): part of the cache key
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _mel_power_or_none(path: Path, features: FeatureConfig, max_frames: int) -> 
 
 def _key(kind: str, files: list[Path], features: FeatureConfig) -> str:
     stat = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-    text = json.dumps([kind, stat, features.to_dict(), MAX_FILE_FRAMES, MAX_NOISE_FRAMES])
+    text = json.dumps([kind, stat, features.to_dict(), MAX_FILE_FRAMES, MAX_NOISE_FRAMES, ROOM_FIT])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -102,7 +103,8 @@ def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache
             for f in files:
                 mel = _mel_power_or_none(f, features, 400)  # 4 s of response is plenty
                 if mel is not None:
-                    fits.append(np.stack(fit_decay(np.exp(mel.astype(np.float64)))))
+                    spread = direct_spread(features.win_length, features.hop_length)
+                    fits.append(np.stack(fit_decay(np.exp(mel.astype(np.float64)), spread=spread)))
             if not fits:
                 raise DvectorError(f"{display_path(Path(rir_dir))}: no readable room response")
             cache_dir.mkdir(parents=True, exist_ok=True)

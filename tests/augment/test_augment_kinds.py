@@ -219,3 +219,59 @@ def test_augment_lists_parse_with_clear_errors() -> None:
         AugmentConfig(noise_prob=1.5)
     with pytest.raises(DvectorError, match="LO <= HI"):
         AugmentConfig(noise_snr="20:5")
+
+
+def test_babble_is_the_partners_own_crops_summed() -> None:
+    mels, info = batch()
+    out = mels.copy()
+    plan = only("babble")(out, info)
+    assert plan.babble_rows.size > 0
+    power = np.exp(mels.astype(np.float64))
+    for i, row in enumerate(plan.babble_rows):
+        crowd = sum(power[p] / power[p].mean() for p in plan.babble_partners[i])
+        scale = power[row].mean() / (crowd.mean() * 10 ** (plan.babble_snr[i] / 10))
+        np.testing.assert_allclose(out[row], np.log(power[row] + scale * crowd), atol=2e-3)
+
+
+@pytest.mark.parametrize("speakers", [2, 3, 4])
+def test_babble_reaches_batches_of_few_speakers(speakers: int) -> None:
+    n = speakers * M
+    rng = np.random.default_rng(speakers)
+    mels = rng.normal(-4.0, 2.0, (n, L, BANDS)).astype(np.float32)
+    info = RowInfo([f"k{i}" for i in range(n)], [0] * n, list(range(n)), np.repeat(np.arange(speakers), M))
+    out = mels.copy()
+    plan = only("babble")(out, info)
+    assert plan.babble_rows.size >= n // 2  # a crowd of every speaker would fit no row
+    for i, row in enumerate(plan.babble_rows):
+        assert not np.any(info.speakers[plan.babble_partners[i]] == info.speakers[row])
+    untouched = np.setdiff1d(np.arange(n), plan.babble_rows)
+    assert np.array_equal(out[untouched], mels[untouched])
+
+
+def test_coloured_noise_of_a_batch_does_not_depend_on_the_batches_before() -> None:
+    mels, info = batch()
+    aug = only("noise")
+    first = mels.copy()
+    aug(first, info)
+    long_rows = np.random.default_rng(5).normal(-4.0, 2.0, (ROWS, 700, BANDS)).astype(np.float32)
+    aug(long_rows, info)  # crops longer than the usual noise bank
+    again = mels.copy()
+    aug(again, info)
+    assert np.array_equal(again, first)  # as a worker that never saw the long crops would make it
+
+
+@pytest.mark.parametrize("lead", [0, 40, 80, 120])
+def test_a_room_response_fit_does_not_depend_on_where_the_direct_sound_falls(lead: int) -> None:
+    from dvector.augment.reverb import direct_spread
+    from dvector.signal.features import log_mel
+
+    features, rate, rt60 = FeatureConfig(), 16000, 0.5
+    t = np.arange(int(0.8 * rate)) / rate
+    tail = 0.1 * np.random.default_rng(0).standard_normal(t.shape[0]) * np.exp(-3 * math.log(10) * t / rt60)
+    rir = np.concatenate([np.zeros(lead), tail])
+    rir[lead] = 8.0  # the direct sound, ``lead`` samples into the first hop: between frame centres at 80
+    envelope = np.exp(log_mel(rir / np.abs(rir).max(), features).astype(np.float64))
+    decay, gain = fit_decay(envelope, spread=direct_spread(features.win_length, features.hop_length))
+    expected = math.exp(-math.log(1e6) * features.hop_length / rate / rt60)
+    assert np.median(decay) == pytest.approx(expected, abs=0.06)
+    assert np.median(gain) < 0.05  # a weak tail (DRR ~10 dB), not the direct sound's other half
