@@ -3,7 +3,8 @@
 ``--noise-dir`` and ``--rir-dir`` name folders of audio (MUSAN, RIRS_NOISES or any). Each file is
 decoded, resampled to the shards' rate and turned into log-mels with the shards' feature settings
 (no VAD: noise is not speech); noise is kept as one float16 log-mel array (at most
-``MAX_NOISE_FRAMES`` in all, ``MAX_FILE_FRAMES`` per file), each room response as its per-band decay
+``MAX_NOISE_FRAMES`` in all, shared evenly among the files, so that a big folder's first
+sub-folders do not take it all), each room response as its per-band decay
 and gain (:func:`dvector.augment.reverb.fit_decay`). The result is cached as ``.npy`` files in the
 run folder, keyed by the file list and the settings, and loaded memory-mapped by each worker.
 """
@@ -31,6 +32,7 @@ __all__ = ["SourcePaths", "prepare_sources", "load_noise", "load_rooms", "AUDIO_
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".sph")
 MAX_FILE_FRAMES = 60 * 100  # a minute of noise per file at a 10 ms hop
 MAX_NOISE_FRAMES = 500_000  # ~83 minutes in all (80 MB at 40 bands, float16)
+MIN_FILE_FRAMES = 500  # each file gives at least 5 s (while the total lasts), however many there are
 ROOM_FIT = 2  # the version of fit_decay's method (2: the direct sound spread over its frames): part of the cache key
 
 
@@ -59,7 +61,8 @@ def _mel_power_or_none(path: Path, features: FeatureConfig, max_frames: int) -> 
     except (DecodeError, OSError) as e:
         warnings.warn(f"{display_path(path)}: skipped: {e}", RuntimeWarning, stacklevel=3)
         return None
-    wav = resample(to_mono(wav), rate, features.sample_rate)[: max_frames * features.hop_length]
+    keep = int(max_frames * features.hop_length * rate / features.sample_rate) + 1  # cut before resampling
+    wav = resample(to_mono(wav[:keep]), rate, features.sample_rate)[: max_frames * features.hop_length]
     if wav.shape[0] < min_samples(features) or not np.isfinite(wav).all():
         warnings.warn(f"{display_path(path)}: skipped: too short or not finite", RuntimeWarning, stacklevel=3)
         return None
@@ -68,7 +71,7 @@ def _mel_power_or_none(path: Path, features: FeatureConfig, max_frames: int) -> 
 
 def _key(kind: str, files: list[Path], features: FeatureConfig) -> str:
     stat = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-    text = json.dumps([kind, stat, features.to_dict(), MAX_FILE_FRAMES, MAX_NOISE_FRAMES, ROOM_FIT])
+    text = json.dumps([kind, stat, features.to_dict(), MAX_FILE_FRAMES, MAX_NOISE_FRAMES, MIN_FILE_FRAMES, ROOM_FIT])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -85,11 +88,14 @@ def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache
         path = cache_dir / f"noise-{_key('noise', files, features)}.npy"
         if not path.exists():
             mels, total = [], 0
+            share = min(MAX_FILE_FRAMES, max(MIN_FILE_FRAMES, MAX_NOISE_FRAMES // len(files)))  # every file counts
             for f in files:
-                mel = _mel_power_or_none(f, features, MAX_FILE_FRAMES)
-                if mel is not None and total < MAX_NOISE_FRAMES:
-                    mels.append(mel[: MAX_NOISE_FRAMES - total].astype(np.float16))
-                    total += mels[-1].shape[0]
+                if total >= MAX_NOISE_FRAMES:
+                    break
+                mel = _mel_power_or_none(f, features, min(share, MAX_NOISE_FRAMES - total))
+                if mel is not None:
+                    mels.append(mel.astype(np.float16))
+                    total += mel.shape[0]
             if not mels:
                 raise DvectorError(f"{display_path(Path(noise_dir))}: no readable noise recording")
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,8 @@ AugmentProb = Annotated[str, typer.Option(
     + ",".join(f"{k}={augment_default(k + '_prob'):g}" for k in AUGMENT_KINDS) + ").")]
 NoiseSnr = Annotated[str, typer.Option("--noise-snr", help="SNR range of added noise, dB (LO:HI).")]
 BabbleSnr = Annotated[str, typer.Option("--babble-snr", help="SNR range of babble (3-7 other speakers), dB.")]
-ReverbRt60 = Annotated[str, typer.Option("--reverb-rt60", help="RT60 range of the simulated rooms, seconds.")]
+ReverbRt60 = Annotated[str, typer.Option(
+    "--reverb-rt60", help="RT60 range of the simulated rooms, seconds (the top mel band decays in 0.6 of it).")]
 NoiseDir = Annotated[Optional[Path], typer.Option(
     "--noise-dir", help="Folder of noise recordings (e.g. MUSAN) for 'noise' instead of coloured noise.")]
 RirDir = Annotated[Optional[Path], typer.Option(

@@ -34,6 +34,19 @@ class Distributed:
         """Rank 0: the one that logs, validates and saves."""
         return self.rank == 0
 
+    def first_on_rank0(self, work: Callable[[], R]) -> R:
+        """``work()`` on rank 0, then on the other ranks (which then find what rank 0 cached):
+        once per machine's shared folder instead of once per process."""
+        if self.world <= 1 or not dist.is_initialized():
+            return work()
+        if self.main:
+            try:
+                return work()
+            finally:
+                dist.barrier()  # also after a failure: the others then fail the same way, none waits
+        dist.barrier()
+        return work()
+
 
 def setup_distributed(device_kind: str) -> Distributed:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dvector.augment import AugmentPlan
-from dvector.augment.sources import prepare_sources
+from dvector.augment.sources import SourcePaths, prepare_sources
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.nn.loss import GE2ELoss
@@ -257,7 +257,17 @@ def augment_plan(cfg: TrainConfig, ctx: RunContext) -> AugmentPlan | None:
     if not cfg.augment.kinds:
         return None
     features = ctx.features or FeatureConfig(n_mels=ctx.model_cfg.n_mels)
-    sources = prepare_sources(cfg.augment.noise_dir, cfg.augment.rir_dir, features, ctx.model_dir / "augment")
+    noise_dir, rir_dir = cfg.augment.noise_dir, cfg.augment.rir_dir
+    for folder, kind, option in ((noise_dir, "noise", "--noise-dir"), (rir_dir, "reverb", "--rir-dir")):
+        if folder and kind not in cfg.augment.kinds:
+            ctx.say(f"note: {option} is not used: {kind!r} is not among the augmentation kinds")
+    noise_dir = noise_dir if "noise" in cfg.augment.kinds else ""
+    rir_dir = rir_dir if "reverb" in cfg.augment.kinds else ""
+
+    def prepare() -> SourcePaths:
+        return prepare_sources(noise_dir, rir_dir, features, ctx.model_dir / "augment")
+
+    sources = ctx.ddp.first_on_rank0(prepare) if (noise_dir or rir_dir) else SourcePaths()
     return AugmentPlan(cfg.augment, features, cfg.seed, sources)
 
 

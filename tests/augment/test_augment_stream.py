@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 from typer.testing import CliRunner
@@ -148,3 +149,19 @@ def test_train_records_its_augmentation_and_refuses_unknown_kinds(shards: Path, 
             main(["train", str(shards), str(tmp_path / "bad"), "-i", "2", *SMALL, *bad])
         err = capsys.readouterr().err
         assert exit_info.value.code != 0 and err.count("error:") == 1 and said in err and "Traceback" not in err
+
+
+def test_the_loader_and_train_use_noise_folders_only_for_their_kind(shards: Path, tmp_path: Path) -> None:
+    write_wav(tmp_path / "noise" / "hiss.wav", 0.05 * np.random.default_rng(1).standard_normal(32000))
+    loader = ge2e_loader(shards, N, M, L, workers=0, seed=1,
+                         augment=AugmentConfig(kinds=("noise",), noise_dir=str(tmp_path / "noise")))
+    assert loader.settings.augment.sources.noise  # prepared (cached by content), not silently ignored
+    mels, _ = next(iter(loader))
+    assert bool(torch.isfinite(mels).all())
+    result = CliRunner().invoke(__import__("dvector.cli", fromlist=["app"]).app,
+                                ["train", str(shards), str(tmp_path / "run"), "-i", "2", "-s", "2", *SMALL,
+                                 "--augment", "reverb", "--noise-dir", str(tmp_path / "noise")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--noise-dir is not used" in " ".join(result.output.split())
+    assert not (tmp_path / "run" / "augment").exists()  # nothing prepared for a kind that is off
