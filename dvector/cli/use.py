@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 from rich.markup import escape
@@ -11,6 +11,8 @@ from rich.markup import escape
 from dvector.cli.console import console, counting_bar, print_skipped, progress, say, warn
 from dvector.cli.options import (EXTENSIONS, Extensions, Model, Seed, Threads, extensions_option, model_argument,
                                  out_option, seed_option, threads_option)
+
+DEFAULT_TOP_N = 300  # dvector.use.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
 
 Inputs = Annotated[List[str], typer.Argument(
     help="Audio files, folders (searched recursively), shard folders or URLs.")]
@@ -38,6 +40,12 @@ SpeakerRoot = Annotated[Path, typer.Argument(help="A root of speaker folders.")]
 PictureOut = out_option("Output PNG.")
 MaxSpeakers = Annotated[int, typer.Option("--max-speakers", help="Map at most this many speakers (a seeded sample).")]
 PerSpeaker = Annotated[int, typer.Option("--per-speaker", help="Utterances per speaker (a seeded sample).")]
+Norm = Annotated[str, typer.Option(
+    "--norm", help="Score normalisation against --cohort: asnorm (adaptive S-norm, top --cohort-top), snorm, or none.")]
+Cohort = Annotated[Optional[str], typer.Option(
+    "--cohort", help="Cohort shards (folder, pattern or URL): the mean embedding of each speaker; needed by --norm.")]
+CohortTop = Annotated[int, typer.Option(
+    "--cohort-top", help="AS-norm: the N highest cohort scores of each side (a smaller cohort is used whole).")]
 MapThreads = threads_option("CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one).")
 
 
@@ -59,29 +67,43 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
 
 
 def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOverride = None,
-              threads: Threads = 0) -> None:
-    """Cosine score of two utterances, and same/different speaker at the threshold `eval` stored."""
-    from dvector.use.embedder import load
-    from dvector.use.results import decide
+              threads: Threads = 0, norm: Norm = "none", cohort: Cohort = None,
+              cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
+    """Cosine score of two utterances (normalised with --norm), and same/different speaker at the
+    threshold `eval` stored."""
+    from dvector.use.results import decide_normalized
 
-    decision = decide(load(model, threads=threads), a, b, model, threshold)
+    with progress() as bar:
+        decision, score_norm = decide_normalized(model, a, b, norm, cohort, cohort_top, threshold, threads,
+                                                 on_cohort=counting_bar(bar, "cohort"))
+    if score_norm is not None:
+        print_skipped(score_norm.cohort.skipped)
+        if score_norm.note:
+            say(score_norm.note)
     used = decision.threshold
     if used.note:
         console.print(f"[yellow]warning:[/] {escape(used.note)}", highlight=False)
-    print(f"score {decision.score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision.text}")
+    what = f"{score_norm.method} score" if score_norm is not None else "score"
+    print(f"{what} {decision.score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision.text}")
 
 
 def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = None, n_nontarget: NNontarget = None,
              seed: TrialSeed = 0, extensions: TrialExtensions = EXTENSIONS, save: Save = True, threads: Threads = 0,
-             untrained: Untrained = False) -> None:
-    """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve."""
+             untrained: Untrained = False, norm: Norm = "none", cohort: Cohort = None,
+             cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
+    """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve. With --norm,
+    the same for normalised scores, side by side."""
     from dvector.use.results import run_eval
 
     with progress() as bar:
+        on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
         on_start, on_item = counting_bar(bar, "eval")
         run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
-                       seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item)
+                       seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item,
+                       norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort)
     r = run.result
+    if r.norm is not None:
+        print_norm_table(r)
     print_skipped(r.skipped)
     print(f"trials: {r.n_trials} ({r.n_target} target, {r.n_nontarget} non-target) over {r.n_files} files")
     print(f"minDCF: {r.min_dcf['0.01']:.4f} (p_target 0.01), {r.min_dcf['0.05']:.4f} (p_target 0.05)")
@@ -94,6 +116,20 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
     print(f"EER={100 * r.eer:.2f}%")
     for warning in run.warnings:
         warn(warning)
+
+
+def print_norm_table(r: Any) -> None:
+    """Raw and normalised EER, minDCF and EER threshold, one row each."""
+    n = r.norm
+    if n.get("note"):
+        say(n["note"])
+    top = f", top {n['used_top']}" if n["method"] == "asnorm" else ""
+    print(f"cohort: {n['cohort_speakers']} speakers ({n['cohort_samples']} utterances) from {n['cohort']}{top}")
+    print(f"{'scores':<8} {'EER':>7} {'minDCF 0.01':>12} {'minDCF 0.05':>12} {'threshold':>10}")
+    for name, x in (("raw", {"eer": r.eer, "min_dcf": r.min_dcf, "eer_threshold": r.eer_threshold}),
+                    (n["method"], n)):
+        print(f"{name:<8} {100 * x['eer']:>6.2f}% {x['min_dcf']['0.01']:>12.4f} {x['min_dcf']['0.05']:>12.4f} "
+              f"{x['eer_threshold']:>10.4f}")
 
 
 def export_cmd(model: ExportModel, out: ExportOut = Path("exported")) -> None:

@@ -178,6 +178,7 @@ class EvalResult:
     root: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files that could not be embedded
     model: dict[str, Any] = field(default_factory=dict)
+    norm: dict[str, Any] | None = None  # S-norm / AS-norm: its settings and the normalised scores' metrics
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -202,6 +203,7 @@ class Evaluation:
     scores: np.ndarray
     labels: np.ndarray
     trials: list[Trial]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # each trial file's embedding
 
 
 def embed_files(embedder: Embedder, root: Path, files: Sequence[str], strict: bool,
@@ -247,7 +249,7 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
     result = compute_metrics(scores, labels)
     result.n_files, result.trials, result.root, result.skipped = len(vectors), how, str(root), skipped
     result.model = model_identity(embedder)
-    return Evaluation(result, scores, labels, trials)
+    return Evaluation(result, scores, labels, trials, vectors)
 
 
 def det_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

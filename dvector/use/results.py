@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from dvector.config import DEFAULT_EXTENSIONS
+from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
 from dvector.use.embedder import Embedder, load, untrained_twin
 from dvector.use.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det
+from dvector.use.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
 
 EVAL_FILE = "eval.json"
 DET_FILE = "det.png"
@@ -76,21 +80,36 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
              trials: str | os.PathLike[str] | None = None, *, det: str | os.PathLike[str] | None = None,
              save: bool = True, untrained: bool = False, n_nontarget: int | None = None, seed: int = 0,
              extensions: str | Sequence[str] = DEFAULT_EXTENSIONS, threads: int = 0,
-             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None) -> EvalRun:
+             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
+             norm: str = "none", cohort: str | Sequence[str] | None = None, cohort_top: int = DEFAULT_TOP_N,
+             on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None) -> EvalRun:
     """``dvector eval``: load ``model`` (its untrained twin with ``untrained``, a baseline), evaluate it
     on ``root`` (see :func:`dvector.use.evaluate.evaluate`), store the results (``eval.json``, first:
     they hold the threshold ``score`` needs) and then draw the DET curve, where :func:`eval_outputs` says.
 
-    ``threads``: torch CPU threads while embedding (0: torch's default).
+    ``threads``: torch CPU threads while embedding (0: torch's default). ``norm`` ("snorm", "asnorm"):
+    also normalise the scores against the speakers of the ``cohort`` shards (top ``cohort_top`` for
+    AS-norm; see :mod:`dvector.use.score_norm`); the results hold both, the normalised under ``norm``.
+    ``on_cohort``: (on_start, on_item) progress callbacks while the cohort is embedded.
     """
+    method = check_norm(norm, cohort, cohort_top)
     embedder = load(model, threads=threads)
     if untrained:
         embedder = untrained_twin(embedder)
+    score_norm = None
+    if method != "none":
+        assert cohort is not None
+        made = cohort_from_shards(embedder, cohort, *(on_cohort or ()))
+        score_norm = ScoreNorm(method, made, cohort_top)
     evaluation = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions,
                           on_start=on_start, on_file=on_file)
+    if score_norm is not None:
+        evaluation.result.norm = normalize_evaluation(evaluation, score_norm)
     results, det_path = eval_outputs(model, det, save, untrained)
     note = NO_DET_NOTE if det_path is None and not untrained else None
     run = EvalRun(evaluation, None, None, note)
+    if score_norm is not None:
+        run.warnings.extend(f"cohort: skipped {where}: {why}" for where, why in score_norm.cohort.skipped)
     if results is not None:
         run.results_path = _written(run, results, lambda: write_eval(results, evaluation.result, det_path),
                                     f"the results and threshold were not stored (`score` uses the default "
@@ -172,12 +191,63 @@ class Decision:
         return "same speaker" if self.same else "different speakers"
 
 
+def norm_threshold(model: str | os.PathLike[str], method: str, top_n: int, cohort: str,
+                   embedder: Embedder | None = None, override: float | None = None) -> Threshold:
+    """``override`` if given, else the normalised scores' EER threshold ``eval --norm`` stored for
+    ``model`` with the same method and top-N; none stored is an error (a cosine threshold means
+    nothing on normalised scores)."""
+    if override is not None:
+        return Threshold(float(override), "--threshold", True)
+    path = eval_path(model)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise DvectorError(f"cannot read {path}: {exc}") from None
+    stored = data.get("norm") if isinstance(data, dict) else None
+    try:
+        value, eer = float(stored["eer_threshold"]), float(stored["eer"])  # type: ignore[index]
+        same = stored["method"] == method and (method == "snorm" or int(stored["top_n"]) == top_n)  # type: ignore
+    except (KeyError, TypeError, ValueError):
+        same = False
+    if not same:
+        top = f" (--cohort-top {top_n})" if method == "asnorm" else ""
+        raise DvectorError(f"no {method} threshold{top} stored for {model}: run `dvector eval "
+                           f"MODEL ROOT --norm {method} --cohort SHARDS` first, or give --threshold")
+    notes = []
+    stored_sha = (data.get("model") or {}).get("sha256")
+    if embedder is not None and stored_sha and stored_sha != embedder.info.get("sha256"):
+        notes.append(f"the threshold in {path} was computed for another model file; run `dvector eval` again")
+    if stored.get("cohort") != cohort:
+        notes.append(f"the stored {method} threshold was computed with the cohort {stored.get('cohort')}, not {cohort}")
+    return Threshold(value, f"{path}, {method}, EER {100 * eer:.2f}%", True, "; ".join(notes) or None)
+
+
 def decide(embedder: Embedder, a: Any, b: Any, model: str | os.PathLike[str],
            threshold: float | None = None) -> Decision:
     """Cosine score of utterances ``a`` and ``b`` and same/different speaker at ``threshold`` if given,
     else at the threshold ``eval`` stored for ``model`` (see :func:`choose_threshold`)."""
     used = choose_threshold(model, embedder, threshold)
     return Decision(cosine(embedder.embed(a), embedder.embed(b)), used)
+
+
+def decide_normalized(model: str | os.PathLike[str], a: Any, b: Any, norm: str, cohort: str | Sequence[str] | None,
+                      cohort_top: int = DEFAULT_TOP_N, threshold: float | None = None, threads: int = 0,
+                      on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None,
+                      ) -> tuple[Decision, ScoreNorm | None]:
+    """``dvector score --norm``: the score of ``a`` and ``b`` normalised against the speakers of the
+    ``cohort`` shards, decided at ``threshold`` or the normalised threshold ``eval --norm`` stored
+    (:func:`norm_threshold`, checked before the cohort is embedded); ``norm`` "none": :func:`decide`."""
+    method = check_norm(norm, cohort, cohort_top)
+    embedder = load(model, threads=threads)
+    if method == "none":
+        return decide(embedder, a, b, model, threshold), None
+    assert cohort is not None
+    text = cohort if isinstance(cohort, str) else " ".join(map(str, cohort))
+    used = norm_threshold(model, method, cohort_top, text, embedder, threshold)
+    x, y = embedder.embed(a), embedder.embed(b)
+    score_norm = ScoreNorm(method, cohort_from_shards(embedder, cohort, *(on_cohort or ())), cohort_top)
+    score = score_norm.normalize(np.array([cosine(x, y)]), x[None], y[None])[0]
+    return Decision(float(score), used), score_norm
 
 
 def score_pair(embedder: Embedder, a: Any, b: Any, model: str | os.PathLike[str]) -> tuple[float, Threshold]:

@@ -1,0 +1,100 @@
+"""`eval` and `score` with --norm (S-norm, AS-norm) and --cohort, through the console entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dvector.cli import main
+from dvector.cli.use import DEFAULT_TOP_N as CLI_TOP_N
+from dvector.use.score_norm import DEFAULT_TOP_N
+from use_helpers import copy_run
+
+
+def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002
+    """The console entry point as a user runs it: exit status, stdout, stderr."""
+    capsys.readouterr()
+    try:
+        main([os.fspath(a) if isinstance(a, Path) else str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def run(trained, tmp_path: Path) -> Path:  # noqa: ANN001
+    return copy_run(trained.run, tmp_path / "run")
+
+
+def test_the_cli_default_top_n_is_the_librarys() -> None:
+    assert CLI_TOP_N == DEFAULT_TOP_N == 300
+
+
+def test_eval_prints_raw_and_normalised_rows_and_score_uses_the_stored_threshold(  # noqa: ANN001
+        trained, small_root: Path, run: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, "eval", run, small_root, "--threads", "1", "--norm", "asnorm",
+                              "--cohort", trained.shards, "--cohort-top", "5")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("scores"))
+    assert lines[header].split() == ["scores", "EER", "minDCF", "0.01", "minDCF", "0.05", "threshold"]
+    assert lines[header + 1].split()[0] == "raw" and lines[header + 2].split()[0] == "asnorm"
+    assert "cohort: 14 speakers (112 utterances)" in out and "top 5" in out
+    stored = json.loads((run / "eval.json").read_text())
+    assert stored["norm"]["method"] == "asnorm" and stored["norm"]["top_n"] == 5
+    assert f"{100 * stored['eer']:.2f}%" in lines[header + 1]
+    assert f"{100 * stored['norm']['eer']:.2f}%" in lines[header + 2]
+    assert f"EER={100 * stored['eer']:.2f}%" in out  # the raw line as before
+
+    a, b = sorted(small_root.glob("*/*"))[:2]
+    code, out, err = run_main(capsys, "score", run, a, b, "--threads", "1", "--norm", "asnorm",
+                              "--cohort", trained.shards, "--cohort-top", "5")
+    assert code == 0, err
+    assert out.startswith("asnorm score ") and f"threshold {stored['norm']['eer_threshold']:.4f}" in out
+
+    code, out, err = run_main(capsys, "score", run, a, b, "--norm", "snorm", "--cohort", trained.shards)
+    assert code == 1 and flat(err).startswith("error: no snorm threshold") and "Traceback" not in err
+    code, out, err = run_main(capsys, "score", run, a, b, "--norm", "snorm", "--cohort", trained.shards,
+                              "-t", "1.5", "--threads", "1")
+    assert code == 0 and "threshold 1.5000 (--threshold)" in out
+
+
+def test_a_cohort_smaller_than_top_n_is_used_whole_with_a_note(  # noqa: ANN001
+        trained, small_root: Path, run: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, "eval", run, small_root, "--threads", "1", "--no-save", "--norm", "asnorm",
+                              "--cohort", trained.shards)
+    assert code == 0, err
+    assert "fewer than --cohort-top 300: AS-norm uses all of them" in flat(err + out)
+    assert "top 14" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--norm", "asnorm"], "error: --norm asnorm needs a cohort"),
+    (["--norm", "znorm", "--cohort", "x"], "error: --norm must be one of none, snorm, asnorm, got 'znorm'"),
+    (["--norm", "snorm", "--cohort", "x", "--cohort-top", "1"], "error: --cohort-top must be >= 2"),
+])
+def test_bad_norm_options_are_one_error_line(trained, small_root: Path, run: Path, args: list[str],  # noqa: ANN001
+                                             message: str, capsys: pytest.CaptureFixture) -> None:
+    for command in (["eval", run, small_root], ["score", run, *sorted(small_root.glob("*/*"))[:2]]):
+        code, out, err = run_main(capsys, *command, *args)
+        assert code == 1 and flat(err).startswith(message) and len(err.strip().splitlines()) == 1, err
+        assert not (run / "eval.json").exists()
+
+
+def test_an_empty_cohort_is_an_error(small_root: Path, run: Path, tmp_path: Path,  # noqa: ANN001
+                                     capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "shard-000000.tar"
+    empty.write_bytes(b"not a tar" * 100)
+    code, out, err = run_main(capsys, "eval", run, small_root, "--threads", "1", "--norm", "asnorm",
+                              "--cohort", empty)
+    assert code == 1 and "error: the cohort" in flat(err) and "holds no usable samples" in flat(err), err
+    assert "Traceback" not in err and not (run / "eval.json").exists()
