@@ -139,12 +139,12 @@ class Augmenter:
         colour, snr = np.ones((n, n_mels), np.float32), np.zeros(n)
         where, rows = plan.noise_where, at[plan.noise_rows]
         if self.noise is not None and rows.size:
-            # each row's crop of the recordings, as powers, in a bank of its own (rows, frames, n_mels)
-            bank = np.empty((rows.size, frames, n_mels), np.float32)
-            for i in range(rows.size):
-                s = int(where[i, 1] * max(self.noise.shape[0] - frames, 0))
-                crop = np.asarray(self.noise[s:s + frames], np.float32)
-                bank[i] = np.resize(crop, (frames, n_mels)) if crop.shape[0] < frames else crop  # short: tiled
+            # each row's crop of the recordings (tiled where they are shorter), as powers, in a scratch bank
+            total = self.noise.shape[0]
+            first = (where[:, 1] * max(total - frames, 0)).astype(np.int64)
+            index = (first[:, None] + np.arange(frames)[None, :]) % total  # (rows, frames)
+            bank = self._scratch("noise", (rows.size, frames, n_mels))
+            bank[...] = self.noise[index.ravel()].reshape(rows.size, frames, n_mels)
             np.exp(bank, out=bank)
             entry[rows] = np.arange(rows.size)
         else:
