@@ -43,7 +43,8 @@ PerSpeaker = Annotated[int, typer.Option("--per-speaker", help="Utterances per s
 Norm = Annotated[str, typer.Option(
     "--norm", help="Score normalisation against --cohort: asnorm (adaptive S-norm, top --cohort-top), snorm, or none.")]
 Cohort = Annotated[Optional[str], typer.Option(
-    "--cohort", help="Cohort shards (folder, pattern or URL): the mean embedding of each speaker; needed by --norm.")]
+    "--cohort", help="Cohort shards (folder, pattern or URL): the mean embedding of each speaker (default: the run's "
+    "training shards, where its checkpoint records them).")]
 CohortTop = Annotated[int, typer.Option(
     "--cohort-top", help="AS-norm: the N highest cohort scores of each side (a smaller cohort is used whole).")]
 MapThreads = threads_option("CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one).")

@@ -10,11 +10,12 @@ TensorBoard.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -97,8 +98,14 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
         "rng": rng_state(ctx.dev), "loader": loader_entry,
         "best_eer": parts.best_eer, "best_valid": best_valid(parts),
         "valid": valid.to_dict() if valid is not None else None, "heldout_speakers": heldout, "loss": loss,
-        "counters": counters,
+        "counters": counters, "shards": recorded_urls(ctx.source.urls),
     }
+
+
+def recorded_urls(urls: Sequence[str]) -> list[str]:
+    """The training shards as a checkpoint records them (local paths made absolute): the default
+    score-normalisation cohort of ``dvector eval --norm``."""
+    return [u if "://" in u or u.startswith("pipe:") else os.path.abspath(u) for u in urls]
 
 
 def open_writer(ctx: RunContext, step: int) -> Any:

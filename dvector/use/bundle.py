@@ -21,7 +21,7 @@ import torch
 
 from dvector.config import FeatureConfig, ModelConfig, VadConfig
 from dvector.errors import DvectorError
-from dvector.training.checkpoint import checkpoint_dir, resolve_checkpoint
+from dvector.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_checkpoint
 
 EXPORT_MODULE = "dvector.pt"  # the TorchScript module of an exported bundle
 EXPORT_META = "dvector.json"  # its record (also stored inside the module)
@@ -155,3 +155,19 @@ def read_export(module_path: Path) -> tuple[torch.jit.ScriptModule, dict[str, An
     if isinstance(seg_len, (list, tuple)):
         seg_len = seg_len[-1]
     return scripted, meta, ModelSettings(None, features, vad, int(seg_len) if seg_len else None)
+
+
+def training_shards(model: str | os.PathLike[str]) -> list[str] | None:
+    """The shard URLs a checkpoint (or run folder) was trained on, where it records them (None for
+    exports and for checkpoints made before the record existed)."""
+    p = Path(model)
+    if p.is_dir() and not (checkpoint_dir(p).is_dir() or (p / "best.pt").is_file()):
+        return None  # an exported folder
+    try:
+        path = find_checkpoint(p)
+        if is_torchscript(path):
+            return None
+        shards = load_checkpoint(path).get("shards")
+    except (DvectorError, OSError):
+        return None
+    return [str(u) for u in shards] if shards else None

@@ -17,6 +17,7 @@ import numpy as np
 from dvector.config import DEFAULT_EXTENSIONS
 from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
+from dvector.use.bundle import training_shards
 from dvector.use.embedder import Embedder, load, untrained_twin
 from dvector.use.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det
 from dvector.use.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
@@ -92,6 +93,7 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     AS-norm; see :mod:`dvector.use.score_norm`); the results hold both, the normalised under ``norm``.
     ``on_cohort``: (on_start, on_item) progress callbacks while the cohort is embedded.
     """
+    cohort = cohort or default_cohort(model, norm)
     method = check_norm(norm, cohort, cohort_top)
     embedder = load(model, threads=threads)
     if untrained:
@@ -230,6 +232,14 @@ def decide(embedder: Embedder, a: Any, b: Any, model: str | os.PathLike[str],
     return Decision(cosine(embedder.embed(a), embedder.embed(b)), used)
 
 
+def default_cohort(model: str | os.PathLike[str], norm: str) -> list[str] | None:
+    """The cohort where none is given: the run's training shards, as its checkpoint records them
+    (None where ``norm`` needs none, or the model records none)."""
+    if (norm or "none").strip().lower() == "none":
+        return None
+    return training_shards(model)
+
+
 def decide_normalized(model: str | os.PathLike[str], a: Any, b: Any, norm: str, cohort: str | Sequence[str] | None,
                       cohort_top: int = DEFAULT_TOP_N, threshold: float | None = None, threads: int = 0,
                       on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None,
@@ -237,6 +247,7 @@ def decide_normalized(model: str | os.PathLike[str], a: Any, b: Any, norm: str, 
     """``dvector score --norm``: the score of ``a`` and ``b`` normalised against the speakers of the
     ``cohort`` shards, decided at ``threshold`` or the normalised threshold ``eval --norm`` stored
     (:func:`norm_threshold`, checked before the cohort is embedded); ``norm`` "none": :func:`decide`."""
+    cohort = cohort or default_cohort(model, norm)
     method = check_norm(norm, cohort, cohort_top)
     embedder = load(model, threads=threads)
     if method == "none":

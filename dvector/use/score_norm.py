@@ -42,7 +42,8 @@ def check_norm(norm: str, cohort: object, top_n: int) -> str:
         raise DvectorError(f"--norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if method != "none" and not cohort:
         raise DvectorError(f"--norm {method} needs a cohort: give --cohort SHARDS (a shard folder, pattern or "
-                           f"URL; the cohort is the mean embedding of each of its speakers)")
+                           f"URL; the cohort is the mean embedding of each of its speakers); the default, the "
+                           f"run's training shards, is recorded only in checkpoints of runs that record them")
     if int(top_n) < 2:
         raise DvectorError(f"--cohort-top must be >= 2 (a standard deviation needs two scores), got {top_n}")
     return method

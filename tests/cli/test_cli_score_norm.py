@@ -78,7 +78,6 @@ def test_a_cohort_smaller_than_top_n_is_used_whole_with_a_note(  # noqa: ANN001
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--norm", "asnorm"], "error: --norm asnorm needs a cohort"),
     (["--norm", "znorm", "--cohort", "x"], "error: --norm must be one of none, snorm, asnorm, got 'znorm'"),
     (["--norm", "snorm", "--cohort", "x", "--cohort-top", "1"], "error: --cohort-top must be >= 2"),
 ])
@@ -98,3 +97,28 @@ def test_an_empty_cohort_is_an_error(small_root: Path, run: Path, tmp_path: Path
                               "--cohort", empty)
     assert code == 1 and "error: the cohort" in flat(err) and "holds no usable samples" in flat(err), err
     assert "Traceback" not in err and not (run / "eval.json").exists()
+
+
+def test_the_default_cohort_is_the_runs_training_shards(trained, small_root: Path, run: Path,  # noqa: ANN001
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from dvector.use.bundle import training_shards
+
+    recorded = training_shards(run)
+    assert recorded and all(os.path.isabs(u) for u in recorded)
+    assert sorted(map(os.path.realpath, recorded)) == sorted(
+        os.path.realpath(p) for p in Path(trained.shards).glob("*.tar"))
+    code, out, err = run_main(capsys, "eval", run, small_root, "--threads", "1", "--norm", "snorm", "--no-save")
+    assert code == 0, err
+    assert "cohort: 14 speakers" in out
+    given = run_main(capsys, "eval", run, small_root, "--threads", "1", "--norm", "snorm", "--no-save",
+                     "--cohort", trained.shards)[1]
+    assert [line for line in out.splitlines() if line.startswith("snorm")] == \
+        [line for line in given.splitlines() if line.startswith("snorm")]
+    for ckpt in (run / "checkpoints").glob("*.pt"):  # a checkpoint made before the record existed
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state.pop("shards", None)
+        torch.save(state, ckpt)
+    code, out, err = run_main(capsys, "eval", run, small_root, "--threads", "1", "--norm", "snorm", "--no-save")
+    assert code != 0 and err.count("error:") == 1 and "needs a cohort" in err
