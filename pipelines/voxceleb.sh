@@ -8,6 +8,7 @@
 # VoxCeleb1-O list: "label id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav").
 # VOX2_DIR holds dev/aac/idNNNNN/VIDEO/NNNNN.m4a: decoding m4a needs `pip install 'dvector[m4a]'`.
 # Eight GPUs: GPUS=8 pipelines/voxceleb.sh ...; building on a cluster: see README (--part i/n).
+# Noise and rooms for augmentation: MUSAN=/data/musan RIRS=/data/RIRS_NOISES pipelines/voxceleb.sh ...
 # Expected time and EER at full size: not yet measured.
 set -euo pipefail
 
@@ -32,6 +33,9 @@ else
   WORK=${3:-work/voxceleb}
   STEPS=${STEPS:-1000000} MODEL=${MODEL:-paper} WORKERS=${WORKERS:-6} EXT=wav,m4a
   TRAIN_FLAGS="-n 64 -m 10 -l 140-180 -s 10000 -d 300000 --valid-every 5000"
+  # augmentation is on by default; MUSAN and RIRS_NOISES, where you have them, replace the synthetic sources
+  if [[ -n ${MUSAN:-} ]]; then TRAIN_FLAGS="$TRAIN_FLAGS --noise-dir $MUSAN"; fi
+  if [[ -n ${RIRS:-} ]]; then TRAIN_FLAGS="$TRAIN_FLAGS --rir-dir $RIRS"; fi
 fi
 
 dvector build-shards "$VOX1/dev/wav" "$VOX2/dev/aac" -o "$WORK/shards" -e "$EXT,flac"
