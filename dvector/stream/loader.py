@@ -9,6 +9,7 @@ position of every rank (:meth:`GE2ELoader.checkpoint_entry`), restored by
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -77,6 +78,8 @@ class GE2EDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, bytes, int, dict, dict]]:
         """This worker's endless batches (in a DataLoader worker: built in shared memory)."""
         info = get_worker_info()
+        if info is not None:
+            fixed_mmap_threshold()
         physical = info.id if info is not None else 0
         worker = (physical + self.rotation) % self.workers  # the DataLoader always starts at worker 0
         consumer = Consumer(self.rank, self.world, worker, self.workers)
@@ -98,6 +101,24 @@ class GE2EDataset(IterableDataset):
             if info is None:
                 raise
             yield None, str(exc), worker, None, None  # raised as it is by the loader: no worker traceback
+
+
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's initial value, kept fixed
+
+
+def fixed_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at 128 KiB in a loader worker (True where it was set).
+
+    glibc raises the threshold to the size of each big block freed (a batch's temporaries: MBs);
+    after that the pool's samples (tens of KB each, long-lived) and the short-lived blocks share the
+    heap and fragment it. Measured in bench_loader: peak RSS per worker 1.1 GB without this, 0.64 GB
+    with it, at the same batches/s. Elsewhere (not glibc) nothing happens.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _checked_against(settings: BatchSettings, index: dict[str, Any] | None) -> BatchSettings:
