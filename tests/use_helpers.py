@@ -47,3 +47,25 @@ def write_wav(path: Path, wav, rate: int = 16000) -> Path:  # noqa: ANN001
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), wav, rate)
     return path
+
+
+def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002
+    """The console entry point as a user runs it: exit status, stdout, stderr (paths and bytes
+    arguments as the shell would pass them)."""
+    import os
+
+    from dvector.cli import main
+
+    capsys.readouterr()
+    try:
+        main([os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def flat(text: str) -> str:
+    """Text with every run of whitespace as one space (rich wraps lines at the terminal width)."""
+    return " ".join(text.split())

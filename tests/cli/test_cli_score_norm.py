@@ -8,26 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dvector.cli import main
 from dvector.cli.use import DEFAULT_TOP_N as CLI_TOP_N
 from dvector.use.score_norm import DEFAULT_TOP_N
-from use_helpers import copy_run
-
-
-def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002
-    """The console entry point as a user runs it: exit status, stdout, stderr."""
-    capsys.readouterr()
-    try:
-        main([os.fspath(a) if isinstance(a, Path) else str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
+from use_helpers import copy_run, flat, run_main
 
 
 @pytest.fixture

@@ -10,26 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dvector.cli import main
 from dvector.use import results
 from dvector.use.embed_inputs import load_embeddings
-from use_helpers import copy_run
-
-
-def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # noqa: ANN002
-    """The console entry point as a user runs it: exit status, stdout, stderr."""
-    capsys.readouterr()
-    try:
-        main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
+from use_helpers import copy_run, flat, run_main
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from dvector.demo.synth import write_corpus
 from dvector.errors import DvectorError
 from dvector.shards.build import build_shards
 from dvector.shards.check import check_shards
-from dvector.shards.plan import segment_bounds, segment_frames, segment_key, speed_speaker
+from dvector.shards.plan import segment_bounds, segment_frames, segment_key
 
 SPLIT = 1.0  # seconds: 100 frames at the default 10 ms hop
 CFG = BuildConfig(min_shards=3, block_size=2, split_seconds=SPLIT)
