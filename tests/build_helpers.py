@@ -126,6 +126,19 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return files
 
 
+def rebuild_after_losing(corpus: list[str], built: Path, out: Path, cfg: BuildConfig, shard: str) -> Any:
+    """Copy the build ``built`` to ``out``, delete its index and ``shard``, build again (resume);
+    the build's report."""
+    import shutil
+
+    from dvector.shards.build import build_shards
+
+    shutil.copytree(built, out)
+    (out / "index.json").unlink()
+    (out / shard).unlink()
+    return build_shards(corpus, out, cfg, workers=1)
+
+
 def read_back(folder: Path) -> list[dict[str, Any]]:
     """Every sample of a shard folder read with plain webdataset, decoding only .npy and .json."""
     urls = [str(p) for p in shard_files(folder)]

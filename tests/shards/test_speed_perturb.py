@@ -5,7 +5,6 @@ check, parts and resume keep working; and a build without the option is what it 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from build_helpers import load_index, read_back, snapshot
+from build_helpers import load_index, read_back, rebuild_after_losing, snapshot
 from dvector.cli import main
 from dvector.config import BuildConfig, VadConfig, parse_speed_perturb
 from dvector.corpus import scan_roots
@@ -184,10 +183,7 @@ def test_parts_equal_a_whole_build(corpus: list[str], builds: SimpleNamespace, t
 
 def test_resume_and_a_changed_option(corpus: list[str], builds: SimpleNamespace, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    shutil.copytree(builds.perturbed, out)
-    (out / "index.json").unlink()
-    (out / "shard-000001.tar").unlink()
-    report = build_shards(corpus, out, CFG, workers=1)
+    report = rebuild_after_losing(corpus, builds.perturbed, out, CFG, "shard-000001.tar")
     assert report.shards_written == 1 and report.index_written and snapshot(out) == snapshot(builds.perturbed)
     with pytest.raises(DvectorError, match="different configuration"):
         build_shards(corpus, out, replace(CFG, speed_perturb=(0.9,)), workers=1)

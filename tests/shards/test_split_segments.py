@@ -6,7 +6,6 @@ with speed perturbation; and a build without the option is what it was before th
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from build_helpers import load_index, read_back, snapshot
+from build_helpers import load_index, read_back, rebuild_after_losing, snapshot
 from dvector.cli import main
 from dvector.config import BuildConfig
 from dvector.demo.synth import write_corpus
@@ -173,10 +172,7 @@ def test_parts_equal_a_whole_build(corpus: list[str], builds: SimpleNamespace, t
 
 def test_resume_and_a_changed_length(corpus: list[str], builds: SimpleNamespace, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    shutil.copytree(builds.split, out)
-    (out / "index.json").unlink()
-    (out / "shard-000000.tar").unlink()
-    report = build_shards(corpus, out, CFG, workers=1)
+    report = rebuild_after_losing(corpus, builds.split, out, CFG, "shard-000000.tar")
     assert report.shards_written == 1 and report.index_written and snapshot(out) == snapshot(builds.split)
     for other in (0.0, 2.0):
         with pytest.raises(DvectorError, match="different configuration"):
