@@ -9,12 +9,14 @@ batch: a few ms (numpy's vectorised exp/log and one numba kernel), see benchmark
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from dvector.augment.plan import BatchPlan, RowInfo, draw_plan
+from dvector.augment.plan import BatchPlan, RowInfo, draw_plan, span
 from dvector.augment.kernels import mix_rows, shift_and_mask
-from dvector.augment.sources import SourcePaths, load_noise, load_rooms
+from dvector.augment.sources import SourcePaths, load_noise, load_rooms, prepare_sources
 from dvector.augment.spectra import (COLOUR_EXPONENTS, channel_curves, colour_power, db_to_log_power,
                                      decay_per_frame, fluctuation_bank, tail_gain)
 from dvector.config import AugmentConfig, FeatureConfig
@@ -37,6 +39,25 @@ class AugmentPlan:
 
     def make(self) -> "Augmenter":
         return Augmenter(self.config, self.features, self.seed, self.sources)
+
+    @classmethod
+    def prepare(cls, config: AugmentConfig, features: FeatureConfig, seed: int, cache_dir: Path,
+                say: Callable[[str], None] = lambda _: None,
+                once: Callable[[Callable[[], SourcePaths]], SourcePaths] = lambda work: work()) -> "AugmentPlan | None":
+        """The plan for ``config`` (None when no kind is on): the recordings of the kinds that are on
+        become mel-domain sources cached in ``cache_dir`` (``once`` runs that, e.g. on one rank
+        first); a folder whose kind is off is not read, and ``say`` says so."""
+        if not config.kinds:
+            return None
+        folders = {}
+        for kind, folder, option in (("noise", config.noise_dir, "--noise-dir"), ("reverb", config.rir_dir, "--rir-dir")):
+            if folder and kind not in config.kinds:
+                say(f"note: {option} is not used: {kind!r} is not among the augmentation kinds")
+            folders[kind] = folder if kind in config.kinds else ""
+        if not any(folders.values()):
+            return cls(config, features, seed)
+        sources = once(lambda: prepare_sources(folders["noise"], folders["reverb"], features, cache_dir))
+        return cls(config, features, seed, sources)
 
 
 class Augmenter:
@@ -86,7 +107,8 @@ class Augmenter:
                      babble_snr)
             for a, b in _runs(rows):  # back to log (>= the clean power: nothing below the log floor)
                 np.log(power[where[a]:where[a] + b - a], out=mels[a:b])
-            self._scratch_of.clear() if mels.nbytes > MAX_SCRATCH_BYTES else None
+            if mels.nbytes > MAX_SCRATCH_BYTES:  # a huge batch: do not keep its buffers
+                self._scratch_of.clear()
         shifted = np.union1d(np.union1d(plan.channel_rows, plan.gain_rows), plan.mask_rows)
         if shifted.size:
             self._shift_and_mask(mels, plan, shifted)
@@ -122,10 +144,7 @@ class Augmenter:
             room = self.rooms[np.minimum((u[:, 2] * len(self.rooms)).astype(np.int64), len(self.rooms) - 1)]
             d, g = room[:, 0], room[:, 1]
         else:
-            lo, hi = self.config.reverb_rt60
-            rt60 = lo + u[:, 0] * (hi - lo)
-            lo, hi = self.config.reverb_drr
-            drr = lo + u[:, 1] * (hi - lo)
+            rt60, drr = span(u[:, 0], self.config.reverb_rt60), span(u[:, 1], self.config.reverb_drr)
             per_band = np.linspace(1.0, HIGH_BAND_RT60, n_mels)[None, :]
             d = decay_per_frame(rt60[:, None] * per_band, self.features.hop_ms / 1000.0)
             g = tail_gain(d, drr[:, None])

@@ -16,7 +16,7 @@ import numpy as np
 from dvector.augment.draws import row_seeds, splitmix64, uniforms
 from dvector.config import AugmentConfig
 
-__all__ = ["RowInfo", "BatchPlan", "draw_plan", "BABBLE_MAX"]
+__all__ = ["RowInfo", "BatchPlan", "draw_plan", "span", "BABBLE_MAX"]
 
 _SALT = {kind: np.uint64(salt) for kind, salt in (("noise", 0x6E01), ("babble", 0xBA66), ("reverb", 0x4E7B),
                                                    ("channel", 0xC4A2), ("specaugment", 0x59EC), ("gain", 0x6A17))}
@@ -34,7 +34,8 @@ class RowInfo(NamedTuple):
     speakers: np.ndarray
 
 
-def _span(u: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+def span(u: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+    """Uniforms in [0, 1) -> uniform in [lo, hi)."""
     return lo_hi[0] + u * (lo_hi[1] - lo_hi[0])
 
 
@@ -132,7 +133,7 @@ def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels
 
     chosen, u = block("noise", 4)
     if chosen.size:
-        plan.noise_rows, plan.noise_snr, plan.noise_where = chosen, _span(u[:, 0], cfg.noise_snr), u[:, 2:4]
+        plan.noise_rows, plan.noise_snr, plan.noise_where = chosen, span(u[:, 0], cfg.noise_snr), u[:, 2:4]
         plan.noise_source = np.full(chosen.size, -1) if has_recordings else _pick(u[:, 1], n_colours)
     chosen, u = block("babble", 2)
     if chosen.size:
@@ -141,7 +142,7 @@ def draw_plan(cfg: AugmentConfig, seed: int, rows: RowInfo, seg_len: int, n_mels
         crowd = _babble_crowd(u[:, 1], chosen, speakers, crowds)
         keep = crowd >= 0  # a batch of one speaker has no babble
         if keep.any():  # (crowds no row uses would still be summed)
-            plan.babble_rows, plan.babble_snr = chosen[keep], _span(u[keep, 0], cfg.babble_snr)
+            plan.babble_rows, plan.babble_snr = chosen[keep], span(u[keep, 0], cfg.babble_snr)
             plan.crowds, plan.babble_crowd = crowds, crowd[keep]
     chosen, u = block("reverb", 3)
     if chosen.size:

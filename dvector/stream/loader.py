@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvector.augment import AugmentPlan
-from dvector.augment.sources import prepare_sources
 from dvector.config import AugmentConfig, FeatureConfig
 from dvector.errors import DvectorError
 from dvector.stream.batches import BatchSettings, WorkerState, consumer_batches
@@ -257,10 +256,8 @@ def ge2e_loader(shards: str | os.PathLike[str] | Sequence[str], n_speakers: int 
     augment = options.pop("augment", None)
     if augment is not None and not isinstance(augment, AugmentPlan):  # kinds ("noise,reverb", "all") or a config
         config = augment if isinstance(augment, AugmentConfig) else AugmentConfig(kinds=augment)
-        features = shard_features(source)
-        sources = prepare_sources(config.noise_dir, config.rir_dir, features,
-                                  Path(tempfile.gettempdir()) / "dvector-augment")  # cached by content
-        augment = AugmentPlan(config, features, seed, sources) if config.kinds else None
+        augment = AugmentPlan.prepare(config, shard_features(source), seed,
+                                      Path(tempfile.gettempdir()) / "dvector-augment")  # cached by content
     settings = BatchSettings(n_speakers=n_speakers, n_utterances=n_utterances, seg_len=seg_len, seed=seed,
                              augment=augment, **{k: v for k, v in options.items() if k not in loader_keys})
     return GE2ELoader(source, settings, workers=workers, **loader_opts)

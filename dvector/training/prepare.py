@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from dvector.augment import AugmentPlan
-from dvector.augment.sources import SourcePaths, prepare_sources
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.nn.loss import GE2ELoss
@@ -254,21 +253,9 @@ def make_loader(cfg: TrainConfig, ctx: RunContext, heldout: Sequence[int]) -> GE
 def augment_plan(cfg: TrainConfig, ctx: RunContext) -> AugmentPlan | None:
     """What the loader workers need to augment (None: augmentation off); the user's noise and room
     recordings are turned into mel-domain sources once, cached in the run folder."""
-    if not cfg.augment.kinds:
-        return None
     features = ctx.features or FeatureConfig(n_mels=ctx.model_cfg.n_mels)
-    noise_dir, rir_dir = cfg.augment.noise_dir, cfg.augment.rir_dir
-    for folder, kind, option in ((noise_dir, "noise", "--noise-dir"), (rir_dir, "reverb", "--rir-dir")):
-        if folder and kind not in cfg.augment.kinds:
-            ctx.say(f"note: {option} is not used: {kind!r} is not among the augmentation kinds")
-    noise_dir = noise_dir if "noise" in cfg.augment.kinds else ""
-    rir_dir = rir_dir if "reverb" in cfg.augment.kinds else ""
-
-    def prepare() -> SourcePaths:
-        return prepare_sources(noise_dir, rir_dir, features, ctx.model_dir / "augment")
-
-    sources = ctx.ddp.first_on_rank0(prepare) if (noise_dir or rir_dir) else SourcePaths()
-    return AugmentPlan(cfg.augment, features, cfg.seed, sources)
+    return AugmentPlan.prepare(cfg.augment, features, cfg.seed, ctx.model_dir / "augment", ctx.say,
+                               ctx.ddp.first_on_rank0)
 
 
 def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: ValidationSet | None) -> str:
