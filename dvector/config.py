@@ -128,7 +128,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                       input_norm="mean"),
     # For tests and the CPU demo.
     "tiny": dict(hidden_size=64, proj_size=0, n_layers=1, embed_dim=64, pooling="attention", input_norm="mean"),
+    # ECAPA-TDNN (Desplanques et al. 2020): C channels, 192-d embedding; "channels" is C.
+    "ecapa": dict(arch="ecapa", channels=512, embed_dim=192, input_norm="mean"),
+    "ecapa-small": dict(arch="ecapa", channels=256, embed_dim=192, input_norm="mean"),
+    # Thin ResNet-34 with attentive statistics pooling; "channels" is the first stage's width (x2 per stage).
+    "resnet34": dict(arch="resnet", channels=32, embed_dim=256, input_norm="mean"),  # the VoxCeleb trainer's "half"
+    "resnet34-quarter": dict(arch="resnet", channels=16, embed_dim=256, input_norm="mean"),
 }
+ARCHES = ("lstm", "ecapa", "resnet")
+LOSSES = ("ge2e", "contrast", "angleproto", "aamsoftmax", "softmaxproto")  # "softmax": the old name of "ge2e"
 
 
 @dataclass(frozen=True)
@@ -142,11 +150,11 @@ class ModelConfig(_Config):
     n_layers: int = 3
     embed_dim: int = 256
     pooling: str = "attention"  # "attention" or "last"
-    # "mean" (every preset): each input row's log-mel mean over its (valid) frames is subtracted inside
-    # the network, so the recording level and a fixed channel gain never reach it. "none", the field's
-    # default: the raw log-mels, what checkpoints saved before this setting existed compute (their
-    # records lack the field, so from_dict gives them "none").
+    # "mean" (every preset): each row's log-mel mean over its (valid) frames is subtracted inside the network.
+    # "none", the field's default: raw log-mels, as checkpoints saved before this setting existed compute.
     input_norm: str = "none"
+    arch: str = "lstm"  # "lstm" (the fields above), "ecapa" or "resnet" (sized by channels and embed_dim)
+    channels: int = 0  # ECAPA's C, or the ResNet's first-stage width (0 for the LSTM)
 
     def __post_init__(self) -> None:
         _check(self.n_mels >= 1 and self.hidden_size >= 1 and self.n_layers >= 1, "sizes must be >= 1")
@@ -154,6 +162,8 @@ class ModelConfig(_Config):
         _check(self.embed_dim >= 1, "embed_dim must be >= 1")
         _check(self.pooling in ("attention", "last"), f"pooling must be 'attention' or 'last', got {self.pooling!r}")
         _check(self.input_norm in ("mean", "none"), f"input_norm must be 'mean' or 'none', got {self.input_norm!r}")
+        _check(self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}")
+        _check(self.arch == "lstm" or self.channels >= 4, "ecapa and resnet need channels >= 4")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -204,9 +214,7 @@ class BuildConfig(_Config):
         object.__setattr__(self, "split_seconds", float(self.split_seconds))
 
     def to_dict(self) -> dict[str, Any]:
-        """As the other configs, but without ``speed_perturb`` when it is empty and ``split_seconds`` when
-        it is 0: a build without these options has the same record and hash as builds made before they
-        existed (so they resume)."""
+        """Without an empty ``speed_perturb`` or a zero ``split_seconds``: builds made before they existed resume."""
         data = super().to_dict()
         if not self.speed_perturb:
             del data["speed_perturb"]
@@ -216,11 +224,8 @@ class BuildConfig(_Config):
 
 
 def parse_speed_perturb(value: str | Iterable[float]) -> tuple[float, ...]:
-    """Speed perturbation factors, checked: the one parser of ``--speed-perturb``.
-
-    ``"1.1,0.9"`` or ``[1.1, 0.9]`` -> ``(0.9, 1.1)``: sorted, unique, rounded to 4 decimals; ``""`` or
-    ``()`` -> ``()`` (none). Each factor must lie in (0.5, 2.0) and not be 1 (the utterance itself).
-    """
+    """``--speed-perturb``: ``"1.1,0.9"`` or ``[1.1, 0.9]`` -> ``(0.9, 1.1)`` (sorted, unique, 4 decimals);
+    ``""`` -> ``()``. Each factor must lie in (0.5, 2.0) and not be 1 (the utterance itself)."""
     items: Iterable[Any] = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else value
     factors = set()
     for item in items:
@@ -231,16 +236,13 @@ def parse_speed_perturb(value: str | Iterable[float]) -> tuple[float, ...]:
         except (TypeError, ValueError):
             raise DvectorError(f"speed_perturb: factors must be numbers like 0.9,1.1, got {item!r}") from None
         _check(0.5 < factor < 2.0, f"speed_perturb: each factor must be in (0.5, 2.0), got {item!r}")
-        _check(factor != 1.0, "speed_perturb: a factor of 1 is the utterance itself; "
-                              "give only other speeds (e.g. 0.9,1.1)")
+        _check(factor != 1.0, "speed_perturb: a factor of 1 is the utterance itself; give only other speeds")
         factors.add(factor)
     return tuple(sorted(factors))
 
 
 AUGMENT_KINDS = ("noise", "babble", "reverb", "channel", "specaugment", "gain")
-# chosen on benchmarks/real_speech.py (README): channel and gain are left out because every preset's input
-# normalisation (log-mel mean over time subtracted) removes a fixed per-band offset exactly: for those
-# networks they change nothing (they matter for input_norm "none", e.g. a run made before it existed)
+# channel and gain are left out: every preset's input mean normalisation removes a fixed per-band offset exactly
 DEFAULT_AUGMENT: tuple[str, ...] = ("noise", "babble", "reverb", "specaugment")
 
 
@@ -294,10 +296,8 @@ def parse_range(value: str | Iterable[float], name: str) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class AugmentConfig(_Config):
-    """Online augmentation of training crops (``dvector.augment``): which kinds, how often, how strong.
-
-    Each kind applies to a row with its probability; ranges are drawn uniformly. Levels in dB of power.
-    """
+    """Online augmentation of training crops (``dvector.augment``): which kinds, how often (per row), how
+    strong (ranges drawn uniformly; levels in dB of power)."""
 
     kinds: tuple[str, ...] = DEFAULT_AUGMENT
     noise_prob: float = 0.5
@@ -354,7 +354,13 @@ class TrainConfig(_Config):
     n_speakers: int = 64  # -n: N
     n_utterances: int = 10  # -m: M
     seg_len: tuple[int, int] = (160, 160)  # -l: L, or a range drawn per batch (the paper: 140-180)
-    loss: str = "softmax"  # or "contrast"
+    loss: str = "ge2e"  # one of LOSSES: ge2e softmax (also spelt "softmax"), contrast, angleproto, aamsoftmax, softmaxproto
+    margin: float = 0.2  # aamsoftmax: the additive angular margin m (radians)...
+    scale: float = 30.0  # ...the logit scale s...
+    margin_warmup: int = 0  # ...reached linearly over this many steps from 0 (0: at once)
+    subcentres: int = 1  # ...sub-centres per speaker (Deng et al. 2020; 1: plain AAM-softmax)
+    gather: bool = False  # under DDP, angleproto/softmaxproto compare with every rank's embeddings
+    weight_decay: float = 0.0
     reduction: str = "sum"  # the paper sums over the batch; "mean" scales the SGD rate by N*M to match
     optimizer: str = "sgd"  # or "adam"
     lr: float = 0.0  # 0: 0.01 for SGD (x N*M with "mean"), 1e-3 for Adam
@@ -382,7 +388,11 @@ class TrainConfig(_Config):
         _check(self.n_speakers >= 2, "n_speakers (-n) must be >= 2")
         _check(self.n_utterances >= 2, "n_utterances (-m) must be >= 2")
         _check(1 <= self.seg_len[0] <= self.seg_len[1], f"seg_len must be L or lo-hi with 1 <= lo <= hi, got {self.seg_len}")
-        _check(self.loss in ("softmax", "contrast"), f"loss must be softmax or contrast, got {self.loss!r}")
+        object.__setattr__(self, "loss", "ge2e" if self.loss == "softmax" else self.loss)
+        _check(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        _check(0 <= self.margin < 1.5 and self.scale > 0 and self.margin_warmup >= 0 and self.subcentres >= 1,
+               "need 0 <= margin < 1.5, scale > 0, margin_warmup >= 0, subcentres >= 1")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean, got {self.reduction!r}")
         _check(self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}")
         _check(self.lr >= 0 and self.grad_clip > 0 and 0 < self.decay_factor <= 1, "lr >= 0, grad_clip > 0, 0 < decay_factor <= 1")

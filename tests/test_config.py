@@ -333,7 +333,19 @@ def test_preset(name: str) -> None:
 def test_preset_with_overrides(name: str) -> None:
     cfg = ModelConfig.preset(name, n_mels=80, embed_dim=32)
     assert cfg.name == name and cfg.n_mels == 80 and cfg.embed_dim == 32
-    assert cfg.hidden_size == MODEL_PRESETS[name]["hidden_size"]
+    for key in ("hidden_size", "channels", "arch"):
+        if key in MODEL_PRESETS[name]:
+            assert getattr(cfg, key) == MODEL_PRESETS[name][key]
+
+
+def test_old_loss_name_means_ge2e() -> None:
+    assert TrainConfig(loss="softmax").loss == "ge2e" == TrainConfig().loss
+    assert TrainConfig.from_dict({"loss": "softmax"}) == TrainConfig()
+
+
+def test_encoder_presets_need_channels() -> None:
+    with pytest.raises(DvectorError, match="channels"):
+        ModelConfig(arch="ecapa", channels=0)
 
 
 def test_presets_differ() -> None:

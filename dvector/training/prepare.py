@@ -22,6 +22,7 @@ from dvector.augment import AugmentPlan
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.nn.loss import GE2ELoss
+from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector, count_parameters
 from dvector.stream.batches import BatchSettings
 from dvector.stream.loader import GE2ELoader
@@ -177,7 +178,7 @@ def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.op
 def build_parts(cfg: TrainConfig, ctx: RunContext) -> Parts:
     """A fresh model (seeded with ``cfg.seed``), loss, optimizer and step-decay scheduler on the device."""
     torch.manual_seed(cfg.seed)
-    model = DVector(ctx.model_cfg).to(ctx.dev)
+    model = build_encoder(ctx.model_cfg).to(ctx.dev)
     criterion = GE2ELoss(cfg.loss, cfg.reduction).to(ctx.dev)
     trainee = GE2ETrainee(model, criterion)
     optimizer = make_optimizer(cfg, list(trainee.parameters()))

@@ -36,6 +36,7 @@ from torch import Tensor
 from dvector.config import VERSION, FeatureConfig, ModelConfig, VadConfig
 from dvector.errors import DvectorError
 from dvector.files import sha256_file
+from dvector.nn.encoders import ENCODER_NAMES, build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.audio import DecodeError, decode, resample, to_mono
 from dvector.signal.features import log_mel, min_samples
@@ -308,7 +309,7 @@ def _from_checkpoint(path: Path, device: str, threads: int | None) -> Embedder:
     state = load_checkpoint(file, map_location="cpu")
     try:
         settings = checkpoint_settings(state)
-        model = DVector(settings.model)
+        model = build_encoder(settings.model)
         model.load_state_dict(state["model"])
         step = int(state["step"])
     except DvectorError as exc:
@@ -331,15 +332,15 @@ def untrained_twin(embedder: Embedder) -> Embedder:
     if "model_config" not in embedder.info:
         raise DvectorError("an untrained baseline needs a checkpoint or run folder (it records the network)")
     torch.manual_seed(int(embedder.info.get("train_seed", 0)))
-    model = DVector(ModelConfig.from_dict(embedder.info["model_config"]))
+    model = build_encoder(ModelConfig.from_dict(embedder.info["model_config"]))
     return Embedder.from_model(model, embedder.features, embedder.vad, embedder.seg_len,
                                name=f"untrained twin of {embedder.info.get('path')}", threads=embedder.threads)
 
 
 def _scripted_network(scripted: torch.nn.Module) -> torch.nn.Module | None:
-    """The scripted DVector inside an exported module (it serves per-window embeddings), if any."""
+    """The scripted encoder inside an exported module (it serves per-window embeddings), if any."""
     for _, sub in scripted.named_modules():
-        if getattr(sub, "original_name", None) == "DVector":
+        if getattr(sub, "original_name", None) in ENCODER_NAMES:
             return sub
     return None
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from dvector.config import VERSION, FeatureConfig, VadConfig
 from dvector.errors import DvectorError
 from dvector.files import atomic_write, sha256_file
+from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
 from dvector.signal.torch_frontend import TorchLogMel, TorchVad
@@ -120,7 +121,7 @@ class EmbeddingModule(nn.Module):
 def embedding_module(state: dict[str, Any]) -> EmbeddingModule:
     """The eager ``EmbeddingModule`` of a loaded checkpoint (what ``export_model`` scripts)."""
     settings = checkpoint_settings(state)
-    model = DVector(settings.model)
+    model = build_encoder(settings.model)
     model.load_state_dict(state["model"])
     return EmbeddingModule(model, settings.features, settings.vad, settings.seg_len)
 
