@@ -26,7 +26,7 @@ same criterion (summing two forwards' losses before one backward fails loudly wi
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,11 @@ class GE2ELoss(nn.Module):
     the paper's) or ``"mean"`` over the N*M utterances. ``w`` (init 10) and ``b`` (init -5) are
     learnable; ``w`` is kept ``>= W_MIN`` by an in-place projection at the start of every
     forward (see the module docstring). Needs N >= 2 speakers and M >= 2 utterances each.
+    Follows the criterion protocol of ``dvector.nn.criteria`` (``forward`` takes and ignores the
+    rows' speaker indices: GE2E needs only the batch's N x M layout).
     """
+
+    needs_classes = False
 
     def __init__(
         self,
@@ -100,7 +104,7 @@ class GE2ELoss(nn.Module):
         """The scaled similarity matrix ``S = w cos + b``, shape (N, M, N) (no projection of w)."""
         return self.w * cosine_similarity_matrix(embeds) + self.b  # (N, M, N)
 
-    def forward(self, embeds: Tensor) -> Tensor:
+    def forward(self, embeds: Tensor, speakers: Optional[Tensor] = None) -> Tensor:
         if embeds.dim() != 3:
             raise DvectorError(f"GE2E loss expects embeddings (N, M, D), got shape {list(embeds.shape)}")
         N, M, _ = embeds.shape
@@ -118,6 +122,18 @@ class GE2ELoss(nn.Module):
             sig_other = sig.masked_fill(own, float("-inf")).amax(dim=1)  # (N*M,)
             losses = 1.0 - sig_own + sig_other  # (N*M,)
         return losses.sum() if self.reduction == "sum" else losses.mean()
+
+    # ---- the rest of the criterion protocol (dvector.nn.criteria) ----
+
+    def begin_step(self, step: int) -> None:
+        """Nothing changes with the step."""
+
+    def scalars(self) -> dict[str, float]:
+        return {"w": float(self.w.detach()), "b": float(self.b.detach())}
+
+    def paper_scaled_parameters(self) -> list[nn.Parameter]:
+        """``[w, b]``: the paper scales their gradients by 0.01."""
+        return [self.w, self.b]
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, reduction={self.reduction!r}"
@@ -139,11 +155,14 @@ def _scale_grads(params: Iterable[Tensor], scale: float) -> None:
 @torch.no_grad()
 def apply_paper_gradient_scale(
     model: nn.Module,
-    criterion: GE2ELoss,
+    criterion: nn.Module,
     projection_scale: float = 0.5,
     wb_scale: float = 0.01,
 ) -> None:
     """The paper's gradient scales: x0.5 on the projection parameters, x0.01 on ``w`` and ``b``.
+
+    ``criterion``: any criterion of ``dvector.nn.criteria``; its ``paper_scaled_parameters()``
+    (GE2E's ``[w, b]``, nothing for the other losses) get the ``wb_scale``.
 
     Call after ``loss.backward()`` and BEFORE ``clip_grad_norm_(..., 3.0)``: the scaled gradients
     are what gets clipped, then stepped (the original project clipped first, so its clipping saw
@@ -156,4 +175,4 @@ def apply_paper_gradient_scale(
     if projection is None:
         raise DvectorError(f"{type(inner).__name__} has no projection_parameters(); is it a DVector?")
     _scale_grads(projection(), projection_scale)
-    _scale_grads((criterion.w, criterion.b), wb_scale)
+    _scale_grads(criterion.paper_scaled_parameters(), wb_scale)
