@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from dvector.cli.console import console, progress
-from dvector.cli.options import EXTENSIONS, Extensions, Workers, default, out_option, seed_option
+from dvector.cli.options import EXTENSIONS, Dask, Extensions, Workers, default, out_option, seed_option
 from dvector.config import BuildConfig, FeatureConfig, VadConfig, parse_speed_perturb
 
 ShardsOut = out_option("Output folder for shard-NNNNNN.tar and index.json.", "-s", "--save_dir", "--save-dir")
@@ -45,6 +45,7 @@ def build_shards_cmd(
     out: ShardsOut = Path("shards"),
     extensions: Extensions = EXTENSIONS,
     workers: Workers = 0,
+    dask: Dask = None,
     shard_size: ShardSize = default(BuildConfig, "shard_size"),
     min_shards: MinShards = default(BuildConfig, "min_shards"),
     block_size: BlockSize = default(BuildConfig, "block_size"),
@@ -62,7 +63,8 @@ def build_shards_cmd(
 ) -> None:
     """Decode, resample, trim silence and compute log-mels of every utterance; write WebDataset shards.
 
-    Resumable: run the same command again to finish an interrupted build.
+    Resumable: run the same command again to finish an interrupted build. With --dask, one task per
+    shard on the cluster (the output folder must be shared storage); the same shards as a local build.
     """
     from dvector.cli.summary import print_build_summary
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
@@ -84,7 +86,8 @@ def build_shards_cmd(
             bar.update(task, advance=files, info=f"{audio[0] / 3600:.2f} h audio, {audio[0] / elapsed:.0f}x realtime")
 
         report = build_shards([str(r) for r in roots], out, cfg, workers=workers, part=parse_part(part),
-                              overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance))
+                              overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance),
+                              dask=dask)
     print_build_summary(report, console)
     if cfg.split_seconds:
         console.print(f"split: {report.utterances_ok} utterance(s) written this run as {report.samples_ok} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -59,6 +59,10 @@ def workers_option(help: str) -> Any:  # noqa: A002
     return Annotated[int, typer.Option("-j", "--workers", help=help)]
 
 
+def dask_option(help: str) -> Any:  # noqa: A002
+    return Annotated[Optional[str], typer.Option("--dask", help=help)]
+
+
 def seed_option(help: str) -> Any:  # noqa: A002
     return Annotated[int, typer.Option("--seed", help=help)]
 
@@ -74,4 +78,6 @@ Extensions = extensions_option("Comma-separated audio extensions looked for in f
                                "(m4a/aac need dvector\\[m4a]).")
 Threads = threads_option("CPU threads for torch while embedding (0: torch's default).")
 Workers = workers_option("Worker processes (0: every core).")
+Dask = dask_option("Run the jobs on a Dask cluster: its scheduler's address (tcp://host:8786), or local:K to "
+                   "start K worker processes here. Needs dvector\\[dask].")
 Seed = seed_option("Random seed: the same seed, the same result.")

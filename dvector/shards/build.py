@@ -174,40 +174,37 @@ def _speaker_counts(samples: list[tuple[str, np.ndarray, dict]]) -> dict[str, li
     return counts
 
 
-class _ShardAssembler:
-    """Takes results in plan order, keeps one shard's samples and failures, writes each shard (tar
-    and record) as soon as results of the next one arrive, and counts everything in ``report``."""
+class ShardContent:
+    """One shard's samples, failures and counts, made from its utterances' results in plan order, and
+    written (tar, then record) by :meth:`write`: the one place that says what a shard's bytes are, for
+    the local build (results arrive by chunks) and a shard job on a cluster (one shard per job) alike."""
 
-    def __init__(self, out: Path, scan: ScanResult, by_key: dict[str, PlannedUtterance], report: BuildReport,
-                 fail_fast: bool, segment: int = 0) -> None:
-        self.out, self.scan, self.by_key, self.report, self.fail_fast = out, scan, by_key, report, fail_fast
+    def __init__(self, root_names: dict[str, str], by_key: dict[str, PlannedUtterance], segment: int = 0,
+                 fail_fast: bool = False) -> None:
+        self.root_names, self.by_key, self.fail_fast = root_names, by_key, fail_fast
         self.segment = segment  # frames per segment with --split-seconds (0: each utterance is one sample)
-        self.current: int | None = None
         self.samples: list[tuple[str, np.ndarray, dict]] = []
         self.failures: list[dict[str, str]] = []
+        self.tally = ShardTally()
 
-    def add(self, number: int, results: list[tuple[str, Any, dict[str, Any]]]) -> float:
-        """Take one chunk's results for shard ``number``; returns the seconds of audio they held."""
-        if number != self.current:
-            self.finish()
-            self.current, self.samples, self.failures = number, [], []
+    def add(self, results: list[tuple[str, Any, dict[str, Any]]]) -> float:
+        """Take one chunk's results; returns the seconds of audio they held."""
         audio_s = 0.0
         for key, mel, meta in results:
             planned = self.by_key[key]
             utt = planned.utterance
-            root = self.scan.root_names[utt.root]
             if mel is None:
                 self._failed(planned, meta["reason"])
                 continue
             for stage, secs in meta.pop("seconds").items():
-                self.report.stage_s[stage] = self.report.stage_s.get(stage, 0.0) + secs
-            meta.update(speaker=planned.speaker, speaker_index=planned.speaker_index, root=root, source=utt.source,
-                        n_frames=int(mel.shape[0]))
+                self.tally.stage_s[stage] = self.tally.stage_s.get(stage, 0.0) + secs
+            meta.update(speaker=planned.speaker, speaker_index=planned.speaker_index, root=self.root_names[utt.root],
+                        source=utt.source, n_frames=int(mel.shape[0]))
             self._add_samples(key, mel, meta)
             audio_s += meta["duration_s"]
-            self.report.utterances_ok += 1
-            self.report.frames += int(mel.shape[0])
-        self.report.audio_s += audio_s
+            self.tally.utterances_ok += 1
+            self.tally.frames += int(mel.shape[0])
+        self.tally.audio_s += audio_s
         return audio_s
 
     def _add_samples(self, key: str, mel: np.ndarray, meta: dict[str, Any]) -> None:
@@ -216,35 +213,113 @@ class _ShardAssembler:
         and ``vad`` stay the whole utterance's)."""
         if not self.segment:
             self.samples.append((key, mel, meta))
-            self.report.samples_ok += 1
+            self.tally.samples_ok += 1
             return
         bounds = segment_bounds(int(mel.shape[0]), self.segment)
         for number, (start, stop) in enumerate(bounds):
             part = {**meta, "n_frames": stop - start, "segment": number, "segments": len(bounds)}
             self.samples.append((segment_key(key, number), mel[start:stop], part))
-        self.report.samples_ok += len(bounds)
+        self.tally.samples_ok += len(bounds)
 
     def _failed(self, planned: PlannedUtterance, reason: str) -> None:
         utt = planned.utterance
         # a perturbed copy's failure names its speaker (``SPK@sp0.9``): the speed is in the id
-        failure = {"root": self.scan.root_names[utt.root], "speaker": planned.speaker, "source": utt.source,
+        failure = {"root": self.root_names[utt.root], "speaker": planned.speaker, "source": utt.source,
                    "reason": reason}
         self.failures.append(failure)
-        self.report.failures.append(failure)
         if self.fail_fast:
             raise DvectorError(f"{display_path(str(utt.path))}: {reason} (stopped by --fail-fast)")
 
+    def write(self, out: Path, number: int) -> ShardTally:
+        """Write the shard: its tar, then its record (each atomically); the shard's counts."""
+        t0 = time.perf_counter()
+        info = write_shard(out / shard_name(number), self.samples)
+        write_json_atomic(sidecar_path(out, number), {
+            "shard": info.to_dict(), "failures": self.failures, "speakers": _speaker_counts(self.samples)})
+        self.tally.stage_s["writing"] = self.tally.stage_s.get("writing", 0.0) + time.perf_counter() - t0
+        self.tally.failures = self.failures
+        return self.tally
+
+
+@dataclass
+class ShardTally:
+    """What writing one shard counted: added to the build's report by :meth:`absorb`."""
+
+    utterances_ok: int = 0
+    samples_ok: int = 0
+    frames: int = 0
+    audio_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def absorb(self, report: BuildReport) -> None:
+        report.shards_written += 1
+        report.utterances_ok += self.utterances_ok
+        report.samples_ok += self.samples_ok
+        report.frames += self.frames
+        report.audio_s += self.audio_s
+        report.failures.extend(self.failures)
+        for stage, secs in self.stage_s.items():
+            report.stage_s[stage] = report.stage_s.get(stage, 0.0) + secs
+
+
+class _ShardAssembler:
+    """Takes results in plan order, keeps one shard's content, writes each shard as soon as results
+    of the next one arrive, and counts everything in ``report``."""
+
+    def __init__(self, out: Path, scan: ScanResult, by_key: dict[str, PlannedUtterance], report: BuildReport,
+                 fail_fast: bool, segment: int = 0) -> None:
+        self.out, self.scan, self.by_key, self.report, self.fail_fast = out, scan, by_key, report, fail_fast
+        self.segment = segment
+        self.current: int | None = None
+        self.content: ShardContent | None = None
+
+    def add(self, number: int, results: list[tuple[str, Any, dict[str, Any]]]) -> float:
+        """Take one chunk's results for shard ``number``; returns the seconds of audio they held."""
+        if number != self.current:
+            self.finish()
+            self.current = number
+            self.content = ShardContent(self.scan.root_names, self.by_key, self.segment, self.fail_fast)
+        assert self.content is not None
+        return self.content.add(results)
+
     def finish(self) -> None:
         """Write the shard being assembled, if any: its tar, then its record."""
-        if self.current is None:
+        if self.current is None or self.content is None:
             return
-        t0 = time.perf_counter()
-        info = write_shard(self.out / shard_name(self.current), self.samples)
-        write_json_atomic(sidecar_path(self.out, self.current), {
-            "shard": info.to_dict(), "failures": self.failures, "speakers": _speaker_counts(self.samples)})
-        self.report.stage_s["writing"] = self.report.stage_s.get("writing", 0.0) + time.perf_counter() - t0
-        self.report.shards_written += 1
-        self.current = None
+        self.content.write(self.out, self.current).absorb(self.report)
+        self.current, self.content = None, None
+
+
+def build_one_shard(out: Path, number: int, shard: list[PlannedUtterance], root_names: dict[str, str],
+                    cfg: BuildConfig, fail_fast: bool = False) -> ShardTally | str:
+    """A shard job for a cluster worker: process shard ``number``'s utterances in plan order, in this
+    process, and write the shard and its record (atomically: a job killed midway leaves at most a
+    temporary file, and its rerun writes the same bytes). Returns the shard's counts, or, with
+    ``fail_fast``, the first failure's message (nothing written)."""
+    _init_once()
+    by_key = {p.key: p for p in shard}
+    content = ShardContent(root_names, by_key, segment_frames(cfg.split_seconds, cfg.features.hop_ms), fail_fast)
+    items = [(p.key, str(p.utterance.path), root_names[p.utterance.root], p.speaker_index, p.utterance.source,
+              p.speed) for p in shard]
+    with threadpool_limits(1):
+        try:
+            for i in range(0, len(items), CHUNK_UTTERANCES):
+                content.add(_process_chunk(items[i:i + CHUNK_UTTERANCES], cfg.features, cfg.vad))
+        except DvectorError as exc:  # --fail-fast: reported, not retried
+            return str(exc)
+    return content.write(out, number)
+
+
+_READY = [False]
+
+
+def _init_once() -> None:
+    """A cluster worker's first shard job sets the process up as the local pool's initializer does."""
+    if not _READY[0]:
+        keep_freed_memory()
+        warm_up()
+        _READY[0] = True
 
 
 def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg: BuildConfig, workers: int,
@@ -294,11 +369,20 @@ def build_shards(
     overwrite: bool = False,
     fail_fast: bool = False,
     progress: Progress | None = None,
+    dask: str | None = None,
 ) -> BuildReport:
     """Build (or finish building) the shards of ``roots`` in ``out_dir``: part ``i`` of ``n`` of the
     plan's shards (every shard by default), skipping those an earlier run completed; the index is
-    written once every shard of the plan is complete."""
+    written once every shard of the plan is complete.
+
+    ``dask``: run the shard jobs on a Dask cluster (a scheduler address, or ``local:K``) instead of
+    ``workers`` local processes (:mod:`dvector.shards.dask_build`); the shards are the same."""
     started = time.perf_counter()
+    if dask:
+        from dvector.shards.cluster import import_distributed, parse_address
+
+        parse_address(dask)
+        import_distributed()  # before scanning: a missing extra is one line, at once
     keep_freed_memory()  # this process receives and writes every utterance's features
     progress = progress or Progress()
     out = Path(out_dir)
@@ -317,7 +401,12 @@ def build_shards(
         todo = [k for k in mine if not is_complete(out, k)]
         report.shards_skipped = len(mine) - len(todo)
         progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
-        _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
+        if dask and todo:
+            from dvector.shards.dask_build import write_shards_dask
+
+            write_shards_dask(dask, out, plan, scan, todo, cfg, fail_fast, progress, report)
+        else:
+            _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
         if all(is_complete(out, k) for k in range(len(plan.shards))):
             index = write_index(out)  # not rewritten when it is already up to date (read-only storage)
             report.index_written = True

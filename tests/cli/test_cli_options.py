@@ -33,7 +33,8 @@ def spelled(param) -> str:  # noqa: ANN001
 
 # What users type: the commands, in `--help` order, and each one's arguments and options in order.
 SURFACE = {
-    "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--shard-size",
+    "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--dask",
+                     "--shard-size",
                      "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad",
                      "--merge-speakers", "--speed-perturb", "--split-seconds", "--part", "--overwrite", "--strict",
                      "--fail-fast"],
