@@ -4,8 +4,9 @@ the library's.
 
 Modules: ``options`` (shared options, defaults read from the config dataclasses), ``console``
 (console, progress bars, printing), ``build`` (build-shards, index, check), ``train``, ``use`` (embed,
-score, eval, export, visualize), ``demo`` (demo, synth), ``summary`` (end-of-job tables). This module
-makes the Typer ``app`` and ``main``, the console entry point.
+score, eval, export, visualize), ``diarize`` (diarize, diarize-eval), ``demo`` (demo, synth),
+``summary`` (end-of-job tables). This module makes the Typer ``app`` and ``main``, the console entry
+point.
 
 Owns: the terminal. May import every part; only ``dvector.__main__`` imports it, never a library module.
 """
@@ -17,7 +18,7 @@ from typing import List, Optional
 
 import typer
 
-from dvector.cli import build, demo, train, use
+from dvector.cli import build, demo, diarize, train, use
 from dvector.cli.console import print_error, show_warnings_as_lines
 from dvector.config import launch_rank
 from dvector.errors import DvectorError
@@ -39,6 +40,8 @@ app.command("score")(use.score_cmd)
 app.command("eval")(use.eval_cmd)
 app.command("export")(use.export_cmd)
 app.command("visualize")(use.visualize_cmd)
+app.command("diarize")(diarize.diarize_cmd)
+app.command("diarize-eval")(diarize.diarize_eval_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("synth")(demo.synth_cmd)
 
