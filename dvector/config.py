@@ -19,7 +19,6 @@ from typing import Any, Iterable, Type, TypeVar
 from dvector.errors import DvectorError
 
 T = TypeVar("T", bound="_Config")
-
 VERSION = "0.1.0"  # dvector's version, recorded in what it makes (exports, embeddings, eval results)
 NORM_EPS = 1e-12  # eps of every L2 normalisation of embeddings (the network's output, pooled windows)
 
@@ -124,8 +123,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The GE2E paper: 3-layer LSTM, 768 cells, 256 projection, last frame.
     "paper": dict(hidden_size=768, proj_size=256, n_layers=3, embed_dim=256, pooling="last", input_norm="mean"),
     # The original project's default: 3 x 256 LSTM, tanh(Linear) per frame, attentive pooling.
-    "attentive": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="attention",
-                      input_norm="mean"),
+    "attentive": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="attention", input_norm="mean"),
     # For tests and the CPU demo.
     "tiny": dict(hidden_size=64, proj_size=0, n_layers=1, embed_dim=64, pooling="attention", input_norm="mean"),
     # ECAPA-TDNN (Desplanques et al. 2020): C channels, 192-d embedding; "channels" is C.
@@ -157,9 +155,8 @@ class ModelConfig(_Config):
     channels: int = 0  # ECAPA's C, or the ResNet's first-stage width (0 for the LSTM)
 
     def __post_init__(self) -> None:
-        _check(self.n_mels >= 1 and self.hidden_size >= 1 and self.n_layers >= 1, "sizes must be >= 1")
+        _check(min(self.n_mels, self.hidden_size, self.n_layers, self.embed_dim) >= 1, "sizes must be >= 1")
         _check(0 <= self.proj_size < self.hidden_size, "proj_size must be in [0, hidden_size)")
-        _check(self.embed_dim >= 1, "embed_dim must be >= 1")
         _check(self.pooling in ("attention", "last"), f"pooling must be 'attention' or 'last', got {self.pooling!r}")
         _check(self.input_norm in ("mean", "none"), f"input_norm must be 'mean' or 'none', got {self.input_norm!r}")
         _check(self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}")
@@ -345,7 +342,6 @@ class AugmentConfig(_Config):
 @dataclass(frozen=True)
 class TrainConfig(_Config):
     """Training settings. Defaults follow the GE2E paper and the original project's flags."""
-
     steps: int = 100000  # -i: total steps (a continued run counts from its saved step)
     save_every: int = 10000  # -s
     decay_every: int = 100000  # -d: halve the learning rate every this many steps
@@ -354,15 +350,15 @@ class TrainConfig(_Config):
     n_speakers: int = 64  # -n: N
     n_utterances: int = 10  # -m: M
     seg_len: tuple[int, int] = (160, 160)  # -l: L, or a range drawn per batch (the paper: 140-180)
-    loss: str = "ge2e"  # one of LOSSES: ge2e softmax (also spelt "softmax"), contrast, angleproto, aamsoftmax, softmaxproto
-    margin: float = 0.2  # aamsoftmax: the additive angular margin m (radians)...
-    scale: float = 30.0  # ...the logit scale s...
-    margin_warmup: int = 0  # ...reached linearly over this many steps from 0 (0: at once)
-    subcentres: int = 1  # ...sub-centres per speaker (Deng et al. 2020; 1: plain AAM-softmax)
+    loss: str = "ge2e"  # one of LOSSES (GE2E softmax is also spelt "softmax")
+    margin: float = 0.2  # aamsoftmax: margin m (radians), scale s, steps over which m grows from 0, sub-centres
+    scale: float = 30.0
+    margin_warmup: int = 0
+    subcentres: int = 1
     gather: bool = False  # under DDP, angleproto/softmaxproto compare with every rank's embeddings
     weight_decay: float = 0.0
     reduction: str = "sum"  # the paper sums over the batch; "mean" scales the SGD rate by N*M to match
-    optimizer: str = "sgd"  # or "adam"
+    optimizer: str = "auto"  # sgd, adam, or auto: sgd (the paper's) for ge2e and contrast, adam for the others
     lr: float = 0.0  # 0: 0.01 for SGD (x N*M with "mean"), 1e-3 for Adam
     momentum: float = 0.0
     decay_factor: float = 0.5
@@ -393,18 +389,22 @@ class TrainConfig(_Config):
         _check(0 <= self.margin < 1.5 and self.scale > 0 and self.margin_warmup >= 0 and self.subcentres >= 1,
                "need 0 <= margin < 1.5, scale > 0, margin_warmup >= 0, subcentres >= 1")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(self.reduction in ("sum", "mean"), f"reduction must be sum or mean, got {self.reduction!r}")
-        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        _check(self.reduction in ("sum", "mean") and self.optimizer in ("sgd", "adam", "auto"),
+               f"reduction must be sum or mean, optimizer sgd, adam or auto; got {self.reduction!r}, {self.optimizer!r}")
         _check(self.lr >= 0 and self.grad_clip > 0 and 0 < self.decay_factor <= 1, "lr >= 0, grad_clip > 0, 0 < decay_factor <= 1")
         _check(0 < self.valid_fraction < 1, "valid_fraction must be in (0, 1)")
         _check(self.workers >= 0, "workers must be >= 0")
         _check(self.threads >= 0, "threads must be >= 0")
 
     @property
+    def optimizer_kind(self) -> str:  # what "auto" means: sgd (the paper's) for ge2e and contrast, adam for the others
+        return self.optimizer if self.optimizer != "auto" else ("sgd" if self.loss in ("ge2e", "contrast") else "adam")
+
+    @property
     def learning_rate(self) -> float:
         if self.lr:
             return self.lr
-        if self.optimizer == "adam":
+        if self.optimizer_kind == "adam":
             return 1e-3
         return 0.01 * (self.n_speakers * self.n_utterances if self.reduction == "mean" else 1)
 

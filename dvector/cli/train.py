@@ -38,10 +38,24 @@ Valid = Annotated[Optional[str], typer.Option(
     "--valid", help="Validation shards (other speakers); default: hold out ~10% of the speakers.")]
 ValidEvery = Annotated[int, typer.Option("--valid-every", help="Validate every this many steps.")]
 ModelName = Annotated[Optional[str], typer.Option(
-    "--model", help="paper (3x768 LSTM, 256 proj), attentive (original, 3x256; the default), or tiny.")]
-Loss = Annotated[str, typer.Option("--loss", help="softmax or contrast.")]
-Reduction = Annotated[str, typer.Option("--reduction", help="sum (the paper's) or mean (learning rate scaled by N*M).")]
-Optimizer = Annotated[str, typer.Option("--optimizer", help="sgd (the paper's) or adam.")]
+    "--model", help="LSTMs: paper (3x768, 256 proj), attentive (original, 3x256; the default), tiny; "
+    "ECAPA-TDNN: ecapa (C=512), ecapa-small (C=256); thin ResNet-34: resnet34 (32-256), resnet34-quarter (16-128).")]
+Loss = Annotated[str, typer.Option(
+    "--loss", help="ge2e (GE2E softmax; also 'softmax'), contrast (GE2E contrast), angleproto (angular "
+    "prototypical), aamsoftmax (additive angular margin; one class per speaker of the index), softmaxproto.")]
+Reduction = Annotated[str, typer.Option(
+    "--reduction", help="GE2E losses: sum (the paper's) or mean (SGD rate scaled by N*M). The others average.")]
+Optimizer = Annotated[str, typer.Option(
+    "--optimizer", help="sgd, adam, or auto: sgd (the paper's) for ge2e and contrast, adam for the others.")]
+Margin = Annotated[float, typer.Option("--margin", help="aamsoftmax: additive angular margin m (radians).")]
+Scale = Annotated[float, typer.Option("--scale", help="aamsoftmax: logit scale s.")]
+MarginWarmup = Annotated[int, typer.Option(
+    "--margin-warmup", help="aamsoftmax: steps over which the margin grows linearly from 0 (0: full at once).")]
+Subcentres = Annotated[int, typer.Option("--subcentres", help="aamsoftmax: sub-centres per speaker (1: plain).")]
+Gather = Annotated[bool, typer.Option(
+    "--gather/--no-gather", help="angleproto, softmaxproto under DDP: compare with every rank's utterances, "
+    "so N grows with the number of processes.")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay of the optimizer.")]
 Lr = Annotated[float, typer.Option("--lr", help="Learning rate (0: 0.01 for SGD, 1e-3 for Adam).")]
 LoaderWorkers = Annotated[int, typer.Option("-w", "--workers", help="Data loader processes per training process.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda when available).")]
@@ -91,6 +105,12 @@ def train_cmd(
     reduction: Reduction = train_default("reduction"),
     optimizer: Optimizer = train_default("optimizer"),
     lr: Lr = train_default("lr"),
+    margin: Margin = train_default("margin"),
+    scale: Scale = train_default("scale"),
+    margin_warmup: MarginWarmup = train_default("margin_warmup"),
+    subcentres: Subcentres = train_default("subcentres"),
+    gather: Gather = train_default("gather"),
+    weight_decay: WeightDecay = train_default("weight_decay"),
     workers: LoaderWorkers = train_default("workers"),
     seed: Seed = train_default("seed"),
     device: Device = None,
@@ -110,7 +130,8 @@ def train_cmd(
     noise_dir: NoiseDir = None,
     rir_dir: RirDir = None,
 ) -> None:
-    """Train the d-vector with the GE2E loss on streamed, speaker-balanced batches.
+    """Train a speaker encoder (the d-vector LSTM, ECAPA-TDNN or a thin ResNet) with GE2E or a margin/prototypical
+    loss on streamed, speaker-balanced batches.
 
     Several GPUs: torchrun --nproc-per-node=8 -m dvector train SHARDS MODEL_DIR
     """
@@ -123,6 +144,8 @@ def train_cmd(
     cfg = TrainConfig(steps=steps, save_every=save_every, decay_every=decay_every, valid_every=valid_every,
                       log_every=log_every, n_speakers=n_speakers, n_utterances=n_utterances,
                       seg_len=parse_seg_len(seg_len), loss=loss, reduction=reduction, optimizer=optimizer, lr=lr,
+                      margin=margin, scale=scale, margin_warmup=margin_warmup, subcentres=subcentres, gather=gather,
+                      weight_decay=weight_decay,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
                       short_policy=short_policy, threads=threads, max_minutes=max_minutes,
                       augment=AugmentConfig(kinds=augment, noise_snr=noise_snr, babble_snr=babble_snr,

@@ -167,12 +167,11 @@ def apply_paper_gradient_scale(
     Call after ``loss.backward()`` and BEFORE ``clip_grad_norm_(..., 3.0)``: the scaled gradients
     are what gets clipped, then stepped (the original project clipped first, so its clipping saw
     unscaled gradients). ``model`` may be wrapped in DDP; its ``projection_parameters()`` says
-    which parameters count as the projection (see ``DVector.projection_parameters``). Parameters
-    without a gradient are left alone.
+    which parameters count as the projection (see ``DVector.projection_parameters``); an encoder
+    without that method (ECAPA, ResNet) has none. Parameters without a gradient are left alone.
     """
     inner = _unwrap(model)
     projection = getattr(inner, "projection_parameters", None)
-    if projection is None:
-        raise DvectorError(f"{type(inner).__name__} has no projection_parameters(); is it a DVector?")
-    _scale_grads(projection(), projection_scale)
+    if projection is not None:  # the LSTM d-vectors; the convolutional encoders have no projection
+        _scale_grads(projection(), projection_scale)
     _scale_grads(criterion.paper_scaled_parameters(), wb_scale)

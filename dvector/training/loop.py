@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 
 from dvector.config import ModelConfig, TrainConfig
 from dvector.training.distributed import ends_own_process_group
-from dvector.training.prepare import (GE2ETrainee, build_parts, describe, make_loader, make_runner, restore_parts,
+from dvector.training.prepare import (Trainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
 from dvector.training.steps import StepLog, StepLoop
 from dvector.training.validation import validation_note
 
-__all__ = ["GE2ETrainee", "StepLog", "TrainResult", "train"]
+__all__ = ["Trainee", "StepLog", "TrainResult", "train"]
 
 
 @dataclass

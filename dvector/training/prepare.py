@@ -21,9 +21,9 @@ from torch import nn
 from dvector.augment import AugmentPlan
 from dvector.config import FeatureConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
-from dvector.nn.loss import GE2ELoss
+from dvector.nn.criteria import make_criterion
 from dvector.nn.encoders import build_encoder
-from dvector.nn.model import DVector, count_parameters
+from dvector.nn.model import count_parameters
 from dvector.stream.batches import BatchSettings
 from dvector.stream.loader import GE2ELoader
 from dvector.stream import ShardSource, resolve_shards
@@ -32,20 +32,23 @@ from dvector.training.distributed import Distributed, setup_process
 from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers, perturbed_copies
 
 
-class GE2ETrainee(nn.Module):
-    """The network and the loss's w, b as one module, so DDP averages every gradient."""
+class Trainee(nn.Module):
+    """The network and the loss's parameters (GE2E's w, b; a classifier) as one module, so DDP averages
+    every gradient and all ranks keep one set of weights."""
 
-    def __init__(self, model: DVector, criterion: GE2ELoss):
+    def __init__(self, model: nn.Module, criterion: nn.Module):
         super().__init__()
         self.model, self.criterion = model, criterion
 
-    def forward(self, mels: torch.Tensor, n_speakers: int, n_utterances: int, amp: bool) -> torch.Tensor:
-        """The GE2E loss of a batch of ``mels`` (N*M, L, n_mels), rows speaker-major."""
+    def forward(self, mels: torch.Tensor, speakers: torch.Tensor, n_speakers: int, n_utterances: int,
+                amp: bool) -> torch.Tensor:
+        """The loss of a batch of ``mels`` (N*M, L, n_mels), rows speaker-major; ``speakers`` (N*M,): each
+        row's global speaker index (what a classifier's loss needs)."""
         context = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
         with context:
             embeds = self.model(mels)  # (N*M, D)
         embeds = embeds.float().view(n_speakers, n_utterances, -1)  # (N, M, D)
-        return self.criterion(embeds)
+        return self.criterion(embeds, speakers)
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -156,9 +159,9 @@ def validation_speakers(cfg: TrainConfig, ctx: RunContext, valid: str | None) ->
 class Parts:
     """What training changes, and where it stands."""
 
-    model: DVector
-    criterion: GE2ELoss
-    trainee: GE2ETrainee
+    model: nn.Module  # an encoder of dvector.nn.encoders
+    criterion: nn.Module  # a loss of dvector.nn.criteria
+    trainee: Trainee
     optimizer: torch.optim.Optimizer
     scheduler: Any  # StepLR
     step: int = 0
@@ -170,17 +173,19 @@ class Parts:
 
 def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     """Adam or SGD (with momentum) at the configured learning rate."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.learning_rate)
-    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+    if cfg.optimizer_kind == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def build_parts(cfg: TrainConfig, ctx: RunContext) -> Parts:
-    """A fresh model (seeded with ``cfg.seed``), loss, optimizer and step-decay scheduler on the device."""
+    """A fresh model (seeded with ``cfg.seed``), loss, optimizer and step-decay scheduler on the device.
+    A classifier's loss gets one class per speaker of the shards' index (held-out speakers included)."""
     torch.manual_seed(cfg.seed)
     model = build_encoder(ctx.model_cfg).to(ctx.dev)
-    criterion = GE2ELoss(cfg.loss, cfg.reduction).to(ctx.dev)
-    trainee = GE2ETrainee(model, criterion)
+    n_classes = len(ctx.source.index["speakers"]) if ctx.source.index else None
+    criterion = make_criterion(cfg, n_classes, ctx.model_cfg.embed_dim).to(ctx.dev)
+    trainee = Trainee(model, criterion)
     optimizer = make_optimizer(cfg, list(trainee.parameters()))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.decay_every, gamma=cfg.decay_factor)
     return Parts(model, criterion, trainee, optimizer, scheduler)
@@ -208,7 +213,7 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
     the RNG state from a checkpoint, then apply this run's learning-rate settings."""
     parts.model.load_state_dict(checkpoint["model"])
     parts.criterion.load_state_dict(checkpoint["criterion"])
-    if checkpoint["train_config"].get("optimizer") == cfg.optimizer:
+    if TrainConfig.from_dict(checkpoint["train_config"]).optimizer_kind == cfg.optimizer_kind:
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         for group in parts.optimizer.param_groups:
             group.setdefault("initial_lr", cfg.learning_rate)
@@ -225,7 +230,7 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], dev)
 
 
-def make_runner(trainee: GE2ETrainee, cfg: TrainConfig, ctx: RunContext) -> nn.Module:
+def make_runner(trainee: Trainee, cfg: TrainConfig, ctx: RunContext) -> nn.Module:
     """What a step calls: the trainee, wrapped in DDP with several processes, compiled if asked (CUDA)."""
     runner: nn.Module = trainee
     if ctx.ddp.world > 1:
@@ -259,14 +264,14 @@ def augment_plan(cfg: TrainConfig, ctx: RunContext) -> AugmentPlan | None:
                                ctx.ddp.first_on_rank0)
 
 
-def describe(cfg: TrainConfig, ctx: RunContext, model: DVector, valid_set: ValidationSet | None) -> str:
+def describe(cfg: TrainConfig, ctx: RunContext, model: nn.Module, valid_set: ValidationSet | None) -> str:
     """The one-line summary said before the first step."""
     valid = ""
     if valid_set is not None:
         roots = len(valid_set.speakers_per_root())
         valid = (f"; validating on {valid_set.n_speakers} held-out speakers"
                  + (f" of {roots} roots (trials within a root)" if roots > 1 else ""))
-    return (f"model {ctx.model_cfg.name}: {count_parameters(model):,} parameters; device {ctx.dev}"
+    return (f"model {ctx.model_cfg.name}: {count_parameters(model):,} parameters; loss {cfg.loss}; device {ctx.dev}"
             + (f" x {ctx.ddp.world} processes" if ctx.ddp.world > 1 else "")
             + f"; batches of {cfg.n_speakers} speakers x {cfg.n_utterances} utterances x {cfg.seg_len[0]}"
             + (f"-{cfg.seg_len[1]}" if cfg.seg_len[1] != cfg.seg_len[0] else "") + " frames"

@@ -38,13 +38,14 @@ class StepLog:
     loss: float
     lr: float
     grad_norm: float
-    w: float
-    b: float
+    w: float  # the loss's scale w (NaN for a loss without one)
+    b: float  # the loss's bias b (NaN for a loss without one)
     steps_per_s: float
     data_wait: float  # fraction of the time spent waiting for batches
     valid_eer: float | None = None
     skipped_steps: int = 0  # steps skipped so far for a non-finite loss or gradient norm (continued runs included)
     valid_min_dcf: float | None = None  # the validation minDCF (p_target 0.01), when it validates
+    margin: float | None = None  # aamsoftmax: the margin in use (it warms up)
 
 
 MAX_NONFINITE_IN_A_ROW = 10  # steps in a row with a NaN/Inf loss or gradient norm that stop training
@@ -121,7 +122,7 @@ def write_scalars(writer: Any, entry: StepLog, sampling: dict[str, int] | None =
     """One log entry as TensorBoard scalars (those that have a value), and the sampling counters as ``data/*``."""
     valid = {"valid_eer": "valid/eer", "valid_min_dcf": "valid/min_dcf"}
     for name in ("loss", "lr", "grad_norm", "w", "b", "steps_per_s", "data_wait", "valid_eer", "valid_min_dcf",
-                 "skipped_steps"):
+                 "skipped_steps", "margin"):
         value = getattr(entry, name)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             writer.add_scalar(valid.get(name, f"train/{name}"), value, entry.step)
@@ -189,14 +190,16 @@ class StepLoop:
         (the step still counts, and the learning rate follows it); returns (loss, grad norm) as tensors."""
         cfg, parts = self.cfg, self.parts
         t0 = time.perf_counter()
-        mels, _speakers = next(batches)
+        mels, speakers = next(batches)
         if mels.shape[-1] != self.ctx.model_cfg.n_mels:
             raise DvectorError(f"the batches hold {mels.shape[-1]} mel bands per frame, but the network reads "
                                f"{self.ctx.model_cfg.n_mels}: these shards were built with other features")
         mels = mels.to(self.ctx.dev, non_blocking=True)  # (N*M, L, n_mels)
+        speakers = speakers.to(self.ctx.dev, non_blocking=True)  # (N*M,)
         t1 = time.perf_counter()
         parts.optimizer.zero_grad(set_to_none=True)
-        loss = self.runner(mels, cfg.n_speakers, cfg.n_utterances, self.amp)
+        parts.criterion.begin_step(parts.step)
+        loss = self.runner(mels, speakers, cfg.n_speakers, cfg.n_utterances, self.amp)
         loss.backward()
         if cfg.paper_grad_scale:
             apply_paper_gradient_scale(parts.model, parts.criterion)
@@ -256,10 +259,11 @@ class StepLoop:
         improved = scores is not None and improves(scores, self.parts.best_eer, self.parts.best_min_dcf)
         if ctx.ddp.main and (log_now or scores is not None):
             counters = self.counters()
+            scalars = self.parts.criterion.scalars()
             self._log(StepLog(step, self.last_loss, self.parts.scheduler.get_last_lr()[0], float(grad_norm),
-                              self.parts.criterion.w.item(), self.parts.criterion.b.item(), speed, wait,
+                              scalars.get("w", math.nan), scalars.get("b", math.nan), speed, wait,
                               scores.eer if scores else None, counters["skipped_steps"],
-                              scores.min_dcf if scores else None), counters["sampling"])
+                              scores.min_dcf if scores else None, scalars.get("margin")), counters["sampling"])
         if save_now or improved:
             self._save(scores, improved)
         if stop:
