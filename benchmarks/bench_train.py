@@ -16,7 +16,11 @@ project's N*M*N*D formulation (``benchmarks/bench_loss.py``) and prints the rati
     python benchmarks/bench_train.py --model tiny -n 16 -m 8 -l 100 --steps 50
     python benchmarks/bench_train.py --model attentive -n 32 -m 8 -l 80 --threads 1   # CPU threads: 1 against the rule
 
-The last printed line is ``train_steps_per_s=<number>``.
+    python benchmarks/bench_train.py --model all -n 16 -m 8 -l 100 --steps 4 --warmup 2 --threads 1
+                                      # every encoder at the real-speech protocol's batch: steps/s per encoder
+
+The last printed line is ``train_steps_per_s=<number>`` (several models: one ``train_steps_per_s_<model>=`` line
+each, the last model's last).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import build_corpus  # noqa: E402
 from bench_loss import time_loss  # noqa: E402
 
-from dvector.config import ModelConfig, TrainConfig  # noqa: E402
-from dvector.nn.model import DVector, count_parameters  # noqa: E402
+from dvector.config import MODEL_PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from dvector.nn.encoders import build_encoder  # noqa: E402
+from dvector.nn.model import count_parameters  # noqa: E402
 from dvector.training.distributed import Distributed, cpu_threads  # noqa: E402
 from dvector.training.loop import StepLog, train  # noqa: E402
 
@@ -50,7 +55,9 @@ def device_name(on_cpu: bool, threads: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["paper", "attentive", "tiny"], default="paper")
+    p.add_argument("--model", default="paper", help="a preset, a comma list of presets, or all "
+                   f"({', '.join(sorted(MODEL_PRESETS))})")
+    p.add_argument("--loss", default="ge2e", help="the training loss (ge2e, contrast, angleproto, aamsoftmax, ...)")
     p.add_argument("-n", "--n-speakers", type=int, default=64)
     p.add_argument("-m", "--n-utterances", type=int, default=10)
     p.add_argument("-l", "--seg-len", type=int, default=160)
@@ -73,19 +80,42 @@ def main() -> None:
 
     frames = (max(L, 160), max(L, 160) * 3)
     index = build_corpus(args.data_dir, args.speakers, args.utterances, frames, 16, args.shards)
-    model_cfg = ModelConfig.preset(args.model, n_mels=index["config"]["features"]["n_mels"])
+    names = sorted(MODEL_PRESETS) if args.model == "all" else [m.strip() for m in args.model.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODEL_PRESETS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {sorted(MODEL_PRESETS)} or all")
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    rates: dict[str, float] = {}
+    for name in names:
+        model_cfg = ModelConfig.preset(name, n_mels=index["config"]["features"]["n_mels"])
+        rates[name], threads = measure(args, model_cfg, index, on_cpu)
+    if len(rates) > 1:
+        print("steps/s per encoder, N={} M={} L={}, loss {}: ".format(N, M, L, args.loss)
+              + ", ".join(f"{name} {rate:.3g}" for name, rate in rates.items()))
+    if not args.skip_loss:
+        loss = time_loss(N, M, args.loss_dim, repeats=args.loss_repeats, threads=threads)
+        print(f"GE2E softmax loss alone, forward+backward, N={N} M={M} D={args.loss_dim}, CPU, {threads} threads: "
+              f"dvector {loss['ours_ms']:.2f} ms, original N*M*N*D formulation {loss['original_ms']:.2f} ms, "
+              f"ratio {loss['speedup']:.1f}x (|loss difference| {loss['max_abs_diff']:.1e})")
+    for name, rate in rates.items():
+        print(f"train_steps_per_s{'' if len(rates) == 1 else '_' + name.replace('-', '_')}={rate:.4g}")
+
+
+def measure(args: argparse.Namespace, model_cfg: ModelConfig, index: dict, on_cpu: bool) -> tuple[float, int]:
+    """Train ``model_cfg`` for the warm-up and measured steps; print what it saw; (steps/s, torch threads)."""
+    N, M, L = args.n_speakers, args.n_utterances, args.seg_len
     warmup = max(1, args.warmup)
     measured = max(1, math.ceil(args.steps / warmup)) * warmup  # whole trainer log windows
     total = warmup + measured
     cfg = TrainConfig(steps=total, save_every=10**9, decay_every=10**9, valid_every=10**9, log_every=warmup,
                       n_speakers=N, n_utterances=M, seg_len=(L, L), workers=args.workers, keep_checkpoints=1,
-                      valid_utterances=4, amp=not args.no_amp, compile=args.compile, threads=args.threads)
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+                      valid_utterances=4, amp=not args.no_amp, compile=args.compile, threads=args.threads,
+                      loss=args.loss)
     threads = cpu_threads(cfg, Distributed())  # what train() gives torch on CPU (--threads, else its rule)
     print(f"device: {device_name(on_cpu, threads)}")
-    print(f"model {args.model}: {count_parameters(DVector(model_cfg)):,} parameters; batch N={N} M={M} L={L} "
-          f"({N * M} segments); {args.workers} loader workers; corpus {index['totals']['utterances']} utterances "
-          f"of {args.speakers} speakers in {args.shards} shards")
+    print(f"model {model_cfg.name}: {count_parameters(build_encoder(model_cfg)):,} parameters; loss {cfg.loss}; "
+          f"batch N={N} M={M} L={L} ({N * M} segments); {args.workers} loader workers; corpus "
+          f"{index['totals']['utterances']} utterances of {args.speakers} speakers in {args.shards} shards")
     if on_cpu and threads > (os.cpu_count() or 1):
         print(f"note: {threads} torch threads on {os.cpu_count()} cores oversubscribe the CPU; small models can run "
               f"many times slower")
@@ -111,16 +141,10 @@ def main() -> None:
           f"{rate * N * M:.0f} segments/s")
     print(f"data-wait fraction: {100 * waited / seconds:.1f}% of the measured time spent waiting for batches")
     print(f"whole run: {result.final_step} steps in {wall:.1f} s (start-up, validation set and final save included); "
-          f"last loss {result.last_loss:.3f}")
+          f"last loss {result.last_loss:.3f}", flush=True)
     if on_cpu:
         print(f"torch threads while training: {torch.get_num_threads()}")
-
-    if not args.skip_loss:
-        loss = time_loss(N, M, args.loss_dim, repeats=args.loss_repeats, threads=threads)
-        print(f"GE2E softmax loss alone, forward+backward, N={N} M={M} D={args.loss_dim}, CPU, {threads} threads: "
-              f"dvector {loss['ours_ms']:.2f} ms, original N*M*N*D formulation {loss['original_ms']:.2f} ms, "
-              f"ratio {loss['speedup']:.1f}x (|loss difference| {loss['max_abs_diff']:.1e})")
-    print(f"train_steps_per_s={rate:.4g}")
+    return rate, threads
 
 
 if __name__ == "__main__":

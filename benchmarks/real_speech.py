@@ -28,7 +28,8 @@ Protocol (also in ``benchmarks/real_speech/README.md``):
 - Scores: ``dvector eval --untrained`` (the run's network at step 0, same seed) and ``dvector eval`` of
   the last checkpoint on each list; Resemblyzer (``benchmarks/resemblyzer_scores.py`` in its own venv)
   scores each list once (cached); its EER and minDCF (p_target 0.01) come from ``dvector.metrics``,
-  the code ``dvector eval`` uses.
+  the code ``dvector eval`` uses. ``--norm asnorm`` adds the trained model's AS-norm scores (cohort: the
+  fold's training shards, which the checkpoint records), printed as ``real_dev_mean_eer_asnorm=``.
 
     python benchmarks/real_speech.py --make-lists                       # regenerate the committed lists
     python benchmarks/real_speech.py --work /tmp/rs --minutes 10 --threads 1 --parallel 2   # 2 cores
@@ -211,9 +212,21 @@ def eval_fold(args: argparse.Namespace, fold: str, trials: Path, name: str) -> d
     common = [str(args.data), "--trials", str(trials), "--threads", str(args.threads)]
     untrained = run(dvector_cmd() + ["eval", str(run_dir), *common, "--untrained"],
                     folder / f"eval-untrained-{name}.log")
+    norm = ["--norm", args.norm] if args.norm != "none" else []
     trained = run(dvector_cmd() + ["eval", str(run_dir / "checkpoints" / "latest.pt"), *common, "--no-save",
-                                   "--det", str(folder / f"det-{name}.png")], folder / f"eval-trained-{name}.log")
-    return {"untrained": parse_eval(untrained), "trained": parse_eval(trained)}
+                                   "--det", str(folder / f"det-{name}.png"), *norm], folder / f"eval-trained-{name}.log")
+    out = {"untrained": parse_eval(untrained), "trained": parse_eval(trained)}
+    if norm:
+        out["normalised"] = parse_norm_row(trained, args.norm)
+    return out
+
+
+def parse_norm_row(text: str, method: str) -> dict[str, float]:
+    """The normalised row of ``dvector eval --norm``'s table: EER (percent) and minDCF (0.01)."""
+    row = re.search(rf"^{method}\s+([0-9.]+)%\s+([0-9.]+)", text, re.M)
+    if not row:
+        raise SystemExit(f"cannot read the {method} row from dvector eval's output:\n{text[-2000:]}")
+    return {"eer": float(row.group(1)), "min_dcf": float(row.group(2))}
 
 
 # ---- Resemblyzer ---------------------------------------------------------------------------------
@@ -279,7 +292,8 @@ def mean(values: list[float]) -> float | None:
 
 def report(results: dict) -> float:
     """Print the summary lines; the trained model's cross-corpus mean EER."""
-    systems = ("untrained", "trained", "resemblyzer")
+    normalised = any("normalised" in e for f in results["folds"].values() for e in f["lists"].values())
+    systems = ("untrained", "trained", *(("normalised",) if normalised else ()), "resemblyzer")
     print(f"\n{'fold':24s}{'test list':24s}kind  " + "".join(f"{s + ' EER minDCF':>24s}" for s in systems))
     for fold, f in results["folds"].items():
         for entry in f["lists"].values():
@@ -325,8 +339,9 @@ def benchmark(args: argparse.Namespace) -> None:
             seconds[fold]["eval"] += round(middle - start, 1)
             seconds[fold]["resemblyzer"] += round(time.monotonic() - middle, 1)
             entry["lists"][trials.name] = {"corpus": corpus, "kind": kind, **scores}
+            norm = f" | {args.norm} {cell(scores['normalised'])}" if "normalised" in scores else ""
             print(f"[{fold}] {kind:5s} {corpus:24s} untrained {cell(scores['untrained'])} | trained "
-                  f"{cell(scores['trained'])} | resemblyzer {cell(scores['resemblyzer'])}", flush=True)
+                  f"{cell(scores['trained'])}{norm} | resemblyzer {cell(scores['resemblyzer'])}", flush=True)
         entry["seconds"] = seconds[fold]
         results["folds"][fold] = entry
         print(f"[{fold}] {trained[fold]['steps']} training steps in {trained[fold]['seconds']:.0f} s; build "
@@ -335,6 +350,9 @@ def benchmark(args: argparse.Namespace) -> None:
     mean_eer = report(results)
     (args.work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"results: {args.work / 'results.json'}")
+    normalised = results["summary"].get("cross_normalised_mean_eer")
+    if normalised is not None:
+        print(f"real_dev_mean_eer_{args.norm}={normalised:.2f}")
     print(f"real_dev_mean_eer={mean_eer:.2f}")
 
 
@@ -347,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", default="audiomnist_az,emodb", help="held-out corpora, comma list, or 'all'")
     p.add_argument("--extra", help="a root of extra training speakers (e.g. real-extra/librispeech_train_clean_100)")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per fold")
+    p.add_argument("--norm", choices=["none", "asnorm", "snorm"], default="none",
+                   help="also score the trained model with this normalisation (cohort: its training shards)")
     p.add_argument("--model", default="tiny")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training and eval")
     p.add_argument("-w", "--workers", type=int, default=1, help="data loader processes per training")
