@@ -273,8 +273,8 @@ def run_diarize(model: str | os.PathLike[str], inputs: Sequence[str | os.PathLik
 
         stored = decision_threshold(model)
         threshold, note = stored.value, stored.note
-    cluster_cfg = ClusterConfig(method=method, speakers=speakers, min_speakers=min_speakers,
-                                max_speakers=max_speakers, **({"threshold": threshold} if threshold is not None else {}))
+    bounds = dict(speakers=speakers, min_speakers=min_speakers, max_speakers=max_speakers)
+    cluster_cfg = ClusterConfig(method=method, **bounds, **({"threshold": threshold} if threshold is not None else {}))
     cfg = DiarizeConfig(cluster=cluster_cfg, **settings)
     embedder = load(model, threads=threads)
     report = diarize_files(embedder, inputs, out_dir, cfg, threads=threads, on_start=on_start, on_item=on_item)
