@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from dvector.cli.console import console, counting_bar, print_skipped, progress, say, warn
-from dvector.cli.options import (EXTENSIONS, Extensions, Model, Seed, Threads, extensions_option, model_argument,
-                                 out_option, seed_option, threads_option)
+from dvector.cli.options import (EXTENSIONS, Dask, Extensions, Model, Seed, Threads, extensions_option, model_argument,
+                                 out_option, seed_option, threads_option, workers_option)
 
 DEFAULT_TOP_N = 300  # dvector.use.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
 
@@ -47,19 +47,23 @@ Cohort = Annotated[Optional[str], typer.Option(
     "training shards, where its checkpoint records them).")]
 CohortTop = Annotated[int, typer.Option(
     "--cohort-top", help="AS-norm: the N highest cohort scores of each side (a smaller cohort is used whole).")]
+EmbedWorkers = workers_option("Worker processes embedding the audio files (1: this one; 0: every core); each "
+                              "loads the model and uses --threads torch threads, or one.")
 MapThreads = threads_option("CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one).")
 
 
 def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embeddings.npz"), per_window: PerWindow = False,
-              extensions: Extensions = EXTENSIONS, threads: Threads = 0) -> None:
+              extensions: Extensions = EXTENSIONS, threads: Threads = 0, workers: EmbedWorkers = 1,
+              dask: Dask = None) -> None:
     """Embed utterances: sliding windows of the training length, averaged and normalised."""
-    from dvector.use.embed_inputs import embed_paths, save_embeddings
+    from dvector.use.embed_inputs import Workers, embed_paths, save_embeddings
     from dvector.use.embedder import load
 
     embedder = load(model, threads=threads)
     with progress() as bar:
         on_start, on_item = counting_bar(bar, "embed")
-        result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item)
+        result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item,
+                             workers=Workers(workers, dask))
     path = save_embeddings(out, result, embedder)  # first: a failure to print must not lose the results
     print_skipped(result.skipped)
     what = "window sequences" if per_window else "embeddings"
@@ -91,9 +95,10 @@ def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOve
 def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = None, n_nontarget: NNontarget = None,
              seed: TrialSeed = 0, extensions: TrialExtensions = EXTENSIONS, save: Save = True, threads: Threads = 0,
              untrained: Untrained = False, norm: Norm = "none", cohort: Cohort = None,
-             cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
+             cohort_top: CohortTop = DEFAULT_TOP_N, workers: EmbedWorkers = 1, dask: Dask = None) -> None:
     """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve. With --norm,
     the same for normalised scores, side by side."""
+    from dvector.use.embed_inputs import Workers
     from dvector.use.results import run_eval
 
     with progress() as bar:
@@ -101,7 +106,8 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
         on_start, on_item = counting_bar(bar, "eval")
         run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
                        seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item,
-                       norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort)
+                       norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort,
+                       workers=Workers(workers, dask))
     r = run.result
     if r.norm is not None:
         print_norm_table(r)

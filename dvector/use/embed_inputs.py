@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dvector.config import DEFAULT_EXTENSIONS, normalize_extensions
 from dvector.corpus import walk_files
@@ -93,32 +94,127 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]], extensions: Sequence[s
 Embedded = TypeVar("Embedded")
 
 
+@dataclass(frozen=True)
+class Workers:
+    """Where many inputs are embedded: ``count`` local processes (1: this process; 0: every core), or
+    the Dask cluster at ``dask`` (a scheduler address, or ``local:K``). Results are the same either way."""
+
+    count: int = 1
+    dask: str | None = None
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.dask) or self.count != 1
+
+
+JOB_FILES = 8  # inputs per job: few enough to spread a small evaluation, enough to amortise a round trip
+_WORKER_EMBEDDERS: dict[tuple, Embedder] = {}  # in a worker process: the embedder of each recipe, loaded once
+
+
+def _recipe(embedder: Embedder) -> tuple | None:
+    """How a worker process loads the same model: ``(path, threads, sha256)``; None for a model that
+    exists only in memory (an untrained twin), which is embedded in this process. A worker uses
+    ``--threads`` torch threads, or one (the workers already fill the cores)."""
+    if embedder.info.get("kind") not in ("checkpoint", "export") or not embedder.info.get("sha256"):
+        return None
+    return str(embedder.info["path"]), int(embedder.threads or 1), str(embedder.info["sha256"])
+
+
+def _worker_embedder(recipe: tuple) -> Embedder:
+    if recipe not in _WORKER_EMBEDDERS:
+        from dvector.use.embedder import load
+
+        path, threads, sha256 = recipe
+        embedder = load(path, threads=threads)
+        if embedder.info["sha256"] != sha256:
+            raise DvectorError(f"{path} changed while it was being used (its sha256 differs): rerun")
+        _WORKER_EMBEDDERS.clear()
+        _WORKER_EMBEDDERS[recipe] = embedder
+    return _WORKER_EMBEDDERS[recipe]
+
+
+def _embed_job(recipe: tuple, method: str, pairs: list[tuple[str, Any]]) -> list[tuple[str, Any, tuple[str, str]]]:
+    """Run in a worker: ``method`` of the recipe's embedder on each ``(key, source)``; per input
+    ``(key, result, ("", ""))`` or ``(key, None, (message, reason))`` for an input that failed."""
+    embed = getattr(_worker_embedder(recipe), method)
+    out = []
+    with threadpool_limits(1, user_api="blas"):
+        for key, source in pairs:
+            try:
+                out.append((key, embed(source), ("", "")))
+            except DvectorError as exc:
+                out.append((key, None, (str(exc), exc.reason if isinstance(exc, EmbedError) else str(exc))))
+    return out
+
+
+def _embed_parallel(pairs: list[tuple[str, Any]], recipe: tuple, method: str, workers: Workers
+                    ) -> Iterable[tuple[str, Any, tuple[str, str]]]:
+    """Each pair's outcome, in input order, embedded by jobs of ``JOB_FILES`` inputs on ``workers``."""
+    from collections import deque
+
+    from dvector.shards.cluster import executor
+
+    with executor(workers.count, workers.dask) as (jobs, _client):
+        if jobs is None:  # one local worker: this process, as without workers
+            yield from _embed_job(recipe, method, pairs)
+            return
+        window = 4 * max(1, getattr(jobs, "_max_workers", 0) or 16)
+        pending: deque = deque()
+        for i in range(0, len(pairs), JOB_FILES):
+            pending.append(jobs.submit(_embed_job, recipe, method, pairs[i:i + JOB_FILES]))
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
 def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded],
                strict: bool | Callable[[str], bool] = False, on_item: Callable[[str], None] | None = None,
-               ) -> tuple[dict[str, Embedded], list[tuple[str, str]]]:
+               workers: Workers | None = None) -> tuple[dict[str, Embedded], list[tuple[str, str]]]:
     """``embed(source)`` for each ``(key, source)``, in order: the results by key, and ``(key, reason)``
     for each input that could not be embedded. Where ``strict`` holds (a bool, or a predicate of
-    the key) a failure raises instead. The one loop behind ``embed``, ``eval`` and ``visualize``."""
+    the key) a failure raises instead. The one loop behind ``embed``, ``eval`` and ``visualize``.
+
+    With parallel ``workers`` and ``embed`` a method of an embedder loaded from a file, the inputs are
+    embedded by worker processes (local or Dask) that load the same model; outcomes are taken in
+    input order, so results, skipped inputs and the first error are those of one process. NumPy's BLAS
+    runs on one thread everywhere (as in the build): the features' last bits depend on its thread
+    count, and a Dask worker has one (``OMP_NUM_THREADS=1``) whatever this process has."""
     results: dict[str, Embedded] = {}
     skipped: list[tuple[str, str]] = []
-    for key, source in items:
-        try:
-            results[key] = embed(source)
-        except DvectorError as exc:
-            if strict(key) if callable(strict) else strict:
-                raise
-            skipped.append((key, exc.reason if isinstance(exc, EmbedError) else str(exc)))
-        if on_item:
-            on_item(key)
+    owner = getattr(embed, "__self__", None)
+    recipe = _recipe(owner) if workers is not None and workers.parallel and isinstance(owner, Embedder) else None
+    if recipe is not None:
+        for key, value, (message, reason) in _embed_parallel(list(items), recipe, embed.__name__, workers):
+            if value is not None:
+                results[key] = value
+            elif strict(key) if callable(strict) else strict:
+                raise DvectorError(message)
+            else:
+                skipped.append((key, reason))
+            if on_item:
+                on_item(key)
+        return results, skipped
+    with threadpool_limits(1, user_api="blas"):
+        for key, source in items:
+            try:
+                results[key] = embed(source)
+            except DvectorError as exc:
+                if strict(key) if callable(strict) else strict:
+                    raise
+                skipped.append((key, exc.reason if isinstance(exc, EmbedError) else str(exc)))
+            if on_item:
+                on_item(key)
     return results, skipped
 
 
 def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
                 extensions: Sequence[str] = DEFAULT_EXTENSIONS, per_window: bool = False,
                 on_start: Callable[[int | None], None] | None = None,
-                on_item: Callable[[str], None] | None = None) -> EmbedResult:
+                on_item: Callable[[str], None] | None = None, workers: Workers | None = None) -> EmbedResult:
     """Embed every utterance reachable from ``inputs``: files, folders (recursively, by extension),
     or shard URLs / shard folders (stored mels, already VAD-trimmed: not with ``per_window``).
+    Audio files are embedded on ``workers`` (see :func:`embed_each`); shard samples in this process.
 
     Each file is embedded once, however many inputs reach it. A file named directly that cannot be
     embedded is an error; one found in a folder or shard is skipped and listed in ``skipped``.
@@ -153,12 +249,14 @@ def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
     direct = {item.key for item in unique if item.direct}
     pairs = [(item.key, item.path) for item in unique]
     if per_window:
-        windows, skipped = embed_each(pairs, embedder.per_window, strict=direct.__contains__, on_item=on_item)
+        windows, skipped = embed_each(pairs, embedder.per_window, strict=direct.__contains__, on_item=on_item,
+                                     workers=workers)
         for key, w in windows.items():
             result.vectors[key] = w.vectors
             result.times[key] = np.stack([w.starts_s, w.ends_s], axis=1)
     else:
-        result.vectors, skipped = embed_each(pairs, embedder.embed, strict=direct.__contains__, on_item=on_item)
+        result.vectors, skipped = embed_each(pairs, embedder.embed, strict=direct.__contains__, on_item=on_item,
+                                             workers=workers)
     result.skipped.extend(skipped)
     for src in sources:
         for url in src.urls:

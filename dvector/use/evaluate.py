@@ -16,7 +16,7 @@ import numpy as np
 
 from dvector.corpus import scan_roots
 from dvector.config import DEFAULT_EXTENSIONS
-from dvector.use.embed_inputs import embed_each
+from dvector.use.embed_inputs import Workers, embed_each
 from dvector.use.embedder import Embedder, model_identity
 from dvector.errors import DvectorError
 from dvector.metrics import eer, error_rates, min_dcf
@@ -207,17 +207,20 @@ class Evaluation:
 
 
 def embed_files(embedder: Embedder, root: Path, files: Sequence[str], strict: bool,
-                on_file: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+                on_file: Callable[[], None] | None = None, workers: Workers | None = None
+                ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """One embedding per distinct file (paths relative to ``root``); failures raise if ``strict``."""
     return embed_each(((rel, root / rel) for rel in dict.fromkeys(files)), embedder.embed, strict,
-                      on_item=(lambda _key: on_file()) if on_file else None)
+                      on_item=(lambda _key: on_file()) if on_file else None, workers=workers)
 
 
 def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str | os.PathLike[str] | None = None,
              n_nontarget: int | None = None, seed: int = 0, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None) -> Evaluation:
+             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
+             workers: Workers | None = None) -> Evaluation:
     """Score trials (from ``trials_file``, paths relative to ``root``; or generated from the speaker
-    folders of ``root``) with cosine similarity and compute EER, its threshold and minDCF."""
+    folders of ``root``) with cosine similarity and compute EER, its threshold and minDCF. The files
+    are embedded on ``workers`` (local processes or Dask; the same result as one process)."""
     root = Path(root)
     if not root.is_dir():
         raise DvectorError(f"root {root} does not exist or is not a directory")
@@ -226,7 +229,7 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
         files = check_trial_files(trials, root, str(trials_file))
         if on_start:
             on_start(len(files))
-        vectors, skipped = embed_files(embedder, root, files, strict=True, on_file=on_file)
+        vectors, skipped = embed_files(embedder, root, files, strict=True, on_file=on_file, workers=workers)
         how = str(trials_file)
     else:
         scan = scan_roots([str(root)], extensions)
@@ -236,7 +239,7 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
         if on_start:
             on_start(len(scan.utterances))
         files = [u.source for u in scan.utterances]
-        vectors, skipped = embed_files(embedder, root, files, strict=False, on_file=on_file)
+        vectors, skipped = embed_files(embedder, root, files, strict=False, on_file=on_file, workers=workers)
         by_speaker: dict[str, list[str]] = {}
         for u in scan.utterances:
             if u.source in vectors:

@@ -18,6 +18,7 @@ from dvector.config import DEFAULT_EXTENSIONS
 from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
 from dvector.use.bundle import training_shards
+from dvector.use.embed_inputs import Workers
 from dvector.use.embedder import Embedder, load, untrained_twin
 from dvector.use.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det
 from dvector.use.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
@@ -83,7 +84,8 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
              extensions: str | Sequence[str] = DEFAULT_EXTENSIONS, threads: int = 0,
              on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
              norm: str = "none", cohort: str | Sequence[str] | None = None, cohort_top: int = DEFAULT_TOP_N,
-             on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None) -> EvalRun:
+             on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None,
+             workers: Workers | None = None) -> EvalRun:
     """``dvector eval``: load ``model`` (its untrained twin with ``untrained``, a baseline), evaluate it
     on ``root`` (see :func:`dvector.use.evaluate.evaluate`), store the results (``eval.json``, first:
     they hold the threshold ``score`` needs) and then draw the DET curve, where :func:`eval_outputs` says.
@@ -91,7 +93,8 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     ``threads``: torch CPU threads while embedding (0: torch's default). ``norm`` ("snorm", "asnorm"):
     also normalise the scores against the speakers of the ``cohort`` shards (top ``cohort_top`` for
     AS-norm; see :mod:`dvector.use.score_norm`); the results hold both, the normalised under ``norm``.
-    ``on_cohort``: (on_start, on_item) progress callbacks while the cohort is embedded.
+    ``on_cohort``: (on_start, on_item) progress callbacks while the cohort is embedded. ``workers``:
+    where the test files are embedded (local processes or Dask; :class:`dvector.use.embed_inputs.Workers`).
     """
     cohort = cohort or default_cohort(model, norm)
     method = check_norm(norm, cohort, cohort_top)
@@ -104,7 +107,7 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
         made = cohort_from_shards(embedder, cohort, *(on_cohort or ()))
         score_norm = ScoreNorm(method, made, cohort_top)
     evaluation = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions,
-                          on_start=on_start, on_file=on_file)
+                          on_start=on_start, on_file=on_file, workers=workers)
     if score_norm is not None:
         evaluation.result.norm = normalize_evaluation(evaluation, score_norm)
     results, det_path = eval_outputs(model, det, save, untrained)
