@@ -222,3 +222,35 @@ def test_summary_counts_what_was_skipped(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     print_train_summary(clean, console)
     assert "skipped" not in console.export_text()
+
+
+@pytest.mark.parametrize("model, loss", [("ecapa-small", "aamsoftmax"), ("resnet34-quarter", "angleproto")])
+def test_an_encoder_and_a_loss_by_name_train_then_embed(shards: Path, tmp_path: Path, model: str, loss: str) -> None:
+    """`--model` and `--loss` by name, as a user types them; the run then embeds with `dvector embed`."""
+    run = tmp_path / "run"
+    small = [a for a in SMALL if a != "tiny"]
+    small[small.index("--model") + 1:small.index("--model") + 1] = [model]
+    result = invoke(str(shards), str(run), "-i", "2", "-s", "2", "--loss", loss, "--margin-warmup", "10",
+                    "--subcentres", "2", "--weight-decay", "1e-4", *small)
+    assert result.exit_code == 0, result.output
+    assert f"model {model}: " in result.output and f"loss {loss}" in result.output
+    state = load_checkpoint(run)
+    assert state["model_config"]["name"] == model and state["train_config"]["loss"] == loss
+    assert state["train_config"]["subcentres"] == 2 and state["train_config"]["weight_decay"] == 1e-4
+    wav = next(p for p in sorted(shards.parent.rglob("*.wav")) + sorted(shards.parent.rglob("*.flac")))
+    out = tmp_path / "emb.npz"
+    embedded = runner.invoke(app, ["embed", str(run), str(wav), "-o", str(out)], env={"COLUMNS": "200"})
+    assert embedded.exit_code == 0, embedded.output
+    import numpy as np
+    with np.load(out) as data:
+        vectors = np.stack([data[k] for k in data.files if k != "__model__"])
+    assert vectors.shape[0] == 1 and vectors.shape[1] == (192 if model.startswith("ecapa") else 256)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_help_names_every_encoder_and_loss() -> None:
+    from dvector.config import LOSSES, MODEL_PRESETS
+
+    text = " ".join(invoke("--help").output.split())
+    for name in (*MODEL_PRESETS, *LOSSES):
+        assert name in text, f"{name} missing from train --help"
