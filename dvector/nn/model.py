@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvector.config import NORM_EPS, ModelConfig
+from dvector.nn.pooling import subtract_mean
 
 
 class DVector(nn.Module):
@@ -102,15 +103,9 @@ class DVector(nn.Module):
 
     def subtract_mean(self, mels: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """``mels`` less each row's per-band mean over time; with ``lengths``, the mean of the valid
-        frames only (padded frames are left as they are: nothing reads them)."""
-        if lengths is None:
-            return mels - mels.mean(dim=1, keepdim=True)  # (B, T, n_mels)
-        B, T = mels.size(0), mels.size(1)
-        counts = lengths.to(mels.device).view(B, 1, 1)  # (B, 1, 1)
-        valid = torch.arange(T, device=mels.device).view(1, T, 1) < counts  # (B, T, 1)
-        zeros = torch.zeros_like(mels)
-        mean = torch.where(valid, mels, zeros).sum(dim=1, keepdim=True) / counts.to(mels.dtype)  # (B, 1, n_mels)
-        return torch.where(valid, mels - mean, mels)  # (B, T, n_mels)
+        frames only (padded frames are left as they are: nothing reads them). The encoders' shared
+        ``dvector.nn.pooling.subtract_mean``."""
+        return subtract_mean(mels, lengths)  # (B, T, n_mels)
 
     @torch.jit.unused
     def projection_parameters(self) -> List[nn.Parameter]:
