@@ -80,12 +80,15 @@ def clear_build(out_dir: Path) -> None:
 
 
 def remove_stale_temps(out_dir: Path, numbers: Sequence[int]) -> None:
-    """Delete temporary files left by a killed run, for this part's shards only."""
-    for number in numbers:
-        for tmp in stale_temps(out_dir, shard_name(number)):
-            tmp.unlink(missing_ok=True)
-        for tmp in stale_temps(state_dir(out_dir), sidecar_path(out_dir, number).name):
-            tmp.unlink(missing_ok=True)
+    """Delete temporary files left by a killed run, for this part's shards only.
+
+    Each folder is listed once (not once per shard: with 10k shards that was 10k listings of 20k
+    entries, minutes on every resume)."""
+    wanted = {shard_name(n) for n in numbers}, {sidecar_path(out_dir, n).name for n in numbers}
+    for folder, names in zip((out_dir, state_dir(out_dir)), wanted):
+        for tmp in stale_temps(folder):
+            if tmp.name[1:].rsplit(".tmp-", 1)[0] in names:  # ".NAME.tmp-PID" -> NAME
+                tmp.unlink(missing_ok=True)
 
 
 def is_complete(out_dir: Path, number: int) -> bool:

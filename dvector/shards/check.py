@@ -67,16 +67,16 @@ def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], No
     index = read_index(folder)
     report = CheckReport(shards=len(index["shards"]))
     entries = index["shards"]
+    checks = index_checks(index)  # once: it reads the whole speaker table
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(check_one, [folder / e["name"] for e in entries], entries,
-                               [index_checks(index) for _ in entries])
+            results = pool.map(check_one, [folder / e["name"] for e in entries], entries, [checks] * len(entries))
             for entry, problems in zip(entries, results):
                 report.problems.extend((entry["name"], p) for p in problems)
                 on_shard()
     else:
         for entry in entries:
-            problems = check_one(folder / entry["name"], entry, index_checks(index))
+            problems = check_one(folder / entry["name"], entry, checks)
             report.problems.extend((entry["name"], p) for p in problems)
             on_shard()
     return report
