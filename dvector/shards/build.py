@@ -2,7 +2,9 @@
 
 The folder's layout and records are :mod:`dvector.shards.build_folder`'s; the index written at the
 end is :mod:`dvector.shards.index`'s. Work is spread over the pool by chunks of utterances, and
-results come back in plan order, so each shard's tar is written whole by this process.
+results come back in plan order, so each shard's tar is written whole by this process. On a Dask
+cluster (``dask=``, :mod:`dvector.shards.dask_build`) each shard is one task, :func:`build_one_shard`,
+that writes it on the worker. Both make a shard's bytes with :class:`ShardContent`, so they agree.
 """
 
 from __future__ import annotations
