@@ -61,7 +61,8 @@ class EmbedError(DvectorError):
 
 class ShapeBuckets(torch.nn.Module):
     """Runs a d-vector network on batches padded to a few shapes: the batch to a power of two (at
-    most ``WINDOW_BATCH``), a window shorter than ``L`` frames to ``L`` with its true length given.
+    most ``WINDOW_BATCH``), a window shorter than ``L`` frames to ``L`` with its true length given
+    (LSTMs only: the convolutional encoders get short windows as they are, as the export does).
 
     oneDNN builds an LSTM kernel for every new input shape (about a second on a busy CPU), so
     embedding many files with their own window counts and lengths would spend most of its time
@@ -73,10 +74,12 @@ class ShapeBuckets(torch.nn.Module):
         super().__init__()
         self.model = model
         self.L = int(L)
+        # only the LSTM ignores padding exactly; a convolution near a row's end would read the zeros
+        self.pad_time = getattr(model, "original_name", type(model).__name__) == "DVector"
 
     def forward(self, mels: Tensor, lengths: Tensor | None = None) -> Tensor:
         B, T = mels.size(0), mels.size(1)
-        if lengths is None and T < self.L:
+        if lengths is None and T < self.L and self.pad_time:
             lengths = torch.full((B,), T, dtype=torch.long)
             mels = F.pad(mels, (0, 0, 0, self.L - T))  # (B, L, n_mels)
         bucket = 1 << (B - 1).bit_length() if B <= WINDOW_BATCH else B

@@ -90,3 +90,17 @@ def test_export_round_trip(tmp_path: Path, name: str) -> None:
     write_checkpoint(tmp_path / "other", CONFIGS[name], seed=4)  # another checkpoint differs: the test can fail
     other = dvector.load(tmp_path / "other" / "checkpoints" / "latest.pt", threads=1)
     assert cosine(other.embed(wav_path), expected) < 0.999
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_an_utterance_shorter_than_a_window_embeds_alike_from_checkpoint_and_export(tmp_path: Path, name: str) -> None:
+    """Under L frames: the checkpoint's embedder must not zero-pad a convolutional encoder's input (the
+    export does not), or the convolutions near the end read the zeros and the two disagree."""
+    run = tmp_path / "run"
+    write_checkpoint(run, CONFIGS[name], seed=3)
+    path = export_model(run, tmp_path / "exported")
+    rng = np.random.default_rng(5)
+    wav_path = write_wav(tmp_path / "short.wav", utterance(random_voice(rng), 0.35, SR, rng, noise_db=-45.0))
+    from_checkpoint = dvector.load(run / "checkpoints" / "latest.pt", threads=1)
+    assert from_checkpoint.mel(wav_path).shape[0] < from_checkpoint.seg_len
+    assert cosine(dvector.load(path, threads=1).embed(wav_path), from_checkpoint.embed(wav_path)) > 0.99999
