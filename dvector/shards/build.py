@@ -378,13 +378,22 @@ def build_shards(
     written once every shard of the plan is complete.
 
     ``dask``: run the shard jobs on a Dask cluster (a scheduler address, or ``local:K``) instead of
-    ``workers`` local processes (:mod:`dvector.shards.dask_build`); the shards are the same."""
-    started = time.perf_counter()
-    if dask:
-        from dvector.shards.cluster import import_distributed, parse_address
+    ``workers`` local processes (:mod:`dvector.shards.dask_build`); the shards are the same. The
+    cluster is reached first: a missing extra or an unreachable scheduler is one line, at once."""
+    args = (roots, out_dir, cfg, workers, part, overwrite, fail_fast, progress)
+    if not dask:
+        return _build(*args, client=None)
+    from dvector.shards.cluster import dask_client
 
-        parse_address(dask)
-        import_distributed()  # before scanning: a missing extra is one line, at once
+    with dask_client(dask) as client:
+        return _build(*args, client=client)
+
+
+def _build(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
+           part: tuple[int, int], overwrite: bool, fail_fast: bool, progress: Progress | None, client: Any
+           ) -> BuildReport:
+    """:func:`build_shards`, with the shard jobs on Dask's ``client`` where given."""
+    started = time.perf_counter()
     keep_freed_memory()  # this process receives and writes every utterance's features
     progress = progress or Progress()
     out = Path(out_dir)
@@ -403,10 +412,10 @@ def build_shards(
         todo = [k for k in mine if not is_complete(out, k)]
         report.shards_skipped = len(mine) - len(todo)
         progress.start(sum(len(plan.shards[k]) for k in todo), len(todo))
-        if dask and todo:
+        if client is not None and todo:
             from dvector.shards.dask_build import write_shards_dask
 
-            write_shards_dask(dask, out, plan, scan, todo, cfg, fail_fast, progress, report)
+            write_shards_dask(client, out, plan, scan, todo, cfg, fail_fast, progress, report)
         else:
             _write_shards(out, plan, scan, todo, cfg, workers or os.cpu_count() or 1, fail_fast, progress, report)
         if all(is_complete(out, k) for k in range(len(plan.shards))):

@@ -22,36 +22,34 @@ from dvector.corpus import ScanResult
 from dvector.errors import DvectorError
 from dvector.shards.build import BuildReport, Progress, build_one_shard
 from dvector.shards.build_folder import remove_stale_temps, state_dir
-from dvector.shards.cluster import RETRIES, dask_client, dask_executor, is_killed_worker
+from dvector.shards.cluster import RETRIES, dask_executor, is_killed_worker
 from dvector.shards.format import shard_name
 from dvector.shards.plan import Plan
 
 WAIT_FOR_WORKERS_S = 120  # a cluster that has no worker yet (adaptive, starting) gets this long
 
 
-def write_shards_dask(address: str, out: Path, plan: Plan, scan: ScanResult, todo: Sequence[int], cfg: BuildConfig,
+def write_shards_dask(client: Any, out: Path, plan: Plan, scan: ScanResult, todo: Sequence[int], cfg: BuildConfig,
                       fail_fast: bool, progress: Progress, report: BuildReport) -> None:
-    """Write the ``todo`` shards of ``plan`` as Dask tasks on the cluster at ``address`` (see
-    :func:`dvector.shards.cluster.parse_address`), counting them in ``report`` as they finish."""
+    """Write the ``todo`` shards of ``plan`` as tasks on Dask's ``client`` (see
+    :func:`dvector.shards.cluster.dask_client`), counting them in ``report`` as they finish."""
     out = out.resolve()
-    with dask_client(address) as client:
-        try:
-            client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
-        except TimeoutError:
-            raise DvectorError(f"--dask {address}: no worker joined within {WAIT_FOR_WORKERS_S} s") from None
-        check_shared(client, out, list(scan.root_names))
-        jobs = dask_executor(client)
-        futures = {jobs.submit(build_one_shard, out, k, plan.shards[k], scan.root_names, cfg, fail_fast): k
-                   for k in todo}
-        try:
-            for future in as_completed(futures):
-                number = futures[future]
-                result = _result(future, number, report)
-                result.absorb(report)
-                progress.advance(len(plan.shards[number]), result.audio_s)
-        finally:
-            for future in futures:
-                future.cancel()
+    try:
+        client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+    except TimeoutError:
+        raise DvectorError(f"--dask {client.scheduler.address}: no worker joined within {WAIT_FOR_WORKERS_S} s") from None
+    check_shared(client, out, list(scan.root_names))
+    jobs = dask_executor(client)
+    futures = {jobs.submit(build_one_shard, out, k, plan.shards[k], scan.root_names, cfg, fail_fast): k for k in todo}
+    try:
+        for future in as_completed(futures):
+            number = futures[future]
+            result = _result(future, number, report)
+            result.absorb(report)
+            progress.advance(len(plan.shards[number]), result.audio_s)
+    finally:
+        for future in futures:
+            future.cancel()
     remove_stale_temps(out, todo)  # temporary files of tasks whose worker died (every task has finished)
 
 
