@@ -35,7 +35,11 @@ Save = Annotated[bool, typer.Option("--save/--no-save", help="Store results and 
 Untrained = Annotated[bool, typer.Option(
     "--untrained", help="Evaluate MODEL's network as its training started (same seed): a baseline; stores nothing.")]
 ExportModel = model_argument("Run folder or checkpoint file.")
-ExportOut = out_option("Output folder: dvector.pt, dvector.json.")
+ExportOut = out_option("Output folder: dvector.pt, dvector.json (ONNX: dvector.onnx, dvector.onnx.json).")
+ExportFormat = Annotated[str, typer.Option(
+    "--format", help="torchscript (dvector.pt, needs only torch) or onnx (dvector.onnx, opset 17, for onnxruntime).")]
+Quantize = Annotated[Optional[str], typer.Option(
+    "--quantize", help="With --format onnx: int8 also writes dvector.int8.onnx (dynamically quantised encoder).")]
 SpeakerRoot = Annotated[Path, typer.Argument(help="A root of speaker folders.")]
 PictureOut = out_option("Output PNG.")
 MaxSpeakers = Annotated[int, typer.Option("--max-speakers", help="Map at most this many speakers (a seeded sample).")]
@@ -139,8 +143,22 @@ def print_norm_table(r: Any) -> None:
               f"{x['eer_threshold']:>10.4f}")
 
 
-def export_cmd(model: ExportModel, out: ExportOut = Path("exported")) -> None:
-    """Self-contained TorchScript (wav -> embedding, log-mel and VAD inside); needs only torch to load."""
+def export_cmd(model: ExportModel, out: ExportOut = Path("exported"), fmt: ExportFormat = "torchscript",
+               quantize: Quantize = None) -> None:
+    """Self-contained model, wav -> embedding with log-mel and VAD inside: TorchScript (needs only torch)
+    or ONNX (needs only onnxruntime)."""
+    from dvector.errors import DvectorError
+
+    if fmt not in ("torchscript", "onnx"):
+        raise DvectorError(f"--format takes torchscript or onnx, got {fmt!r}")
+    if fmt == "onnx":
+        from dvector.use.onnx_export import export_onnx
+
+        for path in export_onnx(model, out, quantize=quantize):
+            say(f"exported {model} to {path}")
+        return
+    if quantize is not None:
+        raise DvectorError("--quantize needs --format onnx")
     from dvector.use.export import export_model
 
     written = export_model(model, out)

@@ -165,6 +165,37 @@ def script_module(module: EmbeddingModule) -> torch.jit.ScriptModule:
             module.model = eager
 
 
+def export_record(state: dict[str, Any], source: Path, hop: int) -> Dict[str, Any]:
+    """What an export records about itself (``dvector.json``): settings, source, step, versions.
+
+    Shared by the TorchScript and the ONNX export (which overrides ``format`` and ``model_file``).
+    """
+    settings = checkpoint_settings(state)
+    model_cfg, features, vad, L = settings.model, settings.features, settings.vad, settings.seg_len
+    meta: Dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model_file": MODEL_FILE,
+        "sample_rate": features.sample_rate,
+        "embed_dim": model_cfg.embed_dim,
+        "n_mels": features.n_mels,
+        "seg_len": L,
+        "hop": hop,
+        "features": features.to_dict(),
+        "vad": vad.to_dict(),
+        "model": model_cfg.to_dict(),
+        "train": state.get("train_config"),
+        "defaulted": settings.defaulted,
+        "source_checkpoint": str(source.resolve()),
+        "step": int(state.get("step", 0)),
+        "best_eer": state.get("best_eer"),
+        "dvector_version": VERSION,
+        "torch_version": torch.__version__,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return meta
+
+
 def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Script the checkpoint's embedding chain into ``out_dir/dvector.pt``; returns that path.
 
@@ -180,27 +211,7 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta: Dict[str, Any] = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "model_file": MODEL_FILE,
-        "sample_rate": features.sample_rate,
-        "embed_dim": model_cfg.embed_dim,
-        "n_mels": features.n_mels,
-        "seg_len": L,
-        "hop": module.hop,
-        "features": features.to_dict(),
-        "vad": vad.to_dict(),
-        "model": model_cfg.to_dict(),
-        "train": state.get("train_config"),
-        "defaulted": settings.defaulted,
-        "source_checkpoint": str(source.resolve()),
-        "step": int(state.get("step", 0)),
-        "best_eer": state.get("best_eer"),
-        "dvector_version": VERSION,
-        "torch_version": torch.__version__,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = export_record(state, source, module.hop)
     target = out / MODEL_FILE
     with atomic_write(target) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
