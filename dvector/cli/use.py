@@ -15,7 +15,10 @@ from dvector.cli.options import (EXTENSIONS, Dask, Extensions, Model, Seed, Thre
 DEFAULT_TOP_N = 300  # dvector.use.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
 
 Inputs = Annotated[List[str], typer.Argument(
-    help="Audio files, folders (searched recursively), shard folders or URLs.")]
+    help="Audio files, folders (searched recursively), shard folders or URLs; with --per-window, - reads raw "
+    "16-bit little-endian mono PCM from stdin and prints one JSON line per window as it completes.")]
+SampleRate = Annotated[int, typer.Option(
+    "--sample-rate", help="The sample rate of PCM on stdin (-); resampled to the model's on the fly.")]
 EmbeddingsOut = out_option("Output .npz: key -> vector, plus __model__.")
 PerWindow = Annotated[bool, typer.Option(
     "--per-window", help="Window embeddings with start/end times (no VAD), e.g. for diarization.")]
@@ -58,12 +61,14 @@ MapThreads = threads_option("CPU threads for torch while embedding (0: torch's d
 
 def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embeddings.npz"), per_window: PerWindow = False,
               extensions: Extensions = EXTENSIONS, threads: Threads = 0, workers: EmbedWorkers = 1,
-              dask: Dask = None) -> None:
+              dask: Dask = None, sample_rate: SampleRate = 16000) -> None:
     """Embed utterances: sliding windows of the training length, averaged and normalised."""
     from dvector.use.embed_inputs import Workers, embed_paths, save_embeddings
     from dvector.use.embedder import load
 
     embedder = load(model, threads=threads)
+    if "-" in inputs:
+        return embed_stdin(embedder, inputs, per_window, sample_rate)
     with progress() as bar:
         on_start, on_item = counting_bar(bar, "embed")
         result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item,
@@ -73,6 +78,24 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
     what = "window sequences" if per_window else "embeddings"
     dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
     say(f"wrote {path}: {len(result.vectors)} {what} of dimension {embedder.dim}{dup}; model {embedder.info['path']}")
+
+
+def embed_stdin(embedder: Any, inputs: List[str], per_window: bool, sample_rate: int) -> None:
+    """``-``: window embeddings of PCM on stdin, one JSON line each as it completes (``start``, ``end``
+    in seconds, ``vector``), flushed at once so a reader of a live stream sees them."""
+    import json
+    import sys
+
+    from dvector.errors import DvectorError
+    from dvector.use.streaming import pcm_windows
+
+    if inputs != ["-"] or not per_window:
+        raise DvectorError("stdin (-) is embedded with --per-window, as the only input")
+    for window in pcm_windows(embedder.stream(sample_rate), sys.stdin.buffer):
+        line = {"start": window.start_s, "end": window.end_s,
+                "vector": [float(v) for v in window.vector]}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
 
 
 def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOverride = None,

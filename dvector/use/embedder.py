@@ -13,7 +13,8 @@ The embedding of an utterance (the definition the TorchScript export reproduces)
 4. each window through the model (unit length), mean, L2-normalised.
 
 ``per_window`` skips the VAD, so that window times are positions in the original audio (what
-diarization needs), and returns the window embeddings with their start and end seconds.
+diarization needs), and returns the window embeddings with their start and end seconds; ``stream()``
+gives the same windows from audio arriving in chunks (``dvector.use.streaming``).
 
 ``load`` takes a run folder (``checkpoints/best.pt``, else ``latest.pt``), a checkpoint file, or an
 exported bundle (``dvector.pt`` + ``dvector.json``, loaded with ``torch.jit.load``; its ``forward``
@@ -26,7 +27,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from dvector.signal.process import SkipUtterance, check_finite, waveform_to_mel
 from dvector.signal.windows import WINDOW_BATCH, embed_windows, window_embeddings, window_starts
 from dvector.training.checkpoint import load_checkpoint
 from dvector.use.bundle import checkpoint_settings, find_checkpoint, find_export, find_key, read_export
+
+if TYPE_CHECKING:
+    from dvector.use.streaming import WindowStream
 
 
 class EmbedError(DvectorError):
@@ -303,6 +307,15 @@ class Embedder:
         return WindowEmbeddings(vectors, starts_s, ends_s)
 
     embed_windows = per_window
+
+    def stream(self, sample_rate: int | None = None) -> "WindowStream":
+        """Window embeddings of a live stream, each as soon as its window is complete: ``push(chunk)``
+        returns the windows a chunk completed, ``flush()`` the rest. The windows and vectors are
+        ``per_window``'s (no VAD); chunks at ``sample_rate`` (default: the model's) are resampled on
+        the fly. See ``dvector.use.streaming``."""
+        from dvector.use.streaming import WindowStream
+
+        return WindowStream(self, sample_rate)
 
 
 # ---- loading -------------------------------------------------------------------------------------
