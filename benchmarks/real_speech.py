@@ -132,15 +132,22 @@ def fold_plan(fold: str) -> tuple[list[tuple[str, str]], list[tuple[str, str, Pa
 
 # ---- running dvector -----------------------------------------------------------------------------
 
-def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> str:
-    """Run a command, its output to ``log``; the output on success, else exit with its tail."""
+def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, usage: dict | None = None) -> str:
+    """Run a command, its output to ``log``; the output on success, else exit with its tail. ``usage``
+    gets ``cpu_s``: the CPU seconds of the command and the processes it waited for (loader workers)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log.write_text(" ".join(cmd) + "\n" + proc.stdout, encoding="utf-8")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output = proc.stdout.read()
+    proc.stdout.close()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if usage is not None:
+        usage["cpu_s"] = round(rusage.ru_utime + rusage.ru_stime, 1)
+    log.write_text(" ".join(cmd) + "\n" + output, encoding="utf-8")
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        tail = "\n".join(output.splitlines()[-15:])
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{tail}\nlog: {log}")
-    return proc.stdout
+    return output
 
 
 def dvector_cmd() -> list[str]:
@@ -185,9 +192,10 @@ def train_fold(args: argparse.Namespace, fold: str, shards: Path) -> dict:
                            "--valid", str(shards), "--valid-every", "1000", "--seed", str(args.seed), *args.train_arg]
     print(f"[{fold}] training {args.minutes} min: {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
-    run(cmd, args.work / "folds" / fold / "train.log")
+    usage: dict = {}
+    run(cmd, args.work / "folds" / fold / "train.log", usage=usage)
     return {"steps": checkpoint_step(run_dir / "checkpoints" / "latest.pt"), "command": cmd[1:],
-            "seconds": round(time.monotonic() - start, 1)}
+            "seconds": round(time.monotonic() - start, 1), **usage}
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -344,7 +352,8 @@ def benchmark(args: argparse.Namespace) -> None:
                   f"{cell(scores['trained'])}{norm} | resemblyzer {cell(scores['resemblyzer'])}", flush=True)
         entry["seconds"] = seconds[fold]
         results["folds"][fold] = entry
-        print(f"[{fold}] {trained[fold]['steps']} training steps in {trained[fold]['seconds']:.0f} s; build "
+        print(f"[{fold}] {trained[fold]['steps']} training steps in {trained[fold]['seconds']:.0f} s "
+              f"({trained[fold].get('cpu_s', 0):.0f} CPU-s with its loader); build "
               f"{seconds[fold]['build']:.0f} s, dvector evals {seconds[fold]['eval']:.0f} s, resemblyzer "
               f"{seconds[fold]['resemblyzer']:.0f} s", flush=True)
     mean_eer = report(results)
