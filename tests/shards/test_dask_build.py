@@ -152,3 +152,8 @@ def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(DvectorError, match="--dask"):
         parse_address(text)
 
+
+
+def test_fail_fast_on_dask_stops_with_the_file(messy_build: SimpleNamespace, cluster: str, tmp_path: Path) -> None:
+    with pytest.raises(DvectorError, match=r"stopped by --fail-fast"):
+        build_shards(messy_build.corpus.roots, tmp_path / "x", messy_build.cfg, fail_fast=True, dask=cluster)
