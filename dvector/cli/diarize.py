@@ -13,13 +13,15 @@ from dvector.cli.options import Model, out_option, threads_option
 Audio = Annotated[List[Path], typer.Argument(help="Audio files to diarize.")]
 RttmOut = out_option("Output folder: one STEM.rttm per audio file.")
 Speakers = Annotated[Optional[int], typer.Option("--speakers", help="Number of speakers, if known (else estimated).")]
-MinSpeakers = Annotated[int, typer.Option("--min-speakers", help="Estimation: at least this many speakers.")]
+MinSpeakers = Annotated[int, typer.Option(
+    "--min-speakers", help="Estimation: at least this many speakers (1: one speaker when all clusters are closer "
+    "than --threshold).")]
 MaxSpeakers = Annotated[int, typer.Option("--max-speakers", help="Estimation: at most this many speakers.")]
 Method = Annotated[str, typer.Option(
     "--method", help="spectral (Wang et al. 2018, eigengap for K) or ahc (average linkage, cut at --threshold).")]
 AhcThreshold = Annotated[Optional[float], typer.Option(
-    "--threshold", help="ahc with K unknown: cosine below which clusters stay apart (default: the EER threshold "
-    "`dvector eval` stored for MODEL).")]
+    "--threshold", help="K unknown: ahc keeps clusters apart below this cosine, spectral with --min-speakers 1 "
+    "merges all above it (default: the EER threshold `dvector eval` stored for MODEL).")]
 Window = Annotated[float, typer.Option("--window", help="Window length for the d-vectors, seconds.")]
 Hop = Annotated[float, typer.Option("--hop", help="Hop between windows, seconds.")]
 Reseg = Annotated[float, typer.Option(

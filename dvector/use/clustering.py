@@ -10,6 +10,10 @@ eigenvalues of the refined matrix, largest first, give the number of speakers wh
 eigengap ratio ``lambda_k / lambda_(k+1)`` is largest (within the bounds); the rows of the first K
 eigenvectors, unit-normalised, are clustered by k-means (scikit-learn, fixed seed).
 
+The eigengap ratio of K = 1 (``lambda_1 / lambda_2``) wins on nearly every recording, so spectral
+estimation starts at two speakers; with ``min_speakers`` 1 it then answers one speaker when the
+centroids of the clusters it found are all closer than ``threshold`` (a cosine calibrated on data).
+
 ``ahc`` is agglomerative clustering (scipy, average linkage, cosine distance), cut at K clusters
 or, with K unknown, where the average similarity of two clusters falls below ``threshold``
 (a cosine calibrated on data: ``dvector eval`` stores the model's EER threshold).
@@ -19,7 +23,7 @@ Both return labels ``0..K-1`` numbered in order of first appearance; no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -37,11 +41,11 @@ class ClusterConfig:
 
     method: str = "spectral"
     speakers: int | None = None
-    min_speakers: int = 2  # the eigengap of K = 1 (lambda_1 / lambda_2) nearly always wins: see the README
+    min_speakers: int = 2  # 1: spectral tests "all one voice" with ``threshold`` (the eigengap of K = 1 wins too often)
     max_speakers: int = 8
     p_percentile: float | None = None  # spectral: row-wise threshold; None: auto-tuned (Park et al. 2019)
     sigma: float = 1.0  # spectral: Gaussian blur along time, in windows
-    threshold: float = 0.5  # ahc with K unknown: stop merging below this cosine similarity
+    threshold: float = 0.5  # K unknown: ahc stops merging below this cosine; spectral with min 1: one voice above it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,5 +149,19 @@ def cluster(vectors: np.ndarray, cfg: ClusterConfig) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if len(vectors) == 1:
         return np.zeros(1, dtype=np.int64)
-    labels = spectral_labels(vectors, cfg) if cfg.method == "spectral" else ahc_labels(vectors, cfg)
+    one_allowed = cfg.speakers is None and cfg.min_speakers == 1 and cfg.max_speakers > 1
+    if cfg.method == "spectral" and one_allowed:  # two or more by eigengap; one if they are all alike
+        labels = spectral_labels(vectors, replace(cfg, min_speakers=2))
+        if one_speaker(vectors, labels, cfg.threshold):
+            labels = np.zeros(len(vectors), dtype=np.int64)
+    else:
+        labels = spectral_labels(vectors, cfg) if cfg.method == "spectral" else ahc_labels(vectors, cfg)
     return first_appearance(labels)
+
+
+def one_speaker(vectors: np.ndarray, labels: np.ndarray, threshold: float) -> bool:
+    """True when every two cluster centroids (unit means) have a cosine of at least ``threshold``:
+    the clusters are one voice split (the eigengap cannot tell one speaker from two)."""
+    centroids = _unit(np.stack([vectors[labels == k].mean(axis=0) for k in np.unique(labels)]))  # (K, D)
+    similarity = centroids @ centroids.T
+    return bool(np.all(similarity[np.triu_indices(len(centroids), 1)] >= threshold))

@@ -264,11 +264,12 @@ def run_diarize(model: str | os.PathLike[str], inputs: Sequence[str | os.PathLik
     """``dvector diarize``: the settings checked, the model loaded, ``diarize_files`` run.
 
     ``settings``: the ``DiarizeConfig`` fields in seconds (``window_s``, ``hop_s``...). AHC with the
-    number of speakers unknown cuts at ``threshold``, by default the EER threshold that
-    ``dvector eval`` stored for ``model`` (a cosine calibrated on data).
+    number of speakers unknown cuts at ``threshold`` (spectral with ``min_speakers`` 1 tests one
+    voice against it), by default the EER threshold that ``dvector eval`` stored for ``model`` (a
+    cosine calibrated on data).
     """
     note = None
-    if method == "ahc" and speakers is None and threshold is None:
+    if (method == "ahc" or min_speakers == 1) and speakers is None and threshold is None:
         from dvector.use.results import decision_threshold
 
         stored = decision_threshold(model)

@@ -87,3 +87,12 @@ def test_silence_gives_no_turns() -> None:
     embedder = Embedder.from_model(MeanSpectrum(), seg_len=100)
     result = diarize_waveform(embedder, np.zeros(3 * RATE, np.float32), DiarizeConfig(), "quiet")
     assert result.turns == [] and result.n_speakers == 0
+
+
+def test_one_speaker_is_found_only_when_allowed() -> None:
+    one, _ = separated(1, seed=3, per_turn=12)
+    three, truth = separated(3, seed=3)
+    allow_one = ClusterConfig(min_speakers=1, threshold=0.5)
+    assert set(cluster(one, allow_one).tolist()) == {0}
+    assert same_partition(cluster(three, allow_one), truth)
+    assert len(set(cluster(one, ClusterConfig()).tolist())) == 2  # the default: at least two
