@@ -134,15 +134,14 @@ def viterbi(scores: np.ndarray, penalty: float) -> np.ndarray:
 
 
 def _turns(labels: np.ndarray, frame_s: float, fill_gap_s: float, file_id: str) -> list[Turn]:
-    """Turns from per-frame labels (-1: no speech), same-speaker gaps under ``fill_gap_s`` filled."""
-    turns: list[Turn] = []
-    for k in sorted(set(labels.tolist()) - {-1}):
-        for s, e in _runs(labels == k):
-            start, end = s * frame_s, e * frame_s
-            if turns and turns[-1].speaker == f"SPEAKER_{k:02d}" and start - turns[-1].end < fill_gap_s:
-                turns[-1] = Turn(turns[-1].start, end, turns[-1].speaker, file_id)
-            else:
-                turns.append(Turn(start, end, f"SPEAKER_{k:02d}", file_id))
+    """Turns from per-frame labels (-1: no speech); a silence under ``fill_gap_s`` between two runs
+    of the same speaker joins them (a short pause inside a turn), nothing else is filled."""
+    labels = labels.copy()
+    for s, e in _runs(labels == -1):
+        if 0 < s and e < len(labels) and (e - s) * frame_s < fill_gap_s and labels[s - 1] == labels[e]:
+            labels[s:e] = labels[e]
+    turns = [Turn(s * frame_s, e * frame_s, f"SPEAKER_{k:02d}", file_id)
+             for k in sorted(set(labels.tolist()) - {-1}) for s, e in _runs(labels == k)]
     return sorted(turns)
 
 

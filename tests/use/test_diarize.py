@@ -96,3 +96,12 @@ def test_one_speaker_is_found_only_when_allowed() -> None:
     assert set(cluster(one, allow_one).tolist()) == {0}
     assert same_partition(cluster(three, allow_one), truth)
     assert len(set(cluster(one, ClusterConfig()).tolist())) == 2  # the default: at least two
+
+
+def test_short_pauses_are_filled_only_within_one_speaker() -> None:
+    from dvector.use.diarize import _turns
+
+    labels = np.array([0] * 10 + [-1] * 3 + [0] * 10 + [-1] * 2 + [1] * 2 + [-1] * 2 + [0] * 5 + [-1] * 20 + [0] * 5)
+    turns = _turns(labels, 0.1, 0.5, "f")
+    assert [(round(t.start, 1), round(t.end, 1), t.speaker[-1]) for t in turns] == [
+        (0.0, 2.3, "0"), (2.5, 2.7, "1"), (2.9, 3.4, "0"), (5.4, 5.9, "0")]
