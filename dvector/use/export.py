@@ -205,7 +205,7 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
     source = find_checkpoint(checkpoint_or_run)
     state = load_checkpoint(source)
     settings = checkpoint_settings(state)
-    model_cfg, features, vad, L = settings.model, settings.features, settings.vad, settings.seg_len
+    model_cfg, features, L = settings.model, settings.features, settings.seg_len
     module = embedding_module(state)
     scripted = script_module(module)
 

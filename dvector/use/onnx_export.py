@@ -1,9 +1,10 @@
 """ONNX export: waveform in, unit-length d-vector out, front-end and VAD inside the graph, no custom ops.
 
 ``dvector export RUN --format onnx -o DIR`` writes ``DIR/dvector.onnx`` (opset 17, standard operators
-only, checked with ``onnx.checker``), ``DIR/dvector.onnx.json`` (the TorchScript export's record, format "dvector-onnx") and, with
-``--quantize int8``, ``DIR/dvector.int8.onnx`` (``onnxruntime.quantization.quantize_dynamic``: the
-encoder's MatMul/Gemm/LSTM/Conv weights in int8; the front-end stays float32). Input ``wav``: a 1-D
+only, checked with ``onnx.checker``), ``DIR/dvector.onnx.json`` (the TorchScript export's record with
+format "dvector-onnx") and, with ``--quantize int8``, ``DIR/dvector.int8.onnx``
+(``onnxruntime.quantization.quantize_dynamic``: the encoder's MatMul/Gemm/LSTM/Conv weights in int8;
+the front-end stays float32). Input ``wav``: a 1-D
 float32 waveform at the recorded sample rate, any length of at least one analysis window; output
 ``embedding``: ``(embed_dim,)``, unit length. The model's ``metadata_props`` hold sample_rate,
 embed_dim, n_mels, seg_len, model, dvector_version and what the VAD does.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import warnings
@@ -333,6 +335,7 @@ def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pat
                 "n_mels": settings.features.n_mels, "seg_len": settings.seg_len, "model": settings.model.name,
                 "arch": settings.model.arch, "dvector_version": VERSION, "step": record["step"],
                 "vad": VAD_NOTE if settings.vad.enabled else "none", "min_samples": module.min_samples}
+        share_weights(model)
         onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
         model.doc_string = "dvector speaker embedding: wav (samples,) float32 -> embedding (embed_dim,), unit length"
         onnx.checker.check_model(model, full_check=True)
@@ -346,6 +349,32 @@ def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pat
     return written
 
 
+def share_weights(model: Any) -> None:
+    """Point every Conv that reads an ``Identity`` copy of an initializer at the initializer itself, in place.
+
+    The graph runs the encoder twice (the windows, and the one-window path of a short utterance); the
+    exporter gives the second call its weights through ``Identity`` nodes, which ``quantize_dynamic``
+    cannot quantise (it needs a Conv's weight to be an initializer).
+    """
+    inits = {init.name for init in model.graph.initializer}
+    outputs = {out.name for out in model.graph.output}
+    alias = {node.output[0]: node.input[0] for node in model.graph.node
+             if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs}
+    used = set()
+    for node in model.graph.node:
+        if node.op_type != "Conv":  # the quantiser's LSTM handling goes wrong on a weight two LSTMs share
+            continue
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+                used.add(name)
+    readers = {name for node in model.graph.node for name in node.input}
+    dead = [node for node in model.graph.node
+            if node.op_type == "Identity" and node.output[0] in used and node.output[0] not in readers]
+    for node in dead:
+        model.graph.node.remove(node)
+
+
 def quantize_int8(float_model: Path, target: Path) -> Path:
     """``quantize_dynamic`` of the encoder's nodes (int8 weights); the front-end and VAD stay float32."""
     import onnx
@@ -353,9 +382,15 @@ def quantize_int8(float_model: Path, target: Path) -> Path:
 
     graph = onnx.load(str(float_model)).graph
     front = [node.name for node in graph.node if not node.name.startswith("/encoder")]  # also /encoder_1/
-    with atomic_write(target) as tmp:
-        quantize_dynamic(str(float_model), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=front,
-                         op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Conv"])
+    # quantize_dynamic logs a suggestion to run its pre-processing first; that step's symbolic shape
+    # inference fails on this graph (data-dependent lengths), and dynamic quantisation does not need it
+    logging.disable(logging.WARNING)
+    try:
+        with atomic_write(target) as tmp:
+            quantize_dynamic(str(float_model), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=front,
+                             op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Conv"])
+    finally:
+        logging.disable(logging.NOTSET)
     return target
 
 

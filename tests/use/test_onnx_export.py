@@ -1,7 +1,7 @@
 """ONNX export (issue 11, point 1): ``dvector.onnx`` run by onnxruntime against ``dvector.load(checkpoint)``.
 
 Checkpoints of small widths with random weights (an LSTM with attention, the paper's projected LSTM
-with "last" pooling, ECAPA-TDNN), synthetic speech of lengths under and over one window of L frames.
+with "last" pooling, ECAPA-TDNN, the thin ResNet), synthetic speech under and over one window of L frames.
 Float: cosine >= 0.999 required (measured >= 0.9999999); int8: runs and gives unit vectors. The graph's
 VAD keeps the same frames as the numba kernels on these signals. Skipped where onnxruntime is absent.
 """
@@ -28,9 +28,10 @@ from test_export_encoders import write_checkpoint  # noqa: E402
 SR = 16000
 CONFIGS = {"lstm": ModelConfig.preset("tiny", hidden_size=32, embed_dim=16),
            "paper": ModelConfig.preset("paper", hidden_size=24, proj_size=8, n_layers=2, embed_dim=8),
-           "ecapa": ModelConfig.preset("ecapa", channels=16, embed_dim=32)}
+           "ecapa": ModelConfig.preset("ecapa", channels=16, embed_dim=32),
+           "resnet": ModelConfig.preset("resnet34", channels=4, embed_dim=32)}
 DURATIONS = (0.05, 2.3)  # after VAD: under L = 60 frames (the one-window path), several windows
-QUANTIZE = {"lstm": "int8", "paper": None, "ecapa": "int8"}  # the unrolled paper LSTM: float only (time)
+QUANTIZE = {"lstm": "int8", "paper": None, "ecapa": "int8", "resnet": "int8"}  # paper (unrolled): float only
 
 
 def speech(seed: int, duration_s: float) -> np.ndarray:

@@ -117,7 +117,7 @@ def test_stdin_pcm_through_the_cli(run: Path) -> None:
     pcm = np.clip(np.round(wav * 32768.0), -32768, 32767).astype("<i2")
     result = CliRunner().invoke(app, ["embed", str(run), "-", "--per-window"], input=pcm.tobytes())
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]  # stdout: JSON lines only
     expected = streamed(embedder, pcm.astype(np.float32) / 32768.0, 4096)
     assert len(lines) == len(expected) >= 3
     for line, window in zip(lines, expected):
