@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, required=True, help="a run folder (or checkpoint) of the real-speech protocol")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real-dev root (default: ../shared/data/real-dev)")
     p.add_argument("--work", type=Path, default=Path("/tmp/dvector-real-diarization"), help="work folder")
-    p.add_argument("--conversations", type=int, default=16, help="how many conversations")
+    p.add_argument("--conversations", type=int, default=32, help="how many conversations")
     p.add_argument("--turns", type=int, default=12, help="turns per conversation")
     p.add_argument("--seed", type=int, default=0, help="conversation seed (tune on another seed than you report)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for diarize")
