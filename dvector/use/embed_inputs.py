@@ -152,20 +152,30 @@ def _embed_parallel(pairs: list[tuple[str, Any]], recipe: tuple, method: str, wo
     """Each pair's outcome, in input order, embedded by jobs of ``JOB_FILES`` inputs on ``workers``."""
     from collections import deque
 
-    from dvector.shards.cluster import executor
+    from dvector.shards.cluster import executor, is_killed_worker
 
-    with executor(workers.count, workers.dask) as (jobs, _client):
+    def outcomes(job: Any) -> list[tuple[str, Any, tuple[str, str]]]:
+        try:
+            return job.result()
+        except Exception as exc:
+            if is_killed_worker(exc):
+                raise DvectorError("the workers embedding a job died too often (killed, perhaps for lack of "
+                                   "memory; Dask's distributed.scheduler.allowed-failures): nothing was written") from None
+            raise
+
+    with executor(workers.count, workers.dask) as (jobs, client):
         if jobs is None:  # one local worker: this process, as without workers
             yield from _embed_job(recipe, method, pairs)
             return
-        window = 4 * max(1, getattr(jobs, "_max_workers", 0) or 16)
+        slots = sum(client.nthreads().values()) if client is not None else getattr(jobs, "_max_workers", 1)
+        window = 4 * max(1, slots)  # jobs in flight: enough to keep every worker busy, not the whole list
         pending: deque = deque()
         for i in range(0, len(pairs), JOB_FILES):
             pending.append(jobs.submit(_embed_job, recipe, method, pairs[i:i + JOB_FILES]))
             if len(pending) >= window:
-                yield from pending.popleft().result()
+                yield from outcomes(pending.popleft())
         while pending:
-            yield from pending.popleft().result()
+            yield from outcomes(pending.popleft())
 
 
 def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded],
