@@ -1,4 +1,8 @@
-"""Commands for "who spoke when": diarize (audio -> RTTM) and diarize-eval (DER of RTTMs)."""
+"""Commands for "who spoke when": diarize (audio -> RTTM) and diarize-eval (DER of RTTMs).
+
+The defaults are typed here, so that `dvector --help` loads no torch; a test checks they are the
+library's (``DiarizeConfig``, ``ClusterConfig``).
+"""
 
 from __future__ import annotations
 

@@ -69,3 +69,18 @@ def test_diarize_bad_options_are_one_line(trained: SimpleNamespace, conversation
     code, _, stderr = run_main(capsys, "diarize", trained.run, conversation.audio, "-o", tmp_path,
                                "--min-speakers", "5", "--max-speakers", "3")
     assert code == 1 and "--min-speakers" in stderr and "Traceback" not in stderr
+
+
+def test_cli_defaults_are_the_library_defaults() -> None:
+    """The CLI module types its defaults (importing the library would load torch at start-up)."""
+    import inspect
+
+    from dvector.cli.diarize import diarize_cmd
+    from dvector.use.clustering import ClusterConfig
+    from dvector.use.diarize import DiarizeConfig
+
+    cli = {name: p.default for name, p in inspect.signature(diarize_cmd).parameters.items()}
+    d, c = DiarizeConfig(), ClusterConfig()
+    assert (cli["window"], cli["hop"], cli["reseg_window"], cli["switch_penalty"], cli["fill_gap"]) == (
+        d.window_s, d.hop_s, d.reseg_window_s, d.switch_penalty, d.fill_gap_s)
+    assert (cli["min_speakers"], cli["max_speakers"], cli["method"]) == (c.min_speakers, c.max_speakers, c.method)
