@@ -8,7 +8,8 @@
 # LIBRISPEECH_DIR holds train-clean-360/ and test-clean/ (SPEAKER/CHAPTER/*.flac, 16 kHz);
 # VCTK_DIR holds wav48/ (or wav48_silence_trimmed/) with pNNN/*.wav|flac at 48 kHz.
 # Expected time and EER at full size: not yet measured.
-# Environment: STEPS (default 300000), MODEL (attentive), WORKERS (loader processes, 4), GPUS (1).
+# Environment: STEPS (default 300000), MODEL (ecapa-small) and LOSS (aamsoftmax): the best row of the README's
+# encoder x loss table (MODEL=attentive LOSS=ge2e: the original project's LSTM), WORKERS (loader processes, 4), GPUS (1).
 set -euo pipefail
 
 if [[ "${1:-}" == "--smoke" ]]; then
@@ -17,14 +18,15 @@ if [[ "${1:-}" == "--smoke" ]]; then
   dvector synth "$LS/train-clean-360" --speakers 12 --utterances 8 --layout nested --prefix 1 --seed 1
   dvector synth "$LS/test-clean" --speakers 6 --utterances 6 --layout nested --prefix 9 --seed 2
   dvector synth "$VCTK/wav48" --speakers 6 --utterances 8 --prefix p2 --sample-rate 48000 --format wav --seed 3
-  STEPS=${STEPS:-20} MODEL=${MODEL:-tiny} WORKERS=${WORKERS:-0}
-  TRAIN_FLAGS="-n 4 -m 4 -l 100 -s 10 --valid-every 10"
+  STEPS=${STEPS:-20} MODEL=${MODEL:-tiny} LOSS=${LOSS:-ge2e} WORKERS=${WORKERS:-0}
+  TRAIN_FLAGS="-l 100 -s 10 --valid-every 10" GE2E_BATCH="-n 4 -m 4" PAIR_BATCH="-n 4 -m 2"
 else
   LS=${1:?usage: $0 LIBRISPEECH_DIR VCTK_DIR [WORK_DIR] | --smoke [WORK_DIR]}
   VCTK=${2:?usage: $0 LIBRISPEECH_DIR VCTK_DIR [WORK_DIR]}
   WORK=${3:-work/librispeech_vctk}
-  STEPS=${STEPS:-300000} MODEL=${MODEL:-attentive} WORKERS=${WORKERS:-4}
-  TRAIN_FLAGS="-n 64 -m 10 -l 140-180 -s 10000 -d 100000"
+  STEPS=${STEPS:-300000} MODEL=${MODEL:-ecapa-small} LOSS=${LOSS:-aamsoftmax} WORKERS=${WORKERS:-4}
+  TRAIN_FLAGS="-s 10000 -d 100000"
+  GE2E_BATCH="-n 64 -m 10 -l 140-180" PAIR_BATCH="-n 128 -m 2 -l 200 --margin-warmup 30000"
 fi
 VCTK_WAVS=$VCTK/wav48
 [[ -d $VCTK_WAVS ]] || VCTK_WAVS=$VCTK/wav48_silence_trimmed

@@ -9,6 +9,8 @@
 # VOX2_DIR holds dev/aac/idNNNNN/VIDEO/NNNNN.m4a: decoding m4a needs `pip install 'dvector[m4a]'`.
 # Eight GPUs: GPUS=8 pipelines/voxceleb.sh ...; building on a cluster: see README (--part i/n).
 # Noise and rooms for augmentation: MUSAN=/data/musan RIRS=/data/RIRS_NOISES pipelines/voxceleb.sh ...
+# Encoder and loss: MODEL (ecapa-small) and LOSS (aamsoftmax), the best row of the README's table; MODEL=ecapa is
+# the full-width ECAPA-TDNN, MODEL=paper LOSS=ge2e the GE2E paper's LSTM.
 # Expected time and EER at full size: not yet measured.
 set -euo pipefail
 
@@ -25,14 +27,16 @@ if [[ "${1:-}" == "--smoke" ]]; then
     END { for (s in files) { split(files[s], f, " "); if (f[2] != "") print 1, f[1], f[2] }
           prev = ""; for (i = 0; i < n; i++) if (order[i] != prev) { if (prev != "") { split(files[prev], a, " "); split(files[order[i]], b, " "); print 0, a[1], b[1] } prev = order[i] } }' \
     > "$VOX1/veri_test2.txt"
-  STEPS=${STEPS:-20} MODEL=${MODEL:-tiny} WORKERS=${WORKERS:-0} EXT=flac
-  TRAIN_FLAGS="-n 4 -m 4 -l 100 -s 10 --valid-every 10"
+  STEPS=${STEPS:-20} MODEL=${MODEL:-tiny} LOSS=${LOSS:-aamsoftmax} WORKERS=${WORKERS:-0} EXT=flac
+  TRAIN_FLAGS="-l 100 -s 10 --valid-every 10" GE2E_BATCH="-n 4 -m 4" PAIR_BATCH="-n 4 -m 2"
 else
   VOX1=${1:?usage: $0 VOX1_DIR VOX2_DIR [WORK_DIR] | --smoke [WORK_DIR]}
   VOX2=${2:?usage: $0 VOX1_DIR VOX2_DIR [WORK_DIR]}
   WORK=${3:-work/voxceleb}
-  STEPS=${STEPS:-1000000} MODEL=${MODEL:-paper} WORKERS=${WORKERS:-6} EXT=wav,m4a
-  TRAIN_FLAGS="-n 64 -m 10 -l 140-180 -s 10000 -d 300000 --valid-every 5000"
+  # defaults from the README's encoder x loss table; MODEL=paper LOSS=ge2e trains the GE2E paper's LSTM
+  STEPS=${STEPS:-1000000} MODEL=${MODEL:-ecapa-small} LOSS=${LOSS:-aamsoftmax} WORKERS=${WORKERS:-6} EXT=wav,m4a
+  TRAIN_FLAGS="-s 10000 -d 300000 --valid-every 5000"
+  GE2E_BATCH="-n 64 -m 10 -l 140-180" PAIR_BATCH="-n 128 -m 2 -l 200 --margin-warmup 100000"
   # augmentation is on by default; MUSAN and RIRS_NOISES, where you have them, replace the synthetic sources
   if [[ -n ${MUSAN:-} ]]; then TRAIN_FLAGS="$TRAIN_FLAGS --noise-dir $MUSAN"; fi
   if [[ -n ${RIRS:-} ]]; then TRAIN_FLAGS="$TRAIN_FLAGS --rir-dir $RIRS"; fi
