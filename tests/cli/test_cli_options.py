@@ -42,17 +42,22 @@ SURFACE = {
     "check": ["FOLDER", "-j/--workers"],
     "train": ["SHARDS", "MODEL_DIR", "-i/--steps", "-s/--save-every", "-d/--decay-every", "-n/--n-speakers",
               "-m/--n-utterances", "-l/--seg-len", "-c/--continue", "--valid", "--valid-every", "--model", "--loss",
-              "--reduction", "--optimizer", "--lr", "-w/--workers", "--seed", "--device", "--amp/--no-amp",
+              "--reduction", "--optimizer", "--lr", "--margin", "--scale", "--margin-warmup", "--subcentres",
+              "--gather/--no-gather", "--weight-decay", "-w/--workers", "--seed", "--device", "--amp/--no-amp",
               "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes",
               "--stall-timeout", "--augment", "--augment-prob", "--noise-snr", "--babble-snr", "--reverb-rt60",
               "--noise-dir", "--rir-dir"],
-    "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads", "-j/--workers", "--dask"],
+    "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads", "-j/--workers", "--dask",
+              "--sample-rate"],
     "score": ["MODEL", "A", "B", "-t/--threshold", "--threads", "--norm", "--cohort", "--cohort-top"],
     "eval": ["MODEL", "ROOT", "--trials", "--det", "--n-nontarget", "--seed", "-e/--extensions", "--save/--no-save",
              "--threads", "--untrained", "--norm", "--cohort", "--cohort-top", "-j/--workers", "--dask"],
-    "export": ["MODEL", "-o/--out"],
+    "export": ["MODEL", "-o/--out", "--format", "--quantize"],
     "visualize": ["MODEL", "ROOT", "-o/--out", "--max-speakers", "--per-speaker", "--seed", "-e/--extensions",
                   "--threads"],
+    "diarize": ["MODEL", "AUDIO", "-o/--out", "--speakers", "--min-speakers", "--max-speakers", "--method",
+                "--threshold", "--window", "--hop", "--reseg-window", "--switch-penalty", "--fill-gap", "--threads"],
+    "diarize-eval": ["REFERENCE", "HYPOTHESIS", "--collar", "--skip-overlap"],
     "demo": ["-o/--out", "--small", "-j/--workers", "--seed"],
     "synth": ["ROOT", "--speakers", "--utterances", "--sample-rate", "--format", "--layout", "--prefix", "--duration",
               "--seed"],
@@ -70,7 +75,7 @@ def test_train_defaults_are_train_config_defaults() -> None:
     renamed = {"keep": "keep_checkpoints"}
     fields = {"steps", "save_every", "decay_every", "n_speakers", "n_utterances", "valid_every", "loss", "reduction",
               "optimizer", "lr", "workers", "seed", "amp", "compile", "keep", "log_every", "short_policy", "threads",
-              "max_minutes"}
+              "max_minutes", "margin", "scale", "margin_warmup", "subcentres", "gather", "weight_decay"}
     for name in fields:
         assert p[name].default == getattr(TrainConfig(), renamed.get(name, name)), name
     assert p["seg_len"].default == range_text(TrainConfig().seg_len) == "160"
