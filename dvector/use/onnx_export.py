@@ -376,7 +376,12 @@ def share_weights(model: Any) -> None:
 
 
 def quantize_int8(float_model: Path, target: Path) -> Path:
-    """``quantize_dynamic`` of the encoder's nodes (int8 weights); the front-end and VAD stay float32."""
+    """``quantize_dynamic`` of the encoder's nodes (int8 weights); the front-end and VAD stay float32.
+
+    An LSTM encoder's second call (the one-window path of an utterance under ``L`` frames) has its own
+    copy of the LSTM weights from the exporter and stays float: quantising one LSTM weight read by two
+    nodes gives wrong outputs, so ``share_weights`` shares Conv weights only.
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
