@@ -20,7 +20,7 @@ data-dependent Python control flow so that one traced graph serves every input l
    ``2^K * rise`` exceed the 140 dB between the energy floor (-100 dB) and +40 dBFS (frame energies
    are capped there for the floor only): exact, not an approximation, for any audio under +40 dBFS.
    The numba kernel accumulates the same sum in float32 step by step, so a frame whose energy lies
-   within ~1e-3 dB of its threshold can fall the other way. Short-burst removal is a morphological
+   within rounding distance of its threshold can fall the other way. Short-burst removal is a morphological
    opening (erosion then dilation by ``min_speech`` frames, which removes exactly the runs shorter
    than it), pre-roll/hang-over a dilation, and pause shortening a windowed "any speech in the last
    ``max_pause`` frames" test: all equal to the kernels. As in the TorchScript module, where the VAD
