@@ -100,3 +100,12 @@ def small_root(trained: SimpleNamespace, tmp_path_factory: pytest.TempPathFactor
             (root / speaker.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(f, root / speaker.name / f.name)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (exact resume compares runs computed with the same thread count), put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

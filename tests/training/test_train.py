@@ -37,13 +37,7 @@ BASE = TrainConfig(steps=20, save_every=10, decay_every=7, valid_every=10, log_e
                    n_utterances=4, seg_len=(40, 40), workers=0, momentum=0.9, keep_checkpoints=5,
                    augment=AugmentConfig(kinds=AUGMENT_KINDS))
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Exact resume compares runs computed with the same number of threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # exact resume: runs with the same thread count
 
 
 class Run:

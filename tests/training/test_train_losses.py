@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dvector.config import LOSSES, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
@@ -24,12 +23,7 @@ BASE = TrainConfig(steps=12, save_every=6, decay_every=5, valid_every=6, log_eve
                    seg_len=(40, 40), workers=0, keep_checkpoints=3, augment=replace(TrainConfig().augment, kinds=()))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # exact resume: runs with the same thread count
 
 
 def run(shards: Path, model_dir: Path, cfg: TrainConfig, resume: Path | None = None,
