@@ -105,3 +105,24 @@ def test_cli_export_onnx_and_its_errors(tmp_path: Path) -> None:
         export_onnx(run, tmp_path / "y", quantize="int4")
     bad = CliRunner().invoke(app, ["export", str(run), "--quantize", "int8", "-o", str(tmp_path / "z")])
     assert bad.exit_code != 0
+
+
+REAL_DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-dev"
+
+
+@pytest.mark.skipif(not REAL_DEV.is_dir(), reason=f"no real-dev recordings at {REAL_DEV}")
+@pytest.mark.parametrize("name", ["lstm", "ecapa"])
+def test_onnx_matches_pytorch_on_real_recordings(tmp_path: Path, name: str) -> None:
+    """Real recordings of every corpus (8, 16 and 22.05 kHz files, resampled as `embed` does): cosine >= 0.999."""
+    run = tmp_path / "run"
+    write_checkpoint(run, CONFIGS[name], seed=2)
+    written = export_onnx(run, tmp_path / "out")
+    torch_model = dvector.load(run / "checkpoints" / "latest.pt", threads=1)
+    session = onnx_session(written[0])
+    files = [f for corpus in ("audiomnist_az", "emodb", "fsdd", "librispeech_test_other")
+             for f in sorted((REAL_DEV / corpus).rglob("*.flac"))[:2]]
+    assert len(files) == 8
+    for path in files:
+        wav = torch_model.waveform(path)  # decoded, mono, at the model's rate: what the graph takes
+        cosine = float(onnx_embed(session, wav.astype(np.float32)) @ torch_model.embed(path))
+        assert cosine >= 0.999, (path.name, cosine)
