@@ -8,7 +8,7 @@
     ranks is masked out.
 
 Both scenarios run in one spawn of two processes (started once per module; the rendezvous is a
-file in a temporary folder, so no port can be taken by someone else).
+TCP store that the test process holds on a port the OS picks).
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ def gathered_angleproto(rank: int) -> dict:
     return {"loss": loss.detach(), "grad": x.grad, "w_grad": crit.w.grad, "b_grad": crit.b.grad}
 
 
-def worker(rank: int, store: str, out: str) -> None:
+def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     try:
         torch.save({"aam": ddp_aam(rank), "proto": gathered_angleproto(rank)}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -92,7 +94,11 @@ def worker(rank: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=True)
+    # the test process holds the rendezvous store (a port the OS picks) until both ranks are done, so no rank's
+    # teardown can pull the store from under the other (a file store did: "terminate called", SIGABRT, under load)
+    store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
+    mp.spawn(worker, args=(store.port, str(folder)), nprocs=WORLD, join=True)
+    del store
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
