@@ -17,6 +17,8 @@ Skips (exit 0, one line) where real-dev or onnxruntime is absent. The last line 
 
 from __future__ import annotations
 
+import importlib.util
+
 import argparse
 import sys
 import tempfile
@@ -41,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"skipped: real-dev not found at {args.data}")
         return 0
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         print("skipped: onnxruntime is not installed (pip install 'dvector[onnx]')")
         return 0
     import torch

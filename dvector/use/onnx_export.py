@@ -44,6 +44,8 @@ exporter cannot export the encoders' ``assert bool(tensor)`` checks on ``lengths
 
 from __future__ import annotations
 
+import importlib.util
+
 import copy
 import json
 import logging
@@ -298,9 +300,10 @@ class OnnxEmbedding(nn.Module):
 def _require_onnx() -> Any:
     try:
         import onnx
-        import onnxruntime  # noqa: F401 - the parity check and int8 need it
     except ImportError as exc:
         raise DvectorError(install_hint()) from exc
+    if importlib.util.find_spec("onnxruntime") is None:  # the parity check and int8 need it
+        raise DvectorError(install_hint())
     return onnx
 
 
