@@ -136,13 +136,31 @@ def ends_own_process_group(fn: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> R:
         owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+        finished = False
         try:
             result = fn(*args, **kwargs)
             if owns_group and dist.is_initialized():
                 dist.barrier()  # no rank tears down gloo while a peer still talks to it (aborts seen in CI)
+            finished = True
             return result
         finally:
             if owns_group and dist.is_initialized():
+                # torch's rendezvous store (private API: without it, the old behaviour, no wait)
+                get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+                store = get_store() if finished and get_store is not None else None
                 dist.destroy_process_group()
+                if store is not None:
+                    wait_for_every_rank_to_close(store, int(os.environ["WORLD_SIZE"]))
 
     return wrapper
+
+
+def wait_for_every_rank_to_close(store: Any, world: int, timeout_s: float = 60.0) -> None:
+    """After a successful run, no rank exits while a peer is still tearing its gloo group down: one rank's
+    exit closes the sockets a peer's gloo threads still read, which aborted that peer ("terminate called
+    without an active exception", about 1 torchrun in 10 beside two CPU hogs). The rendezvous store outlives
+    the group, so each rank counts itself closed there and waits (bounded) for the others."""
+    store.add("dvector/closed", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("dvector/closed", 0) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
