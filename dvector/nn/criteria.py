@@ -8,7 +8,8 @@
   (``dvector.nn.margin``), a classifier over the index's speaker table;
 - ``softmaxproto``: ``SoftmaxProtoLoss`` (softmax classifier + angleproto, ``cfg.gather``).
 
-The protocol every criterion follows (``Criterion`` below), so the trainer needs no case per loss:
+The protocol every criterion follows (``Criterion``, in ``dvector.nn.criterion_base``, with do-nothing
+defaults), so the trainer needs no case per loss:
 
 - ``forward(embeds, speakers) -> Tensor``: ``embeds`` (N, M, D), rows speaker-major; ``speakers``
   (N*M,) int64, each row's index into the shard index's speaker table; returns a scalar.
@@ -30,37 +31,21 @@ the encoder and, under DDP, kept equal across ranks (e.g. wrapped in one module 
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
-
-from torch import Tensor, nn
+from typing import Optional
 
 from dvector.config import LOSSES, TrainConfig
 from dvector.errors import DvectorError
+from dvector.nn.criterion_base import Criterion
 from dvector.nn.loss import GE2ELoss
 from dvector.nn.margin import AAMSoftmax
 from dvector.nn.proto import AngleProtoLoss, SoftmaxProtoLoss
 
 CLASSIFIER_LOSSES = ("aamsoftmax", "softmaxproto")  # the ones that need the index's speaker table
 
-
-@runtime_checkable
-class Criterion(Protocol):
-    """What the trainer may call on any criterion (see the module docstring)."""
-
-    needs_classes: bool
-
-    def __call__(self, embeds: Tensor, speakers: Tensor) -> Tensor: ...
-
-    def begin_step(self, step: int) -> None: ...
-
-    def project_(self) -> None: ...
-
-    def scalars(self) -> dict[str, float]: ...
-
-    def paper_scaled_parameters(self) -> list[nn.Parameter]: ...
+__all__ = ["CLASSIFIER_LOSSES", "Criterion", "make_criterion"]
 
 
-def make_criterion(cfg: TrainConfig, n_classes: Optional[int], embed_dim: Optional[int] = None) -> nn.Module:
+def make_criterion(cfg: TrainConfig, n_classes: Optional[int], embed_dim: Optional[int] = None) -> Criterion:
     """The criterion ``cfg.loss`` names. ``n_classes``: the size of the shard index's speaker table
     (None when the shards have no index); ``embed_dim``: the encoder's output size. Both are needed
     only by the classifier losses (aamsoftmax, softmaxproto)."""
@@ -75,7 +60,7 @@ def make_criterion(cfg: TrainConfig, n_classes: Optional[int], embed_dim: Option
         return AngleProtoLoss(gather=cfg.gather)
     if n_classes is None:
         raise DvectorError(f"--loss {loss} classifies over the speakers of the shards' index.json (its speaker "
-                           "table), but these shards have no index; build them with `dvector build` or use "
+                           "table), but these shards have no index; build them with `dvector build-shards` or use "
                            "ge2e, contrast or angleproto")
     if n_classes < 2:
         raise DvectorError(f"--loss {loss} needs at least 2 speakers in the index's speaker table, got {n_classes}")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvector.errors import DvectorError
+from dvector.nn.criterion_base import Criterion
 
 W_MIN = 1e-6  # lower bound of the similarity scale w (the paper requires w > 0)
 COS_EPS = 1e-8  # norms below this count as this when normalising (zero vectors stay finite)
@@ -63,7 +64,7 @@ def cosine_similarity_matrix(embeds: Tensor, eps: float = COS_EPS) -> Tensor:
     return torch.where(own, cos_own.unsqueeze(-1), cos_all)  # (N, M, N)
 
 
-class GE2ELoss(nn.Module):
+class GE2ELoss(Criterion):
     """GE2E loss over a batch of embeddings ``(N, M, D)``, returning a scalar.
 
     ``method``: ``"softmax"`` (default) or ``"contrast"``. ``reduction``: ``"sum"`` (default,
@@ -73,8 +74,6 @@ class GE2ELoss(nn.Module):
     Follows the criterion protocol of ``dvector.nn.criteria`` (``forward`` takes and ignores the
     rows' speaker indices: GE2E needs only the batch's N x M layout).
     """
-
-    needs_classes = False
 
     def __init__(
         self,
@@ -123,10 +122,7 @@ class GE2ELoss(nn.Module):
             losses = 1.0 - sig_own + sig_other  # (N*M,)
         return losses.sum() if self.reduction == "sum" else losses.mean()
 
-    # ---- the rest of the criterion protocol (dvector.nn.criteria) ----
-
-    def begin_step(self, step: int) -> None:
-        """Nothing changes with the step."""
+    # ---- the rest of the criterion protocol (dvector.nn.criterion_base) ----
 
     def scalars(self) -> dict[str, float]:
         return {"w": float(self.w.detach()), "b": float(self.b.detach())}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvector.errors import DvectorError
+from dvector.nn.criterion_base import Criterion
 
 SINE_FLOOR = 1e-12  # 1 - cos^2 is floored here so that sqrt's gradient stays finite at cos = +-1
 
@@ -40,7 +41,10 @@ def check_speakers(speakers: Optional[Tensor], rows: int, n_classes: Optional[in
     if speakers.shape != (rows,) or speakers.dtype.is_floating_point:
         raise DvectorError(f"{who} needs speaker indices of shape ({rows},), integers; "
                            f"got {list(speakers.shape)} {speakers.dtype}")
-    if n_classes is not None and rows and (int(speakers.min()) < 0 or int(speakers.max()) >= n_classes):
+    # on a GPU this check would cost a device sync every step; there the shard reader (which drops a sample whose
+    # speaker index lies outside the index's table) and cross_entropy's own device-side check stand for it
+    if n_classes is not None and rows and not speakers.is_cuda and (
+            int(speakers.min()) < 0 or int(speakers.max()) >= n_classes):
         raise DvectorError(f"{who}: speaker index {int(speakers.max())} (min {int(speakers.min())}) lies outside "
                            f"the speaker table of {n_classes} speakers the classifier was built for; "
                            "were the shards built with another index?")
@@ -61,7 +65,7 @@ def additive_angular_margin(cos_target: Tensor, margin: float) -> Tensor:
     return torch.where(cos_target > threshold, phi, cos_target - margin * math.sin(margin))
 
 
-class AAMSoftmax(nn.Module):
+class AAMSoftmax(Criterion):
     """AAM-softmax criterion: ``forward(embeds (N, M, D), speakers (N*M,)) -> scalar`` (mean).
 
     ``weight``: ``(n_classes * subcentres, D)``, rows ``c*K .. c*K+K-1`` are class c's sub-centres.
@@ -107,19 +111,13 @@ class AAMSoftmax(nn.Module):
         speakers = speakers.long()
         return F.cross_entropy(self.logits(embeds.reshape(N * M, D), speakers), speakers)
 
-    # ---- the criterion protocol (dvector.nn.criteria) ----
+    # ---- the criterion protocol (dvector.nn.criterion_base) ----
 
     def begin_step(self, step: int) -> None:
         self.margin_now = margin_at(step, self.margin, self.margin_warmup)
 
-    def project_(self) -> None:
-        pass
-
     def scalars(self) -> dict[str, float]:
         return {"margin": self.margin_now}
-
-    def paper_scaled_parameters(self) -> list[nn.Parameter]:
-        return []
 
     def extra_repr(self) -> str:
         return (f"n_classes={self.n_classes}, subcentres={self.subcentres}, margin={self.margin}, "

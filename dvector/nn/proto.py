@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvector.errors import DvectorError
+from dvector.nn.criterion_base import Criterion
 from dvector.nn.loss import COS_EPS, W_MIN
 from dvector.nn.margin import check_speakers
 
@@ -59,14 +60,12 @@ def gather_anchors(anchors: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, int]:
     return all_anchors, torch.cat(id_parts), rank * anchors.size(0)
 
 
-class AngleProtoLoss(nn.Module):
+class AngleProtoLoss(Criterion):
     """Angular prototypical loss: ``forward(embeds (N, M, D), speakers (N*M,) or None) -> scalar`` (mean).
 
     ``speakers`` is only needed to mask out other columns of a query's own speaker (with gather,
     where two ranks may draw one speaker); it is required when ``gather`` is set.
     """
-
-    needs_classes = False
 
     def __init__(self, init_w: float = 10.0, init_b: float = -5.0, gather: bool = False) -> None:
         super().__init__()
@@ -110,20 +109,14 @@ class AngleProtoLoss(nn.Module):
         """Clamp ``w`` in place onto ``[W_MIN, inf)`` (called by ``forward``; harmless to repeat)."""
         self.w.clamp_(min=W_MIN)
 
-    def begin_step(self, step: int) -> None:
-        pass
-
     def scalars(self) -> dict[str, float]:
         return {"w": float(self.w.detach()), "b": float(self.b.detach())}
-
-    def paper_scaled_parameters(self) -> list[nn.Parameter]:
-        return []
 
     def extra_repr(self) -> str:
         return f"gather={self.gather}"
 
 
-class SoftmaxProtoLoss(nn.Module):
+class SoftmaxProtoLoss(Criterion):
     """Softmax classifier over the speaker table (``Linear(D, n_classes)``, mean cross-entropy over all
     N*M rows) plus angular prototypical loss, summed. ``forward(embeds (N, M, D), speakers (N*M,))``."""
 
@@ -148,11 +141,5 @@ class SoftmaxProtoLoss(nn.Module):
     def project_(self) -> None:
         self.proto.project_()
 
-    def begin_step(self, step: int) -> None:
-        pass
-
     def scalars(self) -> dict[str, float]:
         return self.proto.scalars()
-
-    def paper_scaled_parameters(self) -> list[nn.Parameter]:
-        return []
