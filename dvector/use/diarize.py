@@ -23,16 +23,15 @@ recipe over many files, writing ``OUT/<stem>.rttm`` atomically and listing the f
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from dvector.errors import DvectorError
-from dvector.signal.features import log_mel
+from dvector.signal.features import log_mel, min_samples
 from dvector.signal.vad import speech_frames
 from dvector.use.clustering import ClusterConfig, cluster
 from dvector.use.embedder import Embedder, EmbedError, load
@@ -69,17 +68,6 @@ class Diarization:
     n_windows: int
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """``[start, end)`` index ranges of the runs of True in a 1-D boolean mask."""
     padded = np.concatenate([[False], mask.astype(bool), [False]])
@@ -95,23 +83,6 @@ def window_ranges(start: int, end: int, width: int, hop: int) -> list[tuple[int,
     out = [(s, s + width) for s in range(start, end - width + 1, max(1, hop))]
     if out[-1][1] < end:
         out.append((end - width, end))
-    return out
-
-
-def embed_ranges(embedder: Embedder, mel: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Unit embeddings ``(len(ranges), D)`` of the mel frames ``[s, e)`` of each range; same-length
-    windows go through the network together (the embedder's shape buckets)."""
-    out = np.zeros((len(ranges), embedder.dim), dtype=np.float32)
-    by_length: dict[int, list[int]] = {}
-    for i, (s, e) in enumerate(ranges):
-        by_length.setdefault(e - s, []).append(i)
-    batch = 256
-    for length, rows in by_length.items():
-        for j in range(0, len(rows), batch):
-            part = rows[j:j + batch]
-            stack = torch.stack([mel[ranges[i][0]:ranges[i][0] + length] for i in part])  # (b, length, n_mels)
-            with torch.inference_mode():
-                out[part] = embedder.runner(stack).numpy()  # (b, D)
     return out
 
 
@@ -171,7 +142,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
               for r in window_ranges(to_mel(a), max(to_mel(b), to_mel(a) + 1), width, hop)]
     if not ranges:
         return Diarization([], 0, duration, 0)
-    vectors = embed_ranges(embedder, mel, ranges)  # (N, D)
+    vectors = embedder.window_vectors(mel, ranges)  # (N, D)
     labels = cluster(vectors, cfg.cluster)  # (N,)
     K = int(labels.max()) + 1
     centroids = np.stack([vectors[labels == k].mean(axis=0) for k in range(K)])  # (K, D)
@@ -194,7 +165,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
             a, b = to_mel(regions[r][0]), max(to_mel(regions[r][1]), to_mel(regions[r][0]) + 1)
             start = min(max(a, to_mel((f + g) / 2 * frame_s) - reseg_width // 2), max(a, b - reseg_width))
             fine.append((start, min(b, start + reseg_width)))
-        scores = embed_ranges(embedder, mel, fine) @ centroids.T  # (steps, K) cosine
+        scores = embedder.window_vectors(mel, fine) @ centroids.T  # (steps, K) cosine
         step_labels = viterbi(scores, cfg.switch_penalty)
     for (f, g, _), k in zip(steps, step_labels):
         frame_labels[f:g] = k
@@ -226,25 +197,24 @@ def diarize_files(model: str | os.PathLike[str] | Embedder, inputs: Sequence[str
     seen: dict[str, str] = {}
     if on_start:
         on_start(len(inputs))
-    with _threads(threads or embedder.threads):
-        for raw in inputs:
-            name = os.fspath(raw)
-            stem = Path(name).stem
-            try:
-                if stem in seen:
-                    raise EmbedError(name, f"same file name as {seen[stem]} (both would write {stem}.rttm)")
-                seen[stem] = name
-                wav = embedder.waveform(name)
-                if wav.shape[0] < embedder.features.win_length:
-                    raise EmbedError(name, "too short to analyse")
-                result = diarize_waveform(embedder, wav, cfg, file_id=stem)
-                report.written.append((name, write_rttm(out / f"{stem}.rttm", result.turns, stem), result))
-            except EmbedError as exc:
-                report.skipped.append((name, exc.reason))
-            except OSError as exc:
-                report.skipped.append((name, f"cannot write its RTTM ({exc})"))
-            if on_item:
-                on_item(name)
+    for raw in inputs:  # the embedder runs its windows with its own threads (``threads`` when it loads here)
+        name = os.fspath(raw)
+        stem = Path(name).stem
+        try:
+            if stem in seen:
+                raise EmbedError(name, f"same file name as {seen[stem]} (both would write {stem}.rttm)")
+            seen[stem] = name
+            wav = embedder.waveform(name)
+            if wav.shape[0] < min_samples(embedder.features):  # what log_mel needs (the embedder's check)
+                raise EmbedError(name, "too short to analyse")
+            result = diarize_waveform(embedder, wav, cfg, file_id=stem)
+            report.written.append((name, write_rttm(out / f"{stem}.rttm", result.turns, stem), result))
+        except EmbedError as exc:
+            report.skipped.append((name, exc.reason))
+        except OSError as exc:
+            report.skipped.append((name, f"cannot write its RTTM ({exc})"))
+        if on_item:
+            on_item(name)
     return report
 
 

@@ -27,7 +27,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -130,8 +130,23 @@ class Embedder:
         self.runner = ShapeBuckets(self.model, self.seg_len)
         self.threads = threads  # torch CPU threads while embedding (None: leave torch's setting)
 
+    def window_vectors(self, mel: Tensor, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Unit embeddings ``(len(ranges), D)`` of the frames ``[s, e)`` of ``mel (T, n_mels)`` for each
+        range, one network call per ``WINDOW_BATCH`` windows of one length (diarization's windows)."""
+        out = np.zeros((len(ranges), self.dim), dtype=np.float32)
+        by_length: dict[int, list[int]] = {}
+        for i, (s, e) in enumerate(ranges):
+            by_length.setdefault(e - s, []).append(i)
+        with self.torch_threads(), torch.inference_mode():
+            for length, rows in by_length.items():
+                for j in range(0, len(rows), WINDOW_BATCH):
+                    part = rows[j:j + WINDOW_BATCH]
+                    stack = torch.stack([mel[ranges[i][0]:ranges[i][0] + length] for i in part])  # (b, length, n_mels)
+                    out[part] = self.runner(stack).numpy()  # (b, D)
+        return out
+
     @contextmanager
-    def _torch_threads(self) -> Iterator[None]:
+    def torch_threads(self) -> Iterator[None]:
         """Run with ``self.threads`` torch threads, restoring the caller's setting afterwards.
 
         One thread is often much faster for these small batches on a busy CPU: OpenMP threads that
@@ -244,7 +259,7 @@ class Embedder:
 
     def embed_mel(self, mel: np.ndarray | Tensor) -> np.ndarray:
         """The embedding (D,) of log-mel features (T, n_mels), e.g. a shard's stored (VAD-trimmed) mel."""
-        with self._torch_threads(), torch.inference_mode():
+        with self.torch_threads(), torch.inference_mode():
             return self._embed_mel(mel)
 
     def _embed_mel(self, mel: np.ndarray | Tensor) -> np.ndarray:
@@ -257,7 +272,7 @@ class Embedder:
 
     def embed(self, source: Any) -> np.ndarray:
         """Unit-length float32 embedding (D,) of one utterance (a path or ``(waveform, sample_rate)``)."""
-        with self._torch_threads(), torch.inference_mode():
+        with self.torch_threads(), torch.inference_mode():
             return self._embed(source)
 
     def _embed(self, source: Any) -> np.ndarray:
@@ -287,7 +302,7 @@ class Embedder:
         ``[s, s + L)`` spans ``s * hop_s`` to ``(s + L) * hop_s`` seconds, the last one clipped to
         the audio's end; audio shorter than one window gives one window over all of it.
         """
-        with self._torch_threads(), torch.inference_mode():
+        with self.torch_threads(), torch.inference_mode():
             return self._per_window(source)
 
     def _per_window(self, source: Any) -> WindowEmbeddings:

@@ -155,7 +155,7 @@ class WindowStream:
         a = first * self.hop_length
         mel = log_mel(self.buffer[a - self.offset:stop - self.offset], self.embedder.features)  # (frames', n_mels)
         rows = torch.from_numpy(np.ascontiguousarray(mel[start - first:start - first + frames]))  # (frames, n_mels)
-        with self.embedder._torch_threads(), torch.inference_mode():
+        with self.embedder.torch_threads(), torch.inference_mode():
             vector = window_embeddings(self.embedder.runner, rows, self.L).numpy()[0]  # (D,)
         duration = self.total / self.rate
         starts = np.asarray([start], dtype=np.float64)
