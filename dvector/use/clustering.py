@@ -69,6 +69,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def centroids(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each cluster's unit-length mean vector, in label order: (K, D)."""
+    return _unit(np.stack([vectors[labels == k].mean(axis=0) for k in np.unique(labels)]))
+
+
 def refined_affinity(vectors: np.ndarray, p_percentile: float = 0.9, sigma: float = 1.0) -> np.ndarray:
     """Wang et al.'s refinement (see the module text) of the cosine affinities of ``vectors`` (N, D): (N, N)."""
     x = _unit(np.asarray(vectors, dtype=np.float64))
@@ -162,6 +167,6 @@ def cluster(vectors: np.ndarray, cfg: ClusterConfig) -> np.ndarray:
 def one_speaker(vectors: np.ndarray, labels: np.ndarray, threshold: float) -> bool:
     """True when every two cluster centroids (unit means) have a cosine of at least ``threshold``:
     the clusters are one voice split (the eigengap cannot tell one speaker from two)."""
-    centroids = _unit(np.stack([vectors[labels == k].mean(axis=0) for k in np.unique(labels)]))  # (K, D)
-    similarity = centroids @ centroids.T
-    return bool(np.all(similarity[np.triu_indices(len(centroids), 1)] >= threshold))
+    units = centroids(vectors, labels)  # (K, D)
+    similarity = units @ units.T
+    return bool(np.all(similarity[np.triu_indices(len(units), 1)] >= threshold))

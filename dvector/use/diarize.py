@@ -33,7 +33,7 @@ import torch
 from dvector.errors import DvectorError
 from dvector.signal.features import log_mel, min_samples
 from dvector.signal.vad import speech_frames
-from dvector.use.clustering import ClusterConfig, cluster
+from dvector.use.clustering import ClusterConfig, centroids, cluster
 from dvector.use.embedder import Embedder, EmbedError, load
 from dvector.use.rttm import Turn, write_rttm
 
@@ -145,8 +145,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
     vectors = embedder.window_vectors(mel, ranges)  # (N, D)
     labels = cluster(vectors, cfg.cluster)  # (N,)
     K = int(labels.max()) + 1
-    centroids = np.stack([vectors[labels == k].mean(axis=0) for k in range(K)])  # (K, D)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    centres_of = centroids(vectors, labels)  # (K, D) unit means; labels are 0..K-1
 
     frame_labels = np.full(speech.shape[0], -1, dtype=np.int64)
     centres = np.array([(s + e) / 2 * mel_s for s, e in ranges])  # window centres, seconds
@@ -165,7 +164,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
             a, b = to_mel(regions[r][0]), max(to_mel(regions[r][1]), to_mel(regions[r][0]) + 1)
             start = min(max(a, to_mel((f + g) / 2 * frame_s) - reseg_width // 2), max(a, b - reseg_width))
             fine.append((start, min(b, start + reseg_width)))
-        scores = embedder.window_vectors(mel, fine) @ centroids.T  # (steps, K) cosine
+        scores = embedder.window_vectors(mel, fine) @ centres_of.T  # (steps, K) cosine
         step_labels = viterbi(scores, cfg.switch_penalty)
     for (f, g, _), k in zip(steps, step_labels):
         frame_labels[f:g] = k
