@@ -1,12 +1,15 @@
 """A build's shard jobs on a Dask cluster (``build-shards --dask``): one task per shard of the plan.
 
-Each task is :func:`dvector.shards.build.build_one_shard`: it processes its shard's utterances and
-writes the tar and its ``.build/`` record on the worker, through the same :class:`ShardContent` as a
-local build, so the bytes are the same by construction. A task that raises is retried; a task whose
-worker dies (killed, out of memory, preempted) is rescheduled on another worker by the scheduler,
-and its rerun writes the same bytes: a shard's tar appears under its final name only when complete.
+Each task is :func:`dvector.shards.shard_job.build_one_shard`: it processes its shard's utterances
+and writes the tar and its ``.build/`` record on the worker, through the same
+:class:`~dvector.shards.shard_job.ShardContent` as a local build, so the bytes are the same by
+construction. A task that raises is retried; a task whose worker dies (killed, out of memory,
+preempted) is rescheduled on another worker by the scheduler, and its rerun writes the same bytes:
+a shard's tar appears under its final name only when complete.
 The output folder must be shared storage, seen at the same path by this process and every worker:
-checked at the start with a probe file each way under ``DIR/.build``.
+checked at the start with a probe file each way under ``DIR/.build``. Called by
+:func:`dvector.shards.build.build_shards` (which chooses local or Dask); this module imports only
+the modules below both (``shard_job``, ``build_report``, ``build_folder``, ``cluster``), never ``build``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from typing import Any, Sequence
 from dvector.config import VERSION, BuildConfig
 from dvector.corpus import ScanResult
 from dvector.errors import DvectorError
-from dvector.shards.build import BuildReport, Progress, build_one_shard
 from dvector.shards.build_folder import remove_stale_temps, state_dir
+from dvector.shards.build_report import BuildReport, Progress, ShardTally
 from dvector.shards.cluster import RETRIES, dask_executor, is_killed_worker
 from dvector.shards.format import shard_name
 from dvector.shards.plan import Plan
+from dvector.shards.shard_job import build_one_shard
 
 WAIT_FOR_WORKERS_S = 120  # a cluster that has no worker yet (adaptive, starting) gets this long
 
@@ -53,7 +57,7 @@ def write_shards_dask(client: Any, out: Path, plan: Plan, scan: ScanResult, todo
     remove_stale_temps(out, todo)  # temporary files of tasks whose worker died (every task has finished)
 
 
-def _result(future: Any, number: int, report: BuildReport) -> Any:
+def _result(future: Any, number: int, report: BuildReport) -> ShardTally:
     """A finished shard task's counts; a failed one as one line (the shards finished are kept)."""
     name = shard_name(number)
     kept = f"the {report.shards_written} shard(s) finished in this run are kept: rerun the same command to resume"

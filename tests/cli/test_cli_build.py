@@ -246,12 +246,12 @@ def test_python_m_dvector_errors_without_traceback(tmp_path: Path, synth_roots: 
 # is the real one: `main` is what `python -m dvector` runs.
 SLOW_BUILD = """
 import sys, time
-import dvector.shards.build as build
-real = build.process_file
+import dvector.shards.shard_job as shard_job
+real = shard_job.process_file
 def slow(*args, **kwargs):
     time.sleep(0.03)
     return real(*args, **kwargs)
-build.process_file = slow
+shard_job.process_file = slow
 from dvector.cli import main
 main(sys.argv[1:])
 """

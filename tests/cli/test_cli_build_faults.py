@@ -13,7 +13,7 @@ import pytest
 
 from build_helpers import SMALL_ARGS, Corpus, load_index, snapshot
 from dvector.cli import main
-from dvector.shards import build, build_folder, index
+from dvector.shards import build, build_folder, index, shard_job
 
 
 def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str]:  # noqa: ANN002
@@ -57,9 +57,9 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(where: str, synth_build: Simp
     out = tmp_path / "shards"
     wrap = refusing(errno.ENOSPC, "No space left on device", after=1)
     if where == "shard":
-        monkeypatch.setattr(build, "write_shard", wrap(build.write_shard))
+        monkeypatch.setattr(shard_job, "write_shard", wrap(shard_job.write_shard))
     else:
-        monkeypatch.setattr(build, "write_json_atomic", wrap(build.write_json_atomic))
+        monkeypatch.setattr(shard_job, "write_json_atomic", wrap(shard_job.write_json_atomic))
     code, text = run_main(capsys, *build_args(synth_build.corpus, out))
     assert code == 1 and "Traceback" not in text
     line = flat(text)
@@ -104,8 +104,8 @@ def test_a_finished_build_on_read_only_storage_writes_nothing(synth_build: Simpl
     """Rerunning a finished build (a recipe does) must not need to rewrite index.json."""
     before = snapshot(synth_build_copy)
     refuse = refusing(errno.EROFS, "Read-only file system")(None)
-    for module, name in ((build, "write_shard"), (build, "write_json_atomic"), (build_folder, "write_json_atomic"),
-                         (index, "write_json_atomic")):
+    for module, name in ((shard_job, "write_shard"), (shard_job, "write_json_atomic"),
+                         (build_folder, "write_json_atomic"), (index, "write_json_atomic")):
         monkeypatch.setattr(module, name, refuse)
     code, text = run_main(capsys, *build_args(synth_build.corpus, synth_build_copy, workers=2))
     assert code == 0, text
@@ -132,7 +132,7 @@ def test_a_killed_worker_is_one_line_and_a_rerun_resumes(synth_build: SimpleName
                                                          capsys: pytest.CaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "shards"
-    monkeypatch.setattr(build, "_process_chunk", _killed_worker)
+    monkeypatch.setattr(build, "process_chunk", _killed_worker)
     code, text = run_main(capsys, *build_args(synth_build.corpus, out, workers=2))
     assert code == 1 and "Traceback" not in text
     line = flat(text)

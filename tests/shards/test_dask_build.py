@@ -49,9 +49,9 @@ class KillFirstAttempt(distributed.WorkerPlugin):
         self.shard, self.marker = shard, marker
 
     def setup(self, worker) -> None:  # noqa: ANN001
-        import dvector.shards.build as build
+        import dvector.shards.shard_job as shard_job  # where a shard's tar is written, on any worker
 
-        write = build.write_shard
+        write = shard_job.write_shard
         shard, marker = self.shard, self.marker
 
         def dying_write(path, samples):  # noqa: ANN001, ANN202
@@ -70,7 +70,7 @@ class KillFirstAttempt(distributed.WorkerPlugin):
 
             return write(path, then_die())
 
-        build.write_shard = dying_write
+        shard_job.write_shard = dying_write
 
 
 def test_shard_whose_worker_died_is_redone(synth_build: SimpleNamespace, tmp_path: Path) -> None:
