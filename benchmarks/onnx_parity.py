@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import dvector
     from dvector.metrics import eer
-    from dvector.use.evaluate import read_trials
+    from dvector.evaluation.evaluate import read_trials
     from dvector.signal.vad import speech_frames
-    from dvector.use.onnx_export import GraphVad, export_onnx, onnx_embed, onnx_session
+    from dvector.export.onnx_graph import GraphVad, export_onnx, onnx_embed, onnx_session
 
     trials = read_trials(args.trials)
     files = sorted({t.a for t in trials} | {t.b for t in trials})

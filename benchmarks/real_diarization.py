@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 from dvector.config import VadConfig  # noqa: E402
 from dvector.signal.audio import decode, resample, to_mono  # noqa: E402
 from dvector.signal.vad import trim_silence  # noqa: E402
-from dvector.use.rttm import Turn, write_rttm  # noqa: E402
+from dvector.diarization.rttm import Turn, write_rttm  # noqa: E402
 
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "real-dev"
 SPLITS = HERE / "real_speech" / "splits.tsv"

@@ -10,7 +10,7 @@ __all__ = ["BuildConfig", "DvectorError", "Embedder", "FeatureConfig", "ModelCon
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy, so that `import dvector` (and the CLI) need not import torch
     if name in ("load", "Embedder"):
-        from dvector.use import embedder
+        from dvector.inference import embedder
 
         return getattr(embedder, name)
     raise AttributeError(f"module 'dvector' has no attribute {name!r}")

@@ -86,7 +86,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def embedder(trained: SimpleNamespace):  # noqa: ANN201
     """The trained run's embedder, one torch thread."""
-    from dvector.use.embedder import load
+    from dvector.inference.embedder import load
 
     return load(trained.run, threads=1)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dvector.demo.synth import Voice, speech
-from dvector.use.rttm import Turn
+from dvector.diarization.rttm import Turn
 
 RATE = 16000
 VOICES = (Voice(90.0, 1.2, 4.0, 0.4, 0.02, (0.6, 0.1, 0.1, 0.1, 0.1)),

@@ -162,14 +162,14 @@ def top_level_leaf_violations(imports: Iterable[Import], subpackage_names: Itera
 
 
 def package_init_violations(imports: Iterable[Import], subpackage_names: Iterable[str]) -> list[Import]:
-    """``dvector/__init__.py`` imports only top-level modules eagerly, and only ``dvector.use`` lazily."""
+    """``dvector/__init__.py`` imports only top-level modules eagerly, and only ``dvector.inference`` lazily."""
     names = [sub(s) for s in subpackage_names]
     bad = []
     for imp in imports:
         if imp.importer != PACKAGE:
             continue
         if any(within(imp.imported, s) for s in names):
-            if not (within(imp.imported, sub("use")) and imp.in_function):
+            if not (within(imp.imported, sub("inference")) and imp.in_function):
                 bad.append(imp)
     return bad
 
@@ -190,6 +190,66 @@ def package_face_importers(imports: Iterable[Import]) -> list[Import]:
         for imp in imports
         if imp.imported == PACKAGE and not within(imp.importer, sub("cli")) and not within(imp.importer, sub("demo"))
     ]
+
+
+def import_loops(imports: Iterable[Import], package: str = PACKAGE) -> list[list[str]]:
+    """The package's import loops: each group of modules that reach each other through imports
+    (a strongly connected component of more than one module, or a module importing itself), as one
+    loop through them ``[a, b, ..., a]``, found by Tarjan's algorithm over every import at any depth."""
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        if within(imp.importer, package) and within(imp.imported, package):
+            graph.setdefault(imp.importer, set()).add(imp.imported)
+            graph.setdefault(imp.imported, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1 or node in graph[node]:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return [loop_through(group, graph) for group in sorted(groups)]
+
+
+def loop_through(group: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One path ``[a, ..., a]`` inside ``group`` (modules that all reach each other), from its first module."""
+    members, start = set(group), group[0]
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:  # breadth first: the shortest loop back to start
+        nxt_frontier = []
+        for node in frontier:
+            for nxt in sorted(graph[node] & members):
+                if nxt == start:
+                    return paths[node] + [start]
+                if nxt not in paths:
+                    paths[nxt] = paths[node] + [nxt]
+                    nxt_frontier.append(nxt)
+        frontier = nxt_frontier
+    return group
 
 
 @dataclass(frozen=True)
@@ -246,15 +306,24 @@ def imports() -> list[Import]:
 # Layering rules between the sub-packages
 # ---------------------------------------------------------------------------------------------
 
+# The four parts that put a trained model to use, in the order they may import each other.
+USE_PARTS = ["inference", "evaluation", "export", "diarization"]
+
 LAYER_RULES: dict[str, tuple[list[str], list[str]]] = {
     # importer package: (forbidden, allowed exceptions inside the forbidden ones)
-    "signal": (["augment", "shards", "stream", "nn", "training", "use", "cli", "demo"], []),
-    "augment": (["shards", "stream", "nn", "training", "use", "cli", "demo"], []),
-    "nn": (["signal", "augment", "shards", "stream", "training", "use", "cli", "demo"], []),
-    "shards": (["augment", "stream", "nn", "training", "use", "cli", "demo"], []),
-    "stream": (["nn", "training", "use", "cli", "demo"], []),
-    "training": (["shards", "use", "cli", "demo"], []),
-    "use": (["augment", "stream", "training", "cli", "demo"], ["training.checkpoint"]),
+    "signal": (["augment", "shards", "stream", "nn", "training", *USE_PARTS, "cli", "demo"], []),
+    "augment": (["shards", "stream", "nn", "training", *USE_PARTS, "cli", "demo"], []),
+    "nn": (["signal", "augment", "shards", "stream", "training", *USE_PARTS, "cli", "demo"], []),
+    "shards": (["augment", "stream", "nn", "training", *USE_PARTS, "cli", "demo"], []),
+    "stream": (["nn", "training", *USE_PARTS, "cli", "demo"], []),
+    "training": (["shards", *USE_PARTS, "cli", "demo"], []),
+    "inference": (["augment", "stream", "training", "evaluation", "export", "diarization", "cli", "demo"],
+                  ["training.checkpoint"]),
+    "evaluation": (["augment", "stream", "training", "export", "diarization", "cli", "demo"], []),
+    "export": (["augment", "stream", "training", "inference", "evaluation", "diarization", "cli", "demo"],
+               ["training.checkpoint", "inference.bundle"]),
+    "diarization": (["augment", "stream", "training", "shards", "export", "evaluation", "cli", "demo"],
+                    ["evaluation.results"]),
 }
 
 
@@ -294,8 +363,27 @@ def test_training_reads_shards_only_through_stream(imports: list[Import]) -> Non
     assert_layer(imports, "training")
 
 
-def test_use_imports_only_the_checkpoint_format_from_training(imports: list[Import]) -> None:
-    assert_layer(imports, "use")
+def test_inference_imports_only_the_checkpoint_format_from_training(imports: list[Import]) -> None:
+    assert_layer(imports, "inference")
+
+
+def test_evaluation_imports_no_export_diarization_or_training(imports: list[Import]) -> None:
+    assert_layer(imports, "evaluation")
+
+
+def test_export_imports_only_the_bundle_from_inference(imports: list[Import]) -> None:
+    assert_layer(imports, "export")
+
+
+def test_diarization_imports_only_the_stored_threshold_from_evaluation(imports: list[Import]) -> None:
+    assert_layer(imports, "diarization")
+
+
+def test_no_modules_import_each_other(imports: list[Import]) -> None:
+    """No import loops, direct or through other modules, lazy (in a function) or under
+    ``if TYPE_CHECKING:`` alike: every arrow between the package's modules points one way."""
+    fail_if("modules that import each other (a loop, listed as the modules it passes through)",
+            [" -> ".join(loop) for loop in import_loops(imports)])
 
 
 def test_only_main_and_cli_import_cli(imports: list[Import]) -> None:
@@ -310,7 +398,7 @@ def test_top_level_modules_import_no_subpackage(imports: list[Import]) -> None:
 
 def test_package_init_imports_use_only_lazily(imports: list[Import]) -> None:
     bad = package_init_violations(imports, subpackages())
-    fail_if("dvector/__init__.py imports top-level modules, and dvector.use only inside a function", bad)
+    fail_if("dvector/__init__.py imports top-level modules, and dvector.inference only inside a function", bad)
 
 
 def test_package_face_imported_only_by_cli_and_demo(imports: list[Import]) -> None:
@@ -384,21 +472,21 @@ def test_checker_sees_nested_relative_and_submodule_imports() -> None:
         "            import dvector.training.loop as loop\n"
         "    return C\n"
         "from dvector.training import checkpoint\n"
-        "from . import export\n"
+        "from . import bundle\n"
         "from dvector import __version__\n"
     )
-    known = {"dvector.stream.loader", "dvector.training.checkpoint", "dvector.use.export", "dvector.training.loop"}
-    found = imports_in_source(source, "dvector.use.x", known_modules=known)
+    known = {"dvector.stream.loader", "dvector.training.checkpoint", "dvector.inference.bundle", "dvector.training.loop"}
+    found = imports_in_source(source, "dvector.inference.x", known_modules=known)
     pairs = {(i.imported, i.in_function) for i in found}
     assert pairs == {
         ("os", False),
         ("dvector.stream.loader", True),
         ("dvector.training.loop", True),
         ("dvector.training.checkpoint", False),
-        ("dvector.use.export", False),
+        ("dvector.inference.bundle", False),
         ("dvector", False),
     }
-    bad = {i.imported for i in check_layer(found, "use")}
+    bad = {i.imported for i in check_layer(found, "inference")}
     assert bad == {"dvector.stream.loader", "dvector.training.loop"}  # checkpoint is allowed
     assert [i.imported for i in package_face_importers(found)] == ["dvector"]
 
@@ -410,22 +498,38 @@ def test_relative_import_from_a_package_init() -> None:
 
 
 def test_cli_and_top_level_and_init_rules_bite() -> None:
-    known = {"dvector.cli", "dvector.use.embedder", "dvector.config"}
-    assert cli_importers(imports_in_source("import dvector.cli\n", "dvector.use.x", known_modules=known))
+    known = {"dvector.cli", "dvector.inference.embedder", "dvector.config"}
+    assert cli_importers(imports_in_source("import dvector.cli\n", "dvector.inference.x", known_modules=known))
     assert not cli_importers(imports_in_source("from dvector.cli import main\n", "dvector.__main__", known_modules=known))
     assert not cli_importers(imports_in_source("from dvector.cli import app\n", "dvector.cli.summary", known_modules=known))
 
-    top = imports_in_source("def f():\n    from dvector.use import embedder\n", "dvector.metrics", known_modules=known)
-    assert top_level_leaf_violations(top, ["use"])
-    assert not top_level_leaf_violations(imports_in_source("from dvector.config import X\n", "dvector.metrics"), ["use"])
+    top = imports_in_source("def f():\n    from dvector.inference import embedder\n", "dvector.metrics", known_modules=known)
+    assert top_level_leaf_violations(top, ["inference"])
+    assert not top_level_leaf_violations(imports_in_source("from dvector.config import X\n", "dvector.metrics"), ["inference"])
     # dvector/cli/__init__.py is the package dvector.cli, not a top-level module
-    cli_init = imports_in_source("from dvector.use import embedder\n", "dvector.cli", True, known)
-    assert not top_level_leaf_violations(cli_init, ["cli", "use"])
+    cli_init = imports_in_source("from dvector.inference import embedder\n", "dvector.cli", True, known)
+    assert not top_level_leaf_violations(cli_init, ["cli", "inference"])
 
-    lazy = imports_in_source("def f():\n    from dvector.use import embedder\n", "dvector", True, known)
-    eager = imports_in_source("from dvector.use import embedder\n", "dvector", True, known)
-    assert not package_init_violations(lazy, ["use"])
-    assert package_init_violations(eager, ["use"])
+    lazy = imports_in_source("def f():\n    from dvector.inference import embedder\n", "dvector", True, known)
+    eager = imports_in_source("from dvector.inference import embedder\n", "dvector", True, known)
+    assert not package_init_violations(lazy, ["inference"])
+    assert package_init_violations(eager, ["inference"])
+
+
+def test_loop_rule_bites() -> None:
+    modules = {
+        "dvector.a": "def f():\n    from dvector import b\n",  # lazy
+        "dvector.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dvector.c import X\n",
+        "dvector.c": "from dvector.a import f\nfrom dvector.d import g\n",
+        "dvector.d": "import os\n",
+        "dvector.e": "from dvector import e\n",
+    }
+    known = set(modules)
+    found = [imp for name, src in modules.items() for imp in imports_in_source(src, name, known_modules=known)]
+    assert import_loops(found) == [["dvector.a", "dvector.b", "dvector.c", "dvector.a"], ["dvector.e", "dvector.e"]]
+    one_way = [imp for imp in found if not (imp.importer == "dvector.c" and imp.imported == "dvector.a")
+               and imp.importer != "dvector.e"]
+    assert import_loops(one_way) == []
 
 
 def test_function_length_rule_bites() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dvector.use.evaluate import check_trial_files, read_trials
+from dvector.evaluation.evaluate import check_trial_files, read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 LISTS = REPO / "benchmarks" / "real_speech"

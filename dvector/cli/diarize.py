@@ -47,7 +47,7 @@ def diarize_cmd(model: Model, audio: Audio, out: RttmOut = Path("rttm"), speaker
                 threshold: AhcThreshold = None, window: Window = 1.5, hop: Hop = 0.75, reseg_window: Reseg = 1.0,
                 switch_penalty: Penalty = 1.0, fill_gap: FillGap = 0.5, threads: DiarizeThreads = 0) -> None:
     """Who spoke when: VAD, window d-vectors, clustering, resegmentation; one RTTM per file."""
-    from dvector.use.diarize import run_diarize
+    from dvector.diarization.diarize import run_diarize
 
     with progress() as bar:
         on_start, on_item = counting_bar(bar, "diarize")
@@ -67,7 +67,7 @@ def diarize_cmd(model: Model, audio: Audio, out: RttmOut = Path("rttm"), speaker
 def diarize_eval_cmd(reference: RefDir, hypothesis: HypDir, collar: Collar = 0.25,
                      skip_overlap: SkipOverlap = False) -> None:
     """Diarization error rate (pyannote.metrics): miss, false alarm, confusion, per file and overall."""
-    from dvector.use.der import score_folders
+    from dvector.diarization.der import score_folders
 
     report = score_folders(reference, hypothesis, collar_s=collar, skip_overlap=skip_overlap)
     for stem in report.only_reference:

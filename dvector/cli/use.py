@@ -12,7 +12,7 @@ from dvector.cli.console import console, counting_bar, print_skipped, progress, 
 from dvector.cli.options import (EXTENSIONS, Dask, Extensions, Model, Seed, Threads, extensions_option, model_argument,
                                  out_option, seed_option, threads_option, workers_option)
 
-DEFAULT_TOP_N = 300  # dvector.use.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
+DEFAULT_TOP_N = 300  # dvector.evaluation.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
 
 Inputs = Annotated[List[str], typer.Argument(
     help="Audio files, folders (searched recursively), shard folders or URLs; with --per-window, - reads raw "
@@ -63,8 +63,8 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
               extensions: Extensions = EXTENSIONS, threads: Threads = 0, workers: EmbedWorkers = 1,
               dask: Dask = None, sample_rate: SampleRate = 16000) -> None:
     """Embed utterances: sliding windows of the training length, averaged and normalised."""
-    from dvector.use.embed_inputs import Workers, embed_paths, save_embeddings
-    from dvector.use.embedder import load
+    from dvector.inference.embed_inputs import Workers, embed_paths, save_embeddings
+    from dvector.inference.embedder import load
 
     embedder = load(model, threads=threads)
     if "-" in inputs:
@@ -87,7 +87,7 @@ def embed_stdin(embedder: Any, inputs: List[str], per_window: bool, sample_rate:
     import sys
 
     from dvector.errors import DvectorError
-    from dvector.use.streaming import pcm_windows
+    from dvector.inference.streaming import pcm_windows
 
     if inputs != ["-"] or not per_window:
         raise DvectorError("stdin (-) is embedded with --per-window, as the only input")
@@ -103,7 +103,7 @@ def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOve
               cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
     """Cosine score of two utterances (normalised with --norm), and same/different speaker at the
     threshold `eval` stored."""
-    from dvector.use.results import decide_normalized
+    from dvector.evaluation.results import decide_normalized
 
     with progress() as bar:
         decision, score_norm = decide_normalized(model, a, b, norm, cohort, cohort_top, threshold, threads,
@@ -125,8 +125,8 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
              cohort_top: CohortTop = DEFAULT_TOP_N, workers: EmbedWorkers = 1, dask: Dask = None) -> None:
     """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve. With --norm,
     the same for normalised scores, side by side."""
-    from dvector.use.embed_inputs import Workers
-    from dvector.use.results import run_eval
+    from dvector.inference.embed_inputs import Workers
+    from dvector.evaluation.results import run_eval
 
     with progress() as bar:
         on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
@@ -175,14 +175,14 @@ def export_cmd(model: ExportModel, out: ExportOut = Path("exported"), fmt: Expor
     if fmt not in ("torchscript", "onnx"):
         raise DvectorError(f"--format takes torchscript or onnx, got {fmt!r}")
     if fmt == "onnx":
-        from dvector.use.onnx_export import export_onnx
+        from dvector.export.onnx_graph import export_onnx
 
         for path in export_onnx(model, out, quantize=quantize):
             say(f"exported {model} to {path}")
         return
     if quantize is not None:
         raise DvectorError("--quantize needs --format onnx")
-    from dvector.use.export import export_model
+    from dvector.export.torchscript import export_model
 
     written = export_model(model, out)
     say(f"exported {model} to {written if written is not None else out}")
@@ -192,8 +192,8 @@ def visualize_cmd(model: Model, root: SpeakerRoot, out: PictureOut = Path("tsne.
                   per_speaker: PerSpeaker = 20, seed: Seed = 0, extensions: Extensions = EXTENSIONS,
                   threads: MapThreads = 0) -> None:
     """t-SNE map of utterance embeddings, one colour per speaker, as a PNG."""
-    from dvector.use.embedder import load
-    from dvector.use.plot import visualize
+    from dvector.inference.embedder import load
+    from dvector.evaluation.plot import visualize
 
     embedder = load(model, threads=threads)
     with progress() as bar:

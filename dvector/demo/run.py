@@ -11,17 +11,19 @@ from typing import Callable
 
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
-from dvector.use.embedder import load, untrained_twin
-from dvector.use.evaluate import evaluate
-from dvector.use.results import eval_path, write_eval
+from dvector.inference.embedder import load, untrained_twin
+from dvector.evaluation.evaluate import evaluate
+from dvector.evaluation.results import eval_path, write_eval
 from dvector.metrics import error_rates
-from dvector.use.plot import plot_det, visualize
+from dvector.evaluation.plot import plot_det, visualize
 from dvector.demo.synth import write_corpus
 from dvector.training.loop import StepLog, train
 
 
 # Adam's rate: with the level normalised away, 1e-3 reached 10.30% EER in 1,500 steps, 3e-3 9.44%
 DEMO_LR = 3e-3
+# Online augmentation of the training crops (TrainConfig's default: noise, babble, reverb, specaugment).
+DEMO_AUGMENT: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,16 @@ class DemoResult:
     seconds: float
 
 
+def demo_train_config(size: DemoSize = DemoSize(), seed: int = 0) -> TrainConfig:
+    """The demo's training settings: Adam at DEMO_LR, one loader process, augmentation as DEMO_AUGMENT."""
+    from dvector.config import AugmentConfig
+
+    return TrainConfig(steps=size.steps, save_every=size.steps, valid_every=max(1, size.steps // 5),
+                       log_every=max(1, size.steps // 30), n_speakers=size.n_speakers,
+                       n_utterances=size.n_utterances, seg_len=(size.seg_len, size.seg_len), optimizer="adam",
+                       lr=DEMO_LR, workers=1, seed=seed, augment=AugmentConfig(kinds=DEMO_AUGMENT))
+
+
 def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), workers: int = 2, seed: int = 0,
              say: Callable[[str], None] = print, on_log: Callable[[StepLog], None] | None = None) -> DemoResult:
     """Run every stage into ``out_dir`` (data/, shards/, run/, tsne.png, det.png) and return the EERs."""
@@ -68,10 +80,7 @@ def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), 
                          overwrite=True)
     say(f"  {build.utterances_ok} utterances of {build.speakers} speakers in {build.shards_total} shards")
     shutil.rmtree(out / "run", ignore_errors=True)
-    cfg = TrainConfig(steps=size.steps, save_every=size.steps, valid_every=max(1, size.steps // 5),
-                      log_every=max(1, size.steps // 30), n_speakers=size.n_speakers,
-                      n_utterances=size.n_utterances, seg_len=(size.seg_len, size.seg_len), optimizer="adam",
-                      lr=DEMO_LR, workers=1, seed=seed)
+    cfg = demo_train_config(size, seed)
     say(f"training the tiny model for {size.steps} steps on the CPU (Adam {DEMO_LR:g}, N={size.n_speakers}, "
         f"M={size.n_utterances}, L={size.seg_len})")
     train(str(out / "shards"), out / "run", cfg, ModelConfig.preset("tiny"), device="cpu", say=say, on_log=on_log)

@@ -4,5 +4,5 @@ ECAPA-TDNN of ``ecapa``, the thin ResNet-34 of ``resnet``) and criteria (``crite
 
 Owns: torch modules that map log-mels to embeddings and embeddings to a loss. Imports only
 ``dvector.config`` and ``dvector.errors``; never ``signal``, ``shards``, ``stream``, ``training``,
-``use`` or ``cli``.
+the use parts (``inference``, ``evaluation``, ``export``, ``diarization``) or ``cli``.
 """

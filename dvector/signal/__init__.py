@@ -4,5 +4,6 @@ for exported models (``torch_frontend``) and the sliding windows that turn a mel
 embedding (``windows``).
 
 Owns: everything that happens to one waveform. Imports only ``dvector.config``, ``dvector.errors``
-and ``dvector.files``; never ``shards``, ``stream``, ``nn``, ``training``, ``use`` or ``cli``.
+and ``dvector.files``; never ``shards``, ``stream``, ``nn``, ``training``, the use parts
+(``inference``, ``evaluation``, ``export``, ``diarization``) or ``cli``.
 """

@@ -5,7 +5,8 @@ to resume from (``samples``), drawing N speakers x M utterances from a bounded p
 also owns the format of its saved position (``loader``).
 
 Owns: reading shards for training. May import ``shards`` and the shared helpers; never ``nn``,
-``training``, ``use`` or ``cli``. Training reads shards only through this package.
+``training``, the use parts (``inference``, ``evaluation``, ``export``, ``diarization``) or ``cli``.
+Training reads shards only through this package.
 """
 
 from dvector.shards.index import index_checks

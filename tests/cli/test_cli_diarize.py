@@ -16,7 +16,7 @@ pytest.importorskip("pyannote.metrics")
 @pytest.fixture(scope="module")
 def conversation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A two-speaker synthetic conversation (tests/use/test_diarize.py's) and its reference RTTM."""
-    from dvector.use.rttm import write_rttm
+    from dvector.diarization.rttm import write_rttm
     from diarize_helpers import conversation as make
 
     base = tmp_path_factory.mktemp("diarize")
@@ -76,8 +76,8 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     import inspect
 
     from dvector.cli.diarize import diarize_cmd
-    from dvector.use.clustering import ClusterConfig
-    from dvector.use.diarize import DiarizeConfig
+    from dvector.diarization.clustering import ClusterConfig
+    from dvector.diarization.diarize import DiarizeConfig
 
     cli = {name: p.default for name, p in inspect.signature(diarize_cmd).parameters.items()}
     d, c = DiarizeConfig(), ClusterConfig()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dvector.cli.use import DEFAULT_TOP_N as CLI_TOP_N
-from dvector.use.score_norm import DEFAULT_TOP_N
+from dvector.evaluation.score_norm import DEFAULT_TOP_N
 from use_helpers import copy_run, flat, run_main
 
 
@@ -86,7 +86,7 @@ def test_the_default_cohort_is_the_runs_training_shards(trained, small_root: Pat
                                                         capsys: pytest.CaptureFixture) -> None:
     import torch
 
-    from dvector.use.bundle import training_shards
+    from dvector.inference.bundle import training_shards
 
     recorded = training_shards(run)
     assert recorded and all(os.path.isabs(u) for u in recorded)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dvector.cli import app, main
-from dvector.use.embed_inputs import load_embeddings
+from dvector.inference.embed_inputs import load_embeddings
 from dvector.errors import DvectorError
 from use_helpers import copy_run
 
@@ -106,7 +106,7 @@ def test_eval_with_trials_file(trained, run: Path, tmp_path: Path) -> None:  # n
 
 
 def test_export_command(trained, run: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    pytest.importorskip("dvector.use.export")
+    pytest.importorskip("dvector.export.torchscript")
     out = tmp_path / "exported"
     result = invoke("export", run, "-o", out)
     assert result.exit_code == 0, result.output

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dvector.use import results
-from dvector.use.embed_inputs import load_embeddings
+from dvector.evaluation import results
+from dvector.inference.embed_inputs import load_embeddings
 from use_helpers import copy_run, flat, run_main
 
 

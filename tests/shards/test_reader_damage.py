@@ -227,8 +227,8 @@ def test_iter_shard_on_a_truncated_shard_raises_naming_it(tmp_path: Path, cut: s
 
 def test_embed_of_a_shard_folder_lists_a_truncated_shard_as_skipped(tmp_path: Path) -> None:
     from dvector.nn.model import DVector
-    from dvector.use.embed_inputs import embed_paths
-    from dvector.use.embedder import Embedder
+    from dvector.inference.embed_inputs import embed_paths
+    from dvector.inference.embedder import Embedder
 
     folder = tmp_path / "shards"
     entries = [write_raw(folder / shard_name(k), plain(8, prefix=f"s{k}_")) for k in range(2)]

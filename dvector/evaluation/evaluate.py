@@ -1,0 +1,277 @@
+"""Verification: cosine scores, trials (a VoxCeleb-format file or generated within a root), EER,
+minDCF and the EER threshold, the DET curve. Where results are stored, and the threshold ``score``
+decides with, are :mod:`dvector.evaluation.results`'s.
+
+Every file is embedded once, however many trials name it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dvector.corpus import scan_roots
+from dvector.config import DEFAULT_EXTENSIONS
+from dvector.inference.embed_inputs import Workers, embed_each
+from dvector.inference.embedder import Embedder, model_identity
+from dvector.errors import DvectorError
+from dvector.metrics import eer, error_rates, min_dcf
+
+P_TARGETS = (0.01, 0.05)
+MAX_TARGET_TRIALS = 100_000
+MAX_NONTARGET_TRIALS = 100_000
+MIN_NONTARGET_TRIALS = 1_000
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors (embeddings are unit length, but do not rely on it)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise DvectorError(f"embeddings of different sizes: {a.size} and {b.size}")
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else 0.0
+
+
+# ---- trials --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trial:
+    label: int  # 1: same speaker (target), 0: different
+    a: str  # path relative to the root
+    b: str
+
+
+def outside_root(path: str) -> str | None:
+    """Why a trial path could name a file outside the root (absolute, or with a ``..`` part), or None.
+
+    Only the text counts: a symlink inside the root that points elsewhere was put there by the user.
+    """
+    if os.path.isabs(path) or PureWindowsPath(path).is_absolute() or path.startswith(("/", "\\")):
+        return "is an absolute path"
+    if ".." in PurePosixPath(path.replace("\\", "/")).parts:  # trials files use "/" whatever the system
+        return "climbs out with '..'"
+    return None
+
+
+def parse_trials(lines: Sequence[str], where: str = "trials") -> list[Trial]:
+    """``label path1 path2`` per line (VoxCeleb format; label 1 or 0); blank and ``#`` lines skipped."""
+    trials = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split()
+        if len(parts) != 3 or parts[0] not in ("0", "1"):
+            raise DvectorError(f"{where} line {number}: expected 'label path1 path2' with label 1 (same speaker) "
+                               f"or 0 (different), got {text[:200]!r}")
+        for path in parts[1:]:
+            problem = outside_root(path)
+            if problem:
+                raise DvectorError(f"{where} line {number}: {path!r} {problem}; trial paths are relative to the "
+                                   f"test root and stay inside it")
+        trials.append(Trial(int(parts[0]), parts[1], parts[2]))
+    if not trials:
+        raise DvectorError(f"{where} holds no trials")
+    return trials
+
+
+def read_trials(path: str | os.PathLike[str]) -> list[Trial]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DvectorError(f"cannot read trials file {path}: {exc}") from exc
+    return parse_trials(lines, str(path))
+
+
+def write_trials(path: str | os.PathLike[str], trials: Sequence[Trial]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in trials:
+            f.write(f"{t.label} {t.a} {t.b}\n")
+
+
+def check_trial_files(trials: Sequence[Trial], root: str | os.PathLike[str], where: str = "trials") -> list[str]:
+    """The distinct files the trials name (first-seen order); an error naming any that are missing."""
+    files = list(dict.fromkeys(p for t in trials for p in (t.a, t.b)))
+    for p in files:
+        problem = outside_root(p)
+        if problem:
+            raise DvectorError(f"{where}: {p!r} {problem}; trial paths are relative to {root} and stay inside it")
+    missing = [p for p in files if not (Path(root) / p).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DvectorError(f"{where}: {len(missing)} of {len(files)} files are not under {root}: "
+                           f"{', '.join(missing[:3])}{more}")
+    return files
+
+
+def default_nontarget(n_target: int) -> int:
+    """As many non-target as target trials, at least 1,000 and at most 100,000."""
+    return int(min(MAX_NONTARGET_TRIALS, max(MIN_NONTARGET_TRIALS, n_target)))
+
+
+def generate_trials(files_by_speaker: dict[str, list[str]], n_nontarget: int | None = None, seed: int = 0,
+                    max_target: int = MAX_TARGET_TRIALS) -> list[Trial]:
+    """All same-speaker pairs (a seeded sample if there are more than ``max_target``) and a seeded
+    sample of ``n_nontarget`` distinct different-speaker pairs (all of them if there are fewer)."""
+    rng = np.random.default_rng([seed, 0x7A1])
+    speakers = sorted(s for s, f in files_by_speaker.items() if f)
+    if len(speakers) < 2:
+        raise DvectorError(f"need at least 2 speakers to make trials, found {len(speakers)}")
+    files: list[str] = []
+    owner: list[int] = []
+    for k, spk in enumerate(speakers):
+        files.extend(sorted(files_by_speaker[spk]))
+        owner.extend([k] * len(files_by_speaker[spk]))
+    spk_of = np.asarray(owner)
+    targets: list[tuple[int, int]] = []
+    start = 0
+    for k, spk in enumerate(speakers):
+        n = len(files_by_speaker[spk])
+        i, j = np.triu_indices(n, k=1)
+        targets.extend(zip((i + start).tolist(), (j + start).tolist()))
+        start += n
+    if not targets:
+        raise DvectorError("no speaker has 2 or more usable files: no same-speaker trials can be made")
+    if len(targets) > max_target:
+        targets = [targets[i] for i in sorted(rng.choice(len(targets), size=max_target, replace=False))]
+    wanted = default_nontarget(len(targets)) if n_nontarget is None else int(n_nontarget)
+    if wanted < 1:
+        raise DvectorError(f"--n-nontarget must be >= 1, got {wanted}")
+    n = len(files)
+    total_nontarget = (n * (n - 1)) // 2 - sum(len(f) * (len(f) - 1) // 2 for f in files_by_speaker.values())
+    if wanted >= total_nontarget:
+        i, j = np.triu_indices(n, k=1)
+        keep = spk_of[i] != spk_of[j]
+        nontargets = list(zip(i[keep].tolist(), j[keep].tolist()))
+    else:
+        chosen: set[tuple[int, int]] = set()
+        while len(chosen) < wanted:
+            draw = rng.integers(0, n, size=(2 * (wanted - len(chosen)) + 16, 2))
+            for a, b in draw.tolist():
+                if spk_of[a] != spk_of[b]:
+                    chosen.add((min(a, b), max(a, b)))
+                    if len(chosen) == wanted:
+                        break
+        nontargets = sorted(chosen)
+    return ([Trial(1, files[a], files[b]) for a, b in targets]
+            + [Trial(0, files[a], files[b]) for a, b in nontargets])
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    eer: float  # a fraction
+    eer_threshold: float  # cosine score: accept (same speaker) when score >= threshold
+    min_dcf: dict[str, float]  # p_target (as text, "0.01") -> minimum normalised DCF
+    min_dcf_threshold: dict[str, float]
+    n_trials: int
+    n_target: int
+    n_nontarget: int
+    n_files: int = 0
+    trials: str = ""  # the trials file, or how trials were generated
+    root: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files that could not be embedded
+    model: dict[str, Any] = field(default_factory=dict)
+    norm: dict[str, Any] | None = None  # S-norm / AS-norm: its settings and the normalised scores' metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = [list(s) for s in self.skipped]
+        return d
+
+
+def compute_metrics(scores: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """EER, its threshold and minDCF at p_target 0.01 and 0.05 of cosine scores and 1/0 labels."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    rate, threshold = eer(scores, labels)
+    dcf, dcf_t = {}, {}
+    for p in P_TARGETS:
+        dcf[str(p)], dcf_t[str(p)] = min_dcf(scores, labels, p_target=p)
+    return EvalResult(rate, threshold, dcf, dcf_t, int(labels.size), int(labels.sum()), int((~labels).sum()))
+
+
+@dataclass
+class Evaluation:
+    result: EvalResult
+    scores: np.ndarray
+    labels: np.ndarray
+    trials: list[Trial]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # each trial file's embedding
+
+
+def embed_files(embedder: Embedder, root: Path, files: Sequence[str], strict: bool,
+                on_file: Callable[[], None] | None = None, workers: Workers | None = None
+                ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """One embedding per distinct file (paths relative to ``root``); failures raise if ``strict``."""
+    return embed_each(((rel, root / rel) for rel in dict.fromkeys(files)), embedder.embed, strict,
+                      on_item=(lambda _key: on_file()) if on_file else None, workers=workers)
+
+
+def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str | os.PathLike[str] | None = None,
+             n_nontarget: int | None = None, seed: int = 0, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
+             workers: Workers | None = None) -> Evaluation:
+    """Score trials (from ``trials_file``, paths relative to ``root``; or generated from the speaker
+    folders of ``root``) with cosine similarity and compute EER, its threshold and minDCF. The files
+    are embedded on ``workers`` (local processes or Dask; the same result as one process)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DvectorError(f"root {root} does not exist or is not a directory")
+    if trials_file is not None:
+        trials = read_trials(trials_file)
+        files = check_trial_files(trials, root, str(trials_file))
+        if on_start:
+            on_start(len(files))
+        vectors, skipped = embed_files(embedder, root, files, strict=True, on_file=on_file, workers=workers)
+        how = str(trials_file)
+    else:
+        scan = scan_roots([str(root)], extensions)
+        if len(scan.speakers) < 2:
+            raise DvectorError(f"{root} needs at least 2 speaker folders with audio to make trials "
+                               f"(found {len(scan.speakers)}); or give --trials")
+        if on_start:
+            on_start(len(scan.utterances))
+        files = [u.source for u in scan.utterances]
+        vectors, skipped = embed_files(embedder, root, files, strict=False, on_file=on_file, workers=workers)
+        by_speaker: dict[str, list[str]] = {}
+        for u in scan.utterances:
+            if u.source in vectors:
+                by_speaker.setdefault(u.speaker, []).append(u.source)
+        trials = generate_trials(by_speaker, n_nontarget, seed)
+        n_non = sum(1 for t in trials if t.label == 0)
+        how = f"generated: all target pairs, {n_non} non-target pairs (seed {seed})"
+    scores = np.array([cosine(vectors[t.a], vectors[t.b]) for t in trials])
+    labels = np.array([t.label for t in trials], dtype=bool)
+    result = compute_metrics(scores, labels)
+    result.n_files, result.trials, result.root, result.skipped = len(vectors), how, str(root), skipped
+    result.model = model_identity(embedder)
+    return Evaluation(result, scores, labels, trials, vectors)
+
+
+def det_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false-accept, false-reject) rates over all thresholds, for plotting."""
+    rates = error_rates(scores, labels)
+    return rates.false_accept, rates.false_reject
+
+
+def save_det(evaluation: Evaluation, path: str | os.PathLike[str]) -> Path:
+    """The DET curve of an evaluation, with its EER point and minDCF operating points, as a PNG."""
+    from dvector.evaluation.plot import plot_det
+
+    scores, labels = evaluation.scores, evaluation.labels
+    far, frr = det_curve(scores, labels)
+    points = {}
+    for p, t in evaluation.result.min_dcf_threshold.items():
+        accepted = scores >= t
+        points[f"minDCF p={p}: {evaluation.result.min_dcf[p]:.3f}"] = (
+            float(accepted[~labels].mean()), float(1 - accepted[labels].mean()))
+    r = evaluation.result
+    return plot_det(far, frr, path, eer=r.eer, dcf_points=points,
+                    title=f"DET: {r.n_target} target, {r.n_nontarget} non-target trials")

@@ -1,0 +1,224 @@
+"""Export: a self-contained TorchScript module, waveform in, unit-length utterance d-vector out.
+
+``dvector export RUN -o DIR`` writes ``DIR/dvector.pt`` (TorchScript), ``DIR/dvector.json`` (what it
+is and how it was made) and ``DIR/README.txt``. The module needs only torch::
+
+    m = torch.jit.load("DIR/dvector.pt")
+    emb = m(wav)  # wav: 1-D float32 tensor at m.sample_rate -> (embed_dim,), unit length
+
+Inside the module, the same chain as the package's embedding, as torch code:
+
+1. VAD trim (``TorchVad``): a torch twin of the numba kernels in ``dvector.signal.vad``, the same
+   float32 arithmetic step by step (frame energies, the numpy-style 10th percentile, the noise
+   floor recurrence as a loop), so the keep masks are identical, not merely close;
+2. log-mel (``TorchLogMel``): ``torch.stft`` with the same periodic Hann window and the same mel
+   filterbank matrix (``dvector.signal.features.mel_filterbank``, stored as a buffer) as
+   ``dvector.signal.features.log_mel``; equal to it up to FFT rounding (about 1e-5 in the log domain);
+3. windows (``window_starts``, ``window_batch``): the training segment length L (``seg_len`` hi),
+   hop L // 2; an utterance of at most L frames is one window as it is; otherwise windows start
+   at 0, hop, 2 hop, ... while they fit, plus one ending exactly at the last frame when the
+   regular ones miss it;
+4. each window through the network (unit length), averaged, normalised again (``pool_embeddings``).
+
+One deliberate difference: where the VAD leaves less than one analysis window of audio, the
+package's numpy path refuses the utterance (``SkipUtterance``); the TorchScript module embeds the
+untrimmed audio instead, so that a deployed model always answers. Audio shorter than one
+analysis window (25 ms by default) is refused by both (``ValueError`` from the module).
+
+The torch twins live in ``frontend_torch.py``; the windowing, shared with the eager embedding
+(``embed.py``) so both paths cut and pool windows with the same code, in ``windows.py``.
+"""
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torch import Tensor, nn
+
+from dvector.config import VERSION, FeatureConfig, VadConfig
+from dvector.errors import DvectorError
+from dvector.files import atomic_write, sha256_file
+from dvector.nn.encoders import build_encoder
+from dvector.nn.model import DVector
+from dvector.signal.features import min_samples
+from dvector.signal.torch_frontend import TorchLogMel, TorchVad
+from dvector.signal.windows import MelEncoder, embed_windows
+from dvector.training.checkpoint import load_checkpoint
+from dvector.inference.bundle import EXPORT_META, EXPORT_MODULE, checkpoint_settings, find_checkpoint
+
+EXPORT_FORMAT = "dvector-export"
+EXPORT_VERSION = 1
+MODEL_FILE = EXPORT_MODULE
+META_FILE = EXPORT_META
+README_FILE = "README.txt"
+
+
+
+
+
+
+# ---- the exported module ------------------------------------------------------------------------
+
+
+class EmbeddingModule(nn.Module):
+    """Waveform to d-vector: ``forward(wav (n,) float32 at sample_rate) -> (embed_dim,)`` unit length.
+
+    Also ``features(wav) -> (T, n_mels)`` (VAD then log-mel) and ``embed_mel(mel) -> (embed_dim,)``.
+    """
+
+    model: MelEncoder
+
+    def __init__(self, model: DVector, features: FeatureConfig, vad: VadConfig, seg_len: int) -> None:
+        super().__init__()
+        if model.n_mels != features.n_mels:
+            raise DvectorError(f"the network takes {model.n_mels} mels but the features give {features.n_mels}")
+        if seg_len < 1:
+            raise DvectorError(f"seg_len must be >= 1 frame, got {seg_len}")
+        self.sample_rate: int = features.sample_rate
+        self.n_mels: int = features.n_mels
+        self.embed_dim: int = model.embed_dim
+        self.seg_len: int = int(seg_len)
+        self.hop: int = max(1, int(seg_len) // 2)
+        self.hop_length: int = features.hop_length
+        self.min_samples: int = min_samples(features)
+        self.vad_enabled: bool = bool(vad.enabled)
+        self.dvector_version: str = VERSION
+        self.log_mel = TorchLogMel(features)
+        self.vad = TorchVad(vad, features.sample_rate)
+        self.model = model.eval()
+        self.eval()
+
+    @torch.jit.export
+    def features(self, wav: Tensor) -> Tensor:
+        """``(T, n_mels)`` log-mel of the VAD-trimmed audio (the untrimmed audio when VAD leaves < 1 window)."""
+        if wav.dim() != 1:
+            raise ValueError("dvector: expected a 1-D (mono) waveform, got " + str(wav.dim()) + " dimensions")
+        wav = wav.to(torch.float32)
+        if wav.size(0) < self.min_samples:
+            raise ValueError("dvector: audio of " + str(wav.size(0)) + " samples is shorter than one analysis window ("
+                             + str(self.min_samples) + " samples at " + str(self.sample_rate) + " Hz)")
+        trimmed = self.vad(wav)
+        if trimmed.size(0) < self.min_samples:
+            trimmed = wav  # too little speech found: embed the whole input rather than fail
+        return self.log_mel(trimmed)
+
+    @torch.jit.export
+    def embed_mel(self, mel: Tensor) -> Tensor:
+        """``(embed_dim,)`` unit-length embedding of ``mel (T, n_mels)`` by sliding windows."""
+        return embed_windows(self.model, mel, self.seg_len)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        return self.embed_mel(self.features(wav))
+
+
+# ---- from a checkpoint to an exported bundle ----------------------------------------------------
+
+
+def embedding_module(state: dict[str, Any]) -> EmbeddingModule:
+    """The eager ``EmbeddingModule`` of a loaded checkpoint (what ``export_model`` scripts)."""
+    settings = checkpoint_settings(state)
+    model = build_encoder(settings.model)
+    model.load_state_dict(state["model"])
+    return EmbeddingModule(model, settings.features, settings.vad, settings.seg_len)
+
+
+README_TEXT = """\
+dvector: exported speaker-embedding model (d-vector, GE2E)
+
+dvector.pt is a TorchScript module. It needs only PyTorch, not the dvector package:
+
+    import torch
+    m = torch.jit.load("dvector.pt")
+    emb = m(wav)        # wav: 1-D float32 torch tensor, mono, at {sample_rate} Hz
+                        # emb: ({embed_dim},) float32, unit length
+
+    score = float(m(wav_a) @ m(wav_b))   # cosine similarity of two utterances
+
+Resample to {sample_rate} Hz first (e.g. torchaudio.functional.resample or soxr) and mix down to
+mono. Inside the module: energy VAD trimming, log-mel ({n_mels} mels), windows of {seg_len} frames
+with 50% overlap, one unit-length embedding per window, averaged and normalised again. If the VAD
+finds (almost) no speech, the whole input is embedded; audio shorter than {min_samples} samples
+raises ValueError. Also available: m.features(wav) -> (frames, {n_mels}) log-mel after VAD,
+m.embed_mel(mel) -> ({embed_dim},), and m.sample_rate, m.embed_dim, m.seg_len.
+
+dvector.json records the settings, the source checkpoint and its training step; the same record
+is stored inside dvector.pt (torch.jit.load(path, _extra_files={{"dvector.json": ""}})).
+"""
+
+
+def script_module(module: EmbeddingModule) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` without its deprecation warning (torch >= 2.10 deprecates TorchScript)."""
+    # The network is scripted on its own first: scripting nn.LSTM through the interface-typed
+    # attribute compiles the LSTM's overloaded forward wrongly (torch 2.13).
+    eager = module.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            if not isinstance(eager, torch.jit.ScriptModule):
+                module.model = torch.jit.script(eager)
+            return torch.jit.script(module)
+        finally:
+            module.model = eager
+
+
+def export_record(state: dict[str, Any], source: Path, hop: int) -> Dict[str, Any]:
+    """What an export records about itself (``dvector.json``): settings, source, step, versions.
+
+    Shared by the TorchScript and the ONNX export (which overrides ``format`` and ``model_file``).
+    """
+    settings = checkpoint_settings(state)
+    model_cfg, features, vad, L = settings.model, settings.features, settings.vad, settings.seg_len
+    meta: Dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model_file": MODEL_FILE,
+        "sample_rate": features.sample_rate,
+        "embed_dim": model_cfg.embed_dim,
+        "n_mels": features.n_mels,
+        "seg_len": L,
+        "hop": hop,
+        "features": features.to_dict(),
+        "vad": vad.to_dict(),
+        "model": model_cfg.to_dict(),
+        "train": state.get("train_config"),
+        "defaulted": settings.defaulted,
+        "source_checkpoint": str(source.resolve()),
+        "step": int(state.get("step", 0)),
+        "best_eer": state.get("best_eer"),
+        "dvector_version": VERSION,
+        "torch_version": torch.__version__,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return meta
+
+
+def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Script the checkpoint's embedding chain into ``out_dir/dvector.pt``; returns that path.
+
+    Also writes ``out_dir/dvector.json`` (settings, source, step, versions) and ``README.txt``.
+    A run folder exports ``checkpoints/best.pt`` when it has one, else ``checkpoints/latest.pt``.
+    """
+    source = find_checkpoint(checkpoint_or_run)
+    state = load_checkpoint(source)
+    settings = checkpoint_settings(state)
+    model_cfg, features, L = settings.model, settings.features, settings.seg_len
+    module = embedding_module(state)
+    scripted = script_module(module)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = export_record(state, source, module.hop)
+    target = out / MODEL_FILE
+    with atomic_write(target) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={META_FILE: json.dumps(meta, indent=2)})
+    meta["sha256"] = sha256_file(target)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / README_FILE).write_text(README_TEXT.format(sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim,
+                                                      n_mels=features.n_mels, seg_len=L,
+                                                      min_samples=module.min_samples))
+    return target
