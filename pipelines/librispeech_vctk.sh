@@ -8,7 +8,7 @@
 # LIBRISPEECH_DIR holds train-clean-360/ and test-clean/ (SPEAKER/CHAPTER/*.flac, 16 kHz);
 # VCTK_DIR holds wav48/ (or wav48_silence_trimmed/) with pNNN/*.wav|flac at 48 kHz.
 # Expected time and EER at full size: not yet measured.
-# Environment: STEPS (default 300000), MODEL (ecapa-small) and LOSS (aamsoftmax): the best row of the README's
+# Environment: STEPS (default 300000), MODEL (ecapa-small) and LOSS (aamsoftmax): the best row of docs/results.md's
 # encoder x loss table (MODEL=attentive LOSS=ge2e: the original project's LSTM), WORKERS (loader processes, 4), GPUS (1).
 set -euo pipefail
 

@@ -7,9 +7,9 @@
 # VOX1_DIR holds dev/wav/idNNNNN/VIDEO/NNNNN.wav, test/wav/... and veri_test2.txt (the cleaned
 # VoxCeleb1-O list: "label id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav").
 # VOX2_DIR holds dev/aac/idNNNNN/VIDEO/NNNNN.m4a: decoding m4a needs `pip install 'dvector[m4a]'`.
-# Eight GPUs: GPUS=8 pipelines/voxceleb.sh ...; building on a cluster: see README (--part i/n).
+# Eight GPUs: GPUS=8 pipelines/voxceleb.sh ...; building on a cluster: see docs/at-scale.md (--part i/n).
 # Noise and rooms for augmentation: MUSAN=/data/musan RIRS=/data/RIRS_NOISES pipelines/voxceleb.sh ...
-# Encoder and loss: MODEL (ecapa-small) and LOSS (aamsoftmax), the best row of the README's table; MODEL=ecapa is
+# Encoder and loss: MODEL (ecapa-small) and LOSS (aamsoftmax), the best row of docs/results.md's table; MODEL=ecapa is
 # the full-width ECAPA-TDNN, MODEL=paper LOSS=ge2e the GE2E paper's LSTM.
 # Expected time and EER at full size: not yet measured.
 set -euo pipefail
@@ -33,7 +33,7 @@ else
   VOX1=${1:?usage: $0 VOX1_DIR VOX2_DIR [WORK_DIR] | --smoke [WORK_DIR]}
   VOX2=${2:?usage: $0 VOX1_DIR VOX2_DIR [WORK_DIR]}
   WORK=${3:-work/voxceleb}
-  # defaults from the README's encoder x loss table; MODEL=paper LOSS=ge2e trains the GE2E paper's LSTM
+  # defaults from the encoder x loss table in docs/results.md; MODEL=paper LOSS=ge2e trains the GE2E paper's LSTM
   STEPS=${STEPS:-1000000} MODEL=${MODEL:-ecapa-small} LOSS=${LOSS:-aamsoftmax} WORKERS=${WORKERS:-6} EXT=wav,m4a
   TRAIN_FLAGS="-s 10000 -d 300000 --valid-every 5000"
   GE2E_BATCH="-n 64 -m 10 -l 140-180" PAIR_BATCH="-n 128 -m 2 -l 200 --margin-warmup 100000"
