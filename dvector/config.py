@@ -2,124 +2,29 @@
 
 Every setting that changes what is computed lives here, so that shards, checkpoints and exports
 can record exactly how they were made (``to_dict``) and be rebuilt from that record
-(``from_dict``).
+(``from_dict``). The configs' base class and the front end's settings (``FeatureConfig``, ``VadConfig``,
+``WindowConfig``, their presets) are defined in ``dvector.frontend_config`` and re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Type, TypeVar
+from typing import Any, Iterable
 
 from dvector.errors import DvectorError
+from dvector.frontend_config import (  # noqa: F401 - re-exported: import every config from dvector.config
+    FEATURE_PRESETS, VAD_PRESETS, WINDOW_PRESETS, FeatureConfig, VadConfig, WindowConfig, _check, _Config,
+)
 
-T = TypeVar("T", bound="_Config")
 VERSION = "0.1.0"  # dvector's version, recorded in what it makes (exports, embeddings, eval results)
 NORM_EPS = 1e-12  # eps of every L2 normalisation of embeddings (the network's output, pooled windows)
 
-
-class _Config:
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: Type[T], data: dict[str, Any]) -> T:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(data) - names
-        if unknown:
-            raise DvectorError(f"{cls.__name__}: unknown setting(s) {sorted(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name not in data:
-                continue
-            value = data[f.name]
-            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            if isinstance(nested, type) and issubclass(nested, _Config) and isinstance(value, dict):
-                value = nested.from_dict(value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[f.name] = value
-        return cls(**kwargs)
-
-    def hash(self) -> str:
-        """A short stable digest of the settings (used to refuse mixing configurations)."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise DvectorError(message)
-
-
-@dataclass(frozen=True)
-class FeatureConfig(_Config):
-    """Log-mel features; defaults are the original project's (25 ms Hann, 10 ms hop, 40 HTK mels)."""
-
-    sample_rate: int = 16000
-    win_ms: float = 25.0
-    hop_ms: float = 10.0
-    n_fft: int = 0  # 0: the window length in samples
-    n_mels: int = 40
-    f_min: float = 50.0
-    f_max: float = 0.0  # 0: Nyquist
-    log_floor: float = 1e-9
-
-    def __post_init__(self) -> None:
-        _check(self.sample_rate >= 1000, f"sample_rate must be >= 1000 Hz, got {self.sample_rate}")
-        _check(0 < self.hop_ms <= self.win_ms, "hop_ms must be in (0, win_ms]")
-        _check(self.n_fft == 0 or self.n_fft >= self.win_length, "n_fft must be >= the window length")
-        _check(self.n_mels >= 1, "n_mels must be >= 1")
-        _check(0 <= self.f_min < self.fmax_hz <= self.sample_rate / 2, "need 0 <= f_min < f_max <= sample_rate/2")
-        _check(self.log_floor > 0, "log_floor must be > 0")
-
-    @property
-    def win_length(self) -> int:
-        return int(round(self.sample_rate * self.win_ms / 1000))
-
-    @property
-    def hop_length(self) -> int:
-        return int(round(self.sample_rate * self.hop_ms / 1000))
-
-    @property
-    def fft_size(self) -> int:
-        return self.n_fft or self.win_length
-
-    @property
-    def fmax_hz(self) -> float:
-        return self.f_max or self.sample_rate / 2
-
-
-@dataclass(frozen=True)
-class VadConfig(_Config):
-    """Energy VAD with an adaptive noise floor; all times in milliseconds, levels in dB."""
-
-    enabled: bool = True
-    frame_ms: float = 10.0
-    threshold_db: float = 12.0  # speech: frame energy this far above the noise floor...
-    min_threshold_db: float = 3.0  # ...or half the file's dynamic range if that is less, but not below this
-    min_level_db: float = -55.0  # frames quieter than this (dBFS) are never speech
-    floor_rise_db_per_s: float = 3.0  # how fast the noise floor may rise in steady noise
-    min_speech_ms: float = 60.0  # shorter bursts are not speech
-    hangover_ms: float = 150.0  # keep this much after speech ends
-    preroll_ms: float = 50.0  # keep this much before speech starts
-    max_pause_ms: float = 300.0  # internal pauses longer than this are shortened to it
-
-    def __post_init__(self) -> None:
-        _check(self.frame_ms > 0, "frame_ms must be > 0")
-        _check(self.threshold_db > 0, "threshold_db must be > 0")
-        _check(0 < self.min_threshold_db <= self.threshold_db, "min_threshold_db must be in (0, threshold_db]")
-        for name in ("min_speech_ms", "hangover_ms", "preroll_ms", "max_pause_ms", "floor_rise_db_per_s"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
-
-
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Every preset subtracts each utterance's log-mel mean (input_norm="mean"): the level never reaches the network.
+    # Every trainable preset subtracts each utterance's log-mel mean (input_norm="mean"): the level never reaches it.
     # The GE2E paper: 3-layer LSTM, 768 cells, 256 projection, last frame.
     "paper": dict(hidden_size=768, proj_size=256, n_layers=3, embed_dim=256, pooling="last", input_norm="mean"),
     # The original project's default: 3 x 256 LSTM, tanh(Linear) per frame, attentive pooling.
@@ -132,6 +37,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Thin ResNet-34 with attentive statistics pooling; "channels" is the first stage's width (x2 per stage).
     "resnet34": dict(arch="resnet", channels=32, embed_dim=256, input_norm="mean"),  # the VoxCeleb trainer's "half"
     "resnet34-quarter": dict(arch="resnet", channels=16, embed_dim=256, input_norm="mean"),
+    # Resemblyzer's VoiceEncoder (its weights: dvector.nn.resemblyzer), on FeatureConfig.preset("resemblyzer")'s mel power.
+    "resemblyzer": dict(hidden_size=256, proj_size=0, n_layers=3, embed_dim=256, pooling="last", head="linear-relu",
+                        input_norm="none"),
 }
 ARCHES = ("lstm", "ecapa", "resnet")
 LOSSES = ("ge2e", "contrast", "angleproto", "aamsoftmax", "softmaxproto")  # "softmax": the old name of "ge2e"
@@ -153,9 +61,14 @@ class ModelConfig(_Config):
     input_norm: str = "none"
     arch: str = "lstm"  # "lstm" (the fields above), "ecapa" or "resnet" (sized by channels and embed_dim)
     channels: int = 0  # ECAPA's C, or the ResNet's first-stage width (0 for the LSTM)
+    # pooling "last": "auto" (a Linear only when the LSTM output size differs from embed_dim) or "linear-relu"
+    head: str = "auto"
+    _omit_at_default = ("head",)
 
     def __post_init__(self) -> None:
         _check(min(self.n_mels, self.hidden_size, self.n_layers, self.embed_dim) >= 1, "sizes must be >= 1")
+        _check(self.head == "auto" or (self.head == "linear-relu" and self.arch == "lstm" and self.pooling == "last"),
+               f"head must be 'auto', or 'linear-relu' with the LSTM's 'last' pooling, got {self.head!r}")
         _check(0 <= self.proj_size < self.hidden_size, "proj_size must be in [0, hidden_size)")
         _check(self.pooling in ("attention", "last"), f"pooling must be 'attention' or 'last', got {self.pooling!r}")
         _check(self.input_norm in ("mean", "none"), f"input_norm must be 'mean' or 'none', got {self.input_norm!r}")
@@ -375,6 +288,7 @@ class TrainConfig(_Config):
     threads: int = 0  # torch CPU threads on CPU (0: every core, shared among torchrun processes)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile on CUDA
+    freeze_steps: int = 0  # with --init: only the loss's own weights train for the first this many steps
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # online augmentation of the crops
 
     def __post_init__(self) -> None:
@@ -393,8 +307,7 @@ class TrainConfig(_Config):
                f"reduction must be sum or mean, optimizer sgd, adam or auto; got {self.reduction!r}, {self.optimizer!r}")
         _check(self.lr >= 0 and self.grad_clip > 0 and 0 < self.decay_factor <= 1, "lr >= 0, grad_clip > 0, 0 < decay_factor <= 1")
         _check(0 < self.valid_fraction < 1, "valid_fraction must be in (0, 1)")
-        _check(self.workers >= 0, "workers must be >= 0")
-        _check(self.threads >= 0, "threads must be >= 0")
+        _check(min(self.workers, self.threads, self.freeze_steps) >= 0, "workers, threads, freeze_steps must be >= 0")
 
     @property
     def optimizer_kind(self) -> str:  # what "auto" means: sgd (the paper's) for ge2e and contrast, adam for the others

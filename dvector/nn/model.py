@@ -5,7 +5,8 @@ Two poolings, chosen by ``ModelConfig.pooling``:
 - ``"last"`` (the GE2E paper): the LSTM output of the last frame, then a ``Linear`` to
   ``embed_dim`` only when the LSTM output size differs from it. The "paper" preset (768 cells,
   ``proj_size=256``, ``embed_dim=256``) has no extra layer: its embedding is the last projected
-  LSTM output.
+  LSTM output. With ``ModelConfig.head="linear-relu"`` (the "resemblyzer" preset: Resemblyzer's
+  ``VoiceEncoder``) it is always ``relu(Linear(last))``.
 - ``"attention"`` (the original project's default): ``tanh(Linear(H, embed_dim))`` per frame,
   then a softmax over time of ``Linear(embed_dim, 1)`` scores weights the frames, summed.
   The "attentive" preset has the original's parameter count (1,423,873).
@@ -62,11 +63,12 @@ class DVector(nn.Module):
         )
         lstm_out = config.proj_size if config.proj_size > 0 else config.hidden_size
         self.norm_eps: float = NORM_EPS
+        self.relu_head: bool = config.head == "linear-relu"
         self.score = None
         if config.pooling == "attention":
             self.embedding = nn.Linear(lstm_out, config.embed_dim)
             self.score = nn.Linear(config.embed_dim, 1)
-        elif lstm_out != config.embed_dim:
+        elif lstm_out != config.embed_dim or self.relu_head:
             self.embedding = nn.Linear(lstm_out, config.embed_dim)
         else:
             self.embedding = nn.Identity()
@@ -99,6 +101,8 @@ class DVector(nn.Module):
                 rows = torch.arange(B, device=mels.device)  # (B,)
                 last = frames[rows, lengths.to(mels.device) - 1]  # (B, H)
             embeds = self.embedding(last)  # (B, D)
+            if self.relu_head:
+                embeds = F.relu(embeds)
         return F.normalize(embeds, p=2.0, dim=-1, eps=self.norm_eps)  # (B, D)
 
     def subtract_mean(self, mels: Tensor, lengths: Optional[Tensor]) -> Tensor:

@@ -1,8 +1,12 @@
-"""Log-mel features: the one definition used by build-shards, embedding and (as a torch twin) export.
+"""Log-mel features and the level normalisation before them: the one definition used by build-shards,
+embedding and (as torch twins) export.
 
 Defaults follow the original project (torchaudio's MelSpectrogram): centred frames with reflect
 padding, periodic Hann window, power spectrum, HTK mel filters without normalisation, natural log
-clamped at ``log_floor``. No I/O here.
+clamped at ``log_floor``. ``FeatureConfig``'s front-end options give librosa's ``melspectrogram``
+instead (``FeatureConfig.preset("resemblyzer")``): zero padding, Slaney mel scale and area
+normalisation, no log; and ``raise_level``, Resemblyzer's ``normalize_volume(wav, dBFS,
+increase_only=True)``. No I/O here.
 """
 
 from __future__ import annotations
@@ -15,28 +19,46 @@ import scipy.fft
 from dvector.config import FeatureConfig
 
 
-def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+SLANEY_HZ_PER_MEL = 200.0 / 3  # the Slaney scale (librosa's default, htk=False): linear below 1 kHz...
+SLANEY_LOG_HZ = 1000.0
+SLANEY_LOG_STEP = np.log(6.4) / 27.0  # ...and logarithmic above, 27 mels per factor 6.4
 
 
-def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
-    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+def hz_to_mel(hz: np.ndarray | float, scale: str = "htk") -> np.ndarray:
+    hz = np.asarray(hz, dtype=np.float64)
+    if scale == "htk":
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+    log_part = SLANEY_LOG_HZ / SLANEY_HZ_PER_MEL + np.log(np.maximum(hz, 1e-10) / SLANEY_LOG_HZ) / SLANEY_LOG_STEP
+    return np.where(hz >= SLANEY_LOG_HZ, log_part, hz / SLANEY_HZ_PER_MEL)
+
+
+def mel_to_hz(mel: np.ndarray | float, scale: str = "htk") -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    if scale == "htk":
+        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+    log_mel_start = SLANEY_LOG_HZ / SLANEY_HZ_PER_MEL
+    log_part = SLANEY_LOG_HZ * np.exp(SLANEY_LOG_STEP * (mel - log_mel_start))
+    return np.where(mel >= log_mel_start, log_part, mel * SLANEY_HZ_PER_MEL)
 
 
 @lru_cache(maxsize=16)
 def mel_filterbank(cfg: FeatureConfig) -> np.ndarray:
-    """Triangular HTK-mel filters, ``(n_fft // 2 + 1, n_mels)`` float32, unnormalised."""
+    """Triangular mel filters, ``(n_fft // 2 + 1, n_mels)`` float32: on ``cfg.mel_scale`` (HTK or Slaney),
+    unnormalised or (``mel_norm="slaney"``) each times 2 / its width in Hz, as ``librosa.filters.mel``."""
     n_freqs = cfg.fft_size // 2 + 1
     all_freqs = np.linspace(0.0, cfg.sample_rate / 2, n_freqs)
-    mel_points = np.linspace(hz_to_mel(cfg.f_min), hz_to_mel(cfg.fmax_hz), cfg.n_mels + 2)
-    hz_points = mel_to_hz(mel_points)
+    mel_points = np.linspace(hz_to_mel(cfg.f_min, cfg.mel_scale), hz_to_mel(cfg.fmax_hz, cfg.mel_scale), cfg.n_mels + 2)
+    hz_points = mel_to_hz(mel_points, cfg.mel_scale)
     widths = np.diff(hz_points)  # (n_mels + 1,)
     slopes = hz_points[None, :] - all_freqs[:, None]  # (n_freqs, n_mels + 2)
     down = -slopes[:, :-2] / widths[:-1]
     up = slopes[:, 2:] / widths[1:]
-    bank = np.maximum(0.0, np.minimum(down, up))
+    bank = np.maximum(0.0, np.minimum(down, up))  # (n_freqs, n_mels)
+    if cfg.mel_norm == "slaney":
+        bank *= 2.0 / (hz_points[2:] - hz_points[:-2])  # unit area per filter
+    bank = bank.astype(np.float32)
     bank.setflags(write=False)
-    return bank.astype(np.float32)
+    return bank
 
 
 @lru_cache(maxsize=16)
@@ -60,14 +82,28 @@ def min_samples(cfg: FeatureConfig) -> int:
     return max(cfg.win_length, cfg.fft_size // 2 + 1)
 
 
+def raise_level(wav: np.ndarray, target_dbfs: float) -> np.ndarray:
+    """``wav`` scaled up so that its RMS level over the whole array is ``target_dbfs`` (dBFS, full scale
+    1.0) when it is lower, else as it is; also as it is for silence and ``target_dbfs == 0`` (off).
+    Resemblyzer's ``normalize_volume(wav, target_dbfs, increase_only=True)``; float32 stays float32."""
+    if target_dbfs == 0 or wav.size == 0:
+        return wav
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
+    if not rms > 0 or not np.isfinite(rms):
+        return wav
+    gain = 10.0 ** (target_dbfs / 20.0) / rms
+    return wav * wav.dtype.type(gain) if gain > 1.0 else wav
+
+
 def log_mel(wav: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """``(frames, n_mels)`` float32 log-mel energies of mono float audio at ``cfg.sample_rate``."""
+    """``(frames, n_mels)`` float32 log-mel energies of mono float audio at ``cfg.sample_rate`` (the mel
+    power itself with ``compression="none"``). The level is as given: ``raise_level`` comes before VAD."""
     if wav.ndim != 1:
         raise ValueError(f"log_mel takes mono audio (samples,), got shape {wav.shape}")
     if wav.shape[0] < min_samples(cfg):
         raise ValueError(f"audio of {wav.shape[0]} samples is shorter than one frame ({min_samples(cfg)} samples)")
     n_fft, hop = cfg.fft_size, cfg.hop_length
-    padded = np.pad(np.asarray(wav, dtype=np.float32), n_fft // 2, mode="reflect")
+    padded = np.pad(np.asarray(wav, dtype=np.float32), n_fft // 2, mode=cfg.pad_mode)
     count = n_frames(wav.shape[0], cfg)
     frames = np.lib.stride_tricks.as_strided(
         padded, shape=(count, n_fft), strides=(padded.strides[0] * hop, padded.strides[0]), writeable=False
@@ -76,5 +112,7 @@ def log_mel(wav: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     power = np.square(spectrum.real)  # |X|^2, (frames, n_fft//2+1) float32
     power += np.square(spectrum.imag)
     mel = power @ mel_filterbank(cfg)  # (frames, n_mels)
+    if cfg.compression == "none":
+        return mel
     np.maximum(mel, cfg.log_floor, out=mel)
     return np.log(mel, out=mel)

@@ -1,4 +1,5 @@
-"""One utterance from file to stored features: decode -> mono -> resample (and speed) -> VAD -> log-mel (float16).
+"""One utterance from file to stored features: decode -> mono -> resample (and speed) -> level (when
+``FeatureConfig.raise_to_dbfs`` asks) -> VAD -> log-mel (float16).
 
 Used by build-shards (in worker processes) and by embedding, so that both see identical features.
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from dvector.signal.audio import DecodeError, decode, resample, to_mono
 from dvector.config import FeatureConfig, VadConfig
-from dvector.signal.features import log_mel, min_samples
+from dvector.signal.features import log_mel, min_samples, raise_level
 from dvector.signal.vad import trim_silence
 
 STAGES = ("decode", "resample", "vad", "features")
@@ -32,29 +33,41 @@ class Processed:
     seconds: dict[str, float] = field(default_factory=dict)  # time per stage
 
 
-def waveform_to_mel(
+def speech_waveform(
     wav: np.ndarray, features: FeatureConfig, vad: VadConfig, seconds: dict[str, float] | None = None
 ) -> tuple[np.ndarray, float]:
-    """Float32 log-mel of mono audio at the feature rate after VAD, and the kept fraction.
+    """The samples ``log_mel`` is taken of, and the fraction the VAD kept: mono audio at the feature
+    rate, raised to ``features.raise_to_dbfs`` when quieter (whole file; 0: off), then VAD-trimmed.
 
     Raises SkipUtterance when nothing (or less than one frame) is left. ``seconds`` collects the
-    time spent in the "vad" and "features" stages.
+    time spent in the "vad" stage (the level with it).
     """
-    clock = time.perf_counter
     need = min_samples(features)
     if wav.shape[0] < need:
         raise SkipUtterance(f"too short: {wav.shape[0]} samples at {features.sample_rate} Hz, less than one frame ({need})")
-    t0 = clock()
-    trimmed, kept = trim_silence(wav, features.sample_rate, vad)
-    t1 = clock()
+    t0 = time.perf_counter()
+    trimmed, kept = trim_silence(raise_level(wav, features.raise_to_dbfs), features.sample_rate, vad)
+    if seconds is not None:
+        seconds["vad"] = seconds.get("vad", 0.0) + time.perf_counter() - t0
     if trimmed.shape[0] == 0:
         raise SkipUtterance("empty after VAD: no speech found")
     if trimmed.shape[0] < need:
         raise SkipUtterance(f"too short after VAD: {trimmed.shape[0]} samples of speech, less than one frame")
+    return trimmed, kept
+
+
+def waveform_to_mel(
+    wav: np.ndarray, features: FeatureConfig, vad: VadConfig, seconds: dict[str, float] | None = None
+) -> tuple[np.ndarray, float]:
+    """Float32 log-mel of mono audio at the feature rate after level and VAD (``speech_waveform``), and
+    the kept fraction. Raises SkipUtterance when nothing (or less than one frame) is left. ``seconds``
+    collects the time spent in the "vad" and "features" stages.
+    """
+    trimmed, kept = speech_waveform(wav, features, vad, seconds)
+    t1 = time.perf_counter()
     mel = log_mel(trimmed, features)
     if seconds is not None:
-        seconds["vad"] = seconds.get("vad", 0.0) + t1 - t0
-        seconds["features"] = seconds.get("features", 0.0) + clock() - t1
+        seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - t1
     return mel, kept
 
 

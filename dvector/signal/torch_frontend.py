@@ -1,5 +1,6 @@
-"""Log-mel and VAD as TorchScript-compatible torch code: twins of ``dvector.signal.features.log_mel`` and
-the numba kernels of ``dvector.signal.vad``, for the exported module (numba cannot be scripted).
+"""Level, log-mel and VAD as TorchScript-compatible torch code: twins of ``dvector.signal.features.raise_level``
+and ``log_mel`` and of the numba kernels of ``dvector.signal.vad``, for the exported module (numba cannot be
+scripted).
 
 The VAD twin repeats the float32 arithmetic step by step (frame energies, numpy-style
 percentiles, the noise-floor recurrence as a loop), so its keep masks are identical to the numba
@@ -15,6 +16,26 @@ from dvector.config import FeatureConfig, VadConfig
 from dvector.signal.features import analysis_window, mel_filterbank, min_samples
 from dvector.signal.vad import FLOOR_PERCENTILE, LOUD_PERCENTILE, _frames
 
+class TorchLevel(nn.Module):
+    """``dvector.signal.features.raise_level`` in torch: ``forward(wav (n,)) -> (n,)``, raised to
+    ``cfg.raise_to_dbfs`` when quieter (the RMS in float64, as the numpy twin); as it is when that is 0 (off)."""
+
+    def __init__(self, cfg: FeatureConfig) -> None:
+        super().__init__()
+        self.target_dbfs: float = float(cfg.raise_to_dbfs)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        if self.target_dbfs == 0.0 or wav.numel() == 0:
+            return wav
+        rms = float(torch.sqrt(torch.mean(wav.to(torch.float64).square())))
+        if not (rms > 0.0 and rms < float("inf")):
+            return wav
+        gain = 10.0 ** (self.target_dbfs / 20.0) / rms
+        if gain > 1.0:
+            return wav * gain
+        return wav
+
+
 class TorchLogMel(nn.Module):
     """``dvector.signal.features.log_mel`` in torch: ``forward(wav (n,)) -> (1 + n // hop, n_mels)`` float32."""
 
@@ -23,8 +44,10 @@ class TorchLogMel(nn.Module):
         self.n_fft: int = cfg.fft_size
         self.hop_length: int = cfg.hop_length
         self.log_floor: float = float(cfg.log_floor)
+        self.pad_mode: str = cfg.pad_mode  # "reflect" or "constant"
+        self.compress: bool = cfg.compression == "log"
         self.min_samples: int = min_samples(cfg)
-        # the very arrays the numpy path uses: periodic Hann padded to n_fft, HTK filters
+        # the very arrays the numpy path uses: periodic Hann padded to n_fft, the mel filters
         self.register_buffer("window", torch.from_numpy(analysis_window(cfg).copy()))  # (n_fft,)
         self.register_buffer("filterbank", torch.from_numpy(mel_filterbank(cfg).copy()))  # (n_fft//2+1, n_mels)
 
@@ -32,10 +55,12 @@ class TorchLogMel(nn.Module):
         assert wav.dim() == 1, "log-mel takes mono audio (samples,)"
         assert wav.size(0) >= self.min_samples, "audio is shorter than one analysis window"
         spec = torch.stft(wav.to(torch.float32), n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.n_fft,
-                          window=self.window, center=True, pad_mode="reflect", normalized=False, onesided=True,
+                          window=self.window, center=True, pad_mode=self.pad_mode, normalized=False, onesided=True,
                           return_complex=True)  # (n_fft//2+1, frames) complex64
         power = spec.real.square() + spec.imag.square()  # (F, frames)
         mel = torch.matmul(power.transpose(0, 1), self.filterbank)  # (frames, n_mels)
+        if not self.compress:
+            return mel
         return torch.log(torch.clamp(mel, min=self.log_floor))
 
 

@@ -41,17 +41,24 @@ _EPS = 1e-10
 
 
 @njit(cache=True)
-def frame_energy_db(wav, frame_len):
-    """Mean-square energy in dB of consecutive frames; the last, partial frame counts too."""
+def frame_energy_db(wav, frame_len, remove_dc=False):
+    """Mean-square energy in dB of consecutive frames; the last, partial frame counts too. With
+    ``remove_dc`` each frame's own mean is subtracted first (its variance): a DC offset, which some
+    recorders add (audiomnist's is about -21 dBFS, louder than its speech), is not energy."""
     n = wav.shape[0]
     n_frames = (n + frame_len - 1) // frame_len
     out = np.empty(n_frames, dtype=np.float32)
     for f in range(n_frames):
         start = f * frame_len
         stop = min(start + frame_len, n)
+        mean = 0.0
+        if remove_dc:
+            for i in range(start, stop):
+                mean += wav[i]
+            mean /= stop - start
         acc = 0.0
         for i in range(start, stop):
-            acc += wav[i] * wav[i]
+            acc += (wav[i] - mean) * (wav[i] - mean)
         out[f] = 10.0 * np.log10(acc / (stop - start) + _EPS)
     return out
 
@@ -156,7 +163,7 @@ def speech_frames(wav: np.ndarray, sample_rate: int, cfg: VadConfig) -> tuple[np
     frame_len = max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
     if wav.shape[0] == 0:
         return np.zeros(0, dtype=np.bool_), frame_len
-    energy = frame_energy_db(wav, frame_len)
+    energy = frame_energy_db(wav, frame_len, cfg.remove_dc)
     initial = float(np.percentile(energy, FLOOR_PERCENTILE))
     loud = float(np.percentile(energy, LOUD_PERCENTILE))
     if undecided(initial, loud, cfg):

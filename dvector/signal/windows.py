@@ -1,13 +1,17 @@
 """Windows over an utterance's log-mels, shared by the eager embedding and the exported module.
 
-An utterance of at most L frames (the training segment length) is one window, as it is; a longer
-one is cut into L-frame windows with hop L // 2, plus one window ending exactly at its last frame
-when the regular ones miss it. Each window's embedding is unit length; they are averaged and
-normalised again. Everything here is TorchScript-compatible, so both paths run the same code.
+Two layouts (``WindowConfig.layout``). ``"overlap"`` (dvector's): an utterance of at most L frames
+(the training segment length) is one window, as it is; a longer one is cut into L-frame windows
+with hop L // 2, plus one window ending exactly at its last frame when the regular ones miss it
+(``window_starts``, ``window_batch``, ``embed_windows``). ``"partials"`` (Resemblyzer's
+``embed_utterance``): ``partial_windows`` gives, from the waveform's length alone, the length to
+zero-pad it to before its features and the windows' first frames; ``embed_windows_at`` embeds
+those windows. Each window's embedding is unit length; they are averaged and normalised again.
+Everything here is TorchScript-compatible, so both paths run the same code.
 """
 
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,36 @@ def window_batch(mel: Tensor, L: int) -> Tensor:
     return mel[rows]  # (B, L, n_mels)
 
 
+def partial_windows(n_samples: int, hop_length: int, frames: int, step: int, min_coverage: float) -> Tuple[int, List[int]]:
+    """Resemblyzer's ``VoiceEncoder.compute_partial_slices`` for a waveform of ``n_samples`` samples:
+    ``(padded, starts)``. Zero-pad the waveform to ``padded`` samples (``>= n_samples``) before its
+    features; the windows are frames ``[s, s + frames)`` for each ``s`` in ``starts``.
+
+    Windows start every ``step`` frames (``WindowConfig.step_frames``: 77 at 1.3 per second) over the
+    ``n_samples // hop_length + 1`` frames of the audio, as many as start at most ``step`` frames past the
+    last whole one; the last is dropped when under ``min_coverage`` of its samples are audio, unless it
+    is the only one (a clip under ``frames`` hops is one padded window).
+    """
+    assert hop_length >= 1 and 1 <= step <= frames and 0.0 < min_coverage <= 1.0, "bad partial window options"
+    n_frames = n_samples // hop_length + 1  # = ceil((n_samples + 1) / hop_length), Resemblyzer's count
+    starts: List[int] = []
+    for start in range(0, max(1, n_frames - frames + step + 1), step):
+        starts.append(start)
+    coverage = float(n_samples - starts[-1] * hop_length) / float(frames * hop_length)
+    if coverage < min_coverage and len(starts) > 1:
+        starts = starts[:-1]
+    return max(n_samples, (starts[-1] + frames) * hop_length), starts
+
+
+def window_batch_at(mel: Tensor, starts: List[int], L: int) -> Tensor:
+    """The windows ``mel[s : s + L]`` of ``mel (T, n_mels)`` as one batch ``(B, L, n_mels)``; each must fit."""
+    assert mel.dim() == 2, "mel must have shape (T, n_mels)"
+    assert len(starts) >= 1 and min(starts) >= 0 and max(starts) + L <= mel.size(0), "a window runs past the mel"
+    first = torch.tensor(starts, dtype=torch.long, device=mel.device)  # (B,)
+    rows = first.view(-1, 1) + torch.arange(L, dtype=torch.long, device=mel.device).view(1, -1)  # (B, L)
+    return mel[rows]  # (B, L, n_mels)
+
+
 def pool_embeddings(embeds: Tensor, eps: float = NORM_EPS) -> Tensor:
     """Average unit-length window embeddings ``(B, D)`` and normalise again: ``(D,)``."""
     return F.normalize(embeds.mean(dim=0), p=2.0, dim=0, eps=eps)
@@ -66,7 +100,23 @@ def pool_embeddings(embeds: Tensor, eps: float = NORM_EPS) -> Tensor:
 
 def window_embeddings(model: MelEncoder, mel: Tensor, L: int, batch_size: int = WINDOW_BATCH) -> Tensor:
     """Unit-length embeddings ``(B, D)`` of the windows of ``mel (T, n_mels)`` (see ``window_starts``)."""
-    windows = window_batch(mel, L)  # (B, L', n_mels)
+    return batch_embeddings(model, window_batch(mel, L), batch_size)
+
+
+def window_embeddings_at(model: MelEncoder, mel: Tensor, starts: List[int], L: int,
+                         batch_size: int = WINDOW_BATCH) -> Tensor:
+    """Unit-length embeddings ``(B, D)`` of the windows ``mel[s : s + L]`` (``partial_windows``' starts)."""
+    return batch_embeddings(model, window_batch_at(mel, starts, L), batch_size)
+
+
+def embed_windows_at(model: MelEncoder, mel: Tensor, starts: List[int], L: int, batch_size: int = WINDOW_BATCH) -> Tensor:
+    """The utterance embedding ``(D,)``: the windows ``mel[s : s + L]`` through ``model``, averaged,
+    normalised (Resemblyzer's ``embed_utterance`` with ``partial_windows``' starts). Gradients are off."""
+    return pool_embeddings(window_embeddings_at(model, mel, starts, L, batch_size))
+
+
+def batch_embeddings(model: MelEncoder, windows: Tensor, batch_size: int = WINDOW_BATCH) -> Tensor:
+    """``model`` over ``windows (B, L, n_mels)``, ``batch_size`` at a time, gradients off: ``(B, D)``."""
     parts: List[Tensor] = []
     with torch.no_grad():
         for i in range(0, windows.size(0), batch_size):

@@ -91,6 +91,25 @@ def test_frame_energy_db_matches_reference(wav: np.ndarray, frame_len: int) -> N
     np.testing.assert_allclose(got, ref_frame_energy_db(wav, frame_len), atol=1e-3, rtol=1e-5)
 
 
+def test_remove_dc_measures_each_frame_around_its_mean() -> None:
+    wav = np.concatenate([np.full(160, 0.5), 0.5 + np.tile([0.1, -0.1], 80)]).astype(np.float32)
+    np.testing.assert_allclose(frame_energy_db(wav, 160, True), [-100.0, 10 * np.log10(0.01)], atol=1e-3)
+    np.testing.assert_allclose(frame_energy_db(wav, 160), [10 * np.log10(0.25), 10 * np.log10(0.26)], atol=1e-3)
+
+
+def test_a_dc_offset_hides_speech_unless_removed() -> None:
+    """A recorder's DC offset louder than the speech (audiomnist's): the plain energy VAD keeps it all,
+    ``remove_dc`` trims as it would without the offset."""
+    rng = np.random.default_rng(5)
+    clean = np.concatenate([quiet(40, rng), tone(50), quiet(40, rng)]) * np.float32(0.1)
+    offset = (clean - np.float32(0.08)).astype(np.float32)
+    plain = VadConfig(max_pause_ms=0.0)
+    assert speech_frames(offset, 16000, plain)[0].all()  # every frame reads as loud as the offset
+    without = speech_frames(clean, 16000, plain)[0]
+    assert not without.all()
+    assert np.array_equal(speech_frames(offset, 16000, VadConfig(max_pause_ms=0.0, remove_dc=True))[0], without)
+
+
 def test_frame_energy_db_known_values() -> None:
     wav = np.concatenate([np.full(160, 0.5), np.zeros(160), np.full(80, 1.0)]).astype(np.float32)
     got = frame_energy_db(wav, 160)
