@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 from rich.markup import escape
@@ -11,6 +11,7 @@ from rich.markup import escape
 from dvector.cli.console import console, progress
 from dvector.cli.options import EXTENSIONS, Dask, Extensions, Workers, default, out_option, seed_option
 from dvector.config import BuildConfig, FeatureConfig, VadConfig, parse_speed_perturb
+from dvector.errors import DvectorError
 
 ShardsOut = out_option("Output folder for shard-NNNNNN.tar and index.json.", "-s", "--save_dir", "--save-dir")
 ShuffleSeed = seed_option("Seed of the block shuffle.")
@@ -24,6 +25,10 @@ BlockSize = Annotated[int, typer.Option("--block-size", help="Utterances per spe
 SampleRate = Annotated[int, typer.Option("--sample-rate", help="Resample every file to this rate (Hz).")]
 NMels = Annotated[int, typer.Option("--n-mels", help="Mel bands.")]
 Vad = Annotated[bool, typer.Option("--vad/--no-vad", help="Trim silence and shorten long pauses.")]
+FeaturesOf = Annotated[Optional[Path], typer.Option(
+    "--features", metavar="RUN", help="Use a trained run's feature and VAD settings (its run folder or a checkpoint "
+    "file) instead of the defaults and --sample-rate, --n-mels, --vad: shards that `train --init RUN` (or -c RUN) "
+    "accepts. Feature flags given as well must agree with the run's.")]
 MergeSpeakers = Annotated[bool, typer.Option(
     "--merge-speakers", help="Key speakers by folder name alone, merging same-named folders across roots.")]
 SpeedPerturb = Annotated[str, typer.Option(
@@ -41,6 +46,7 @@ PartsFolder = Annotated[Path, typer.Argument(help="A shard folder made by build-
 
 
 def build_shards_cmd(
+    ctx: typer.Context,
     roots: Roots,
     out: ShardsOut = Path("shards"),
     extensions: Extensions = EXTENSIONS,
@@ -53,6 +59,7 @@ def build_shards_cmd(
     sample_rate: SampleRate = default(FeatureConfig, "sample_rate"),
     n_mels: NMels = default(FeatureConfig, "n_mels"),
     vad: Vad = default(VadConfig, "enabled"),
+    features: FeaturesOf = None,
     merge_speakers: MergeSpeakers = default(BuildConfig, "merge_speakers"),
     speed_perturb: SpeedPerturb = "",
     split_seconds: SplitSeconds = default(BuildConfig, "split_seconds"),
@@ -69,10 +76,14 @@ def build_shards_cmd(
     from dvector.cli.summary import print_build_summary
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
 
+    feature_cfg, vad_cfg = FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), VadConfig(enabled=vad)
+    if features is not None:
+        given = {name: value for name, value in (("sample_rate", sample_rate), ("n_mels", n_mels), ("vad", vad))
+                 if typed_flag(ctx, name)}
+        feature_cfg, vad_cfg = features_of_run(features, given)
     cfg = BuildConfig(extensions=extensions, shard_size=shard_size, min_shards=min_shards, block_size=block_size,
                       seed=seed, merge_speakers=merge_speakers, speed_perturb=parse_speed_perturb(speed_perturb),
-                      split_seconds=split_seconds,
-                      features=FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), vad=VadConfig(enabled=vad))
+                      split_seconds=split_seconds, features=feature_cfg, vad=vad_cfg)
     with progress() as bar:
         task = bar.add_task("build-shards", total=None, info="scanning")
         audio = [0.0]
@@ -95,6 +106,34 @@ def build_shards_cmd(
     if strict and report.failures:
         console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
         raise typer.Exit(2)
+
+
+def typed_flag(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (typed, or from the environment) rather than left at its default.
+    By the source's name: Typer may bring its own copy of click's ParameterSource."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def features_of_run(run: Path, given: dict[str, Any]) -> tuple[FeatureConfig, VadConfig]:
+    """``--features RUN``: the feature and VAD settings that the run's checkpoint records; ``given``: the
+    feature flags typed as well (sample_rate, n_mels, vad), each of which must agree with the run's."""
+    from dvector.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run)
+    if not state.get("feature_config"):
+        raise DvectorError(f"--features {run}: its checkpoint records no feature settings (it trained on shards "
+                           "without index.json); give --sample-rate and --n-mels instead")
+    feature_cfg = FeatureConfig.from_dict(state["feature_config"])
+    vad_cfg = VadConfig.from_dict(state["vad_config"]) if state.get("vad_config") else VadConfig()
+    theirs = {"sample_rate": feature_cfg.sample_rate, "n_mels": feature_cfg.n_mels, "vad": vad_cfg.enabled}
+    typed = {"sample_rate": lambda v: f"--sample-rate {v}", "n_mels": lambda v: f"--n-mels {v}",
+             "vad": lambda v: "--vad" if v else "--no-vad"}
+    for name, value in given.items():
+        if value != theirs[name]:
+            raise DvectorError(f"{typed[name](value)} conflicts with --features {run}, whose features have "
+                               f"{typed[name](theirs[name])}: leave the feature flags out, or --features")
+    return feature_cfg, vad_cfg
 
 
 def index_cmd(folder: PartsFolder) -> None:

@@ -34,12 +34,23 @@ SegLen = Annotated[str, typer.Option(
     "-l", "--seg-len", help="L: frames per segment, or a range drawn per batch (140-180).")]
 Resume = Annotated[Optional[Path], typer.Option(
     "-c", "--continue", help="Checkpoint (or run folder) to continue from.")]
+Init = Annotated[Optional[Path], typer.Option(
+    "--init", metavar="RUN_OR_CHECKPOINT", help="Start from another run's encoder: its run folder (its latest "
+    "checkpoint, as -c finds it) or a checkpoint file (e.g. RUN/checkpoints/best.pt). Its network and feature "
+    "settings come with it (no --model needed; the shards must have its features: build them with `build-shards "
+    "... --features RUN`); the loss's weights (GE2E's w and b, a classifier over these shards' speakers), the "
+    "optimizer, the schedule and the step count start anew. Checkpoints record it; -c does not load it again.")]
+FreezeSteps = Annotated[int, typer.Option(
+    "--freeze-steps", metavar="K", help="With --init: train only the loss's own weights for the first K steps "
+    "(a new classifier warms up while the pretrained encoder stays exactly as it was), then everything. "
+    "Give it again with -c.")]
 Valid = Annotated[Optional[str], typer.Option(
     "--valid", help="Validation shards (other speakers); default: hold out ~10% of the speakers.")]
 ValidEvery = Annotated[int, typer.Option("--valid-every", help="Validate every this many steps.")]
 ModelName = Annotated[Optional[str], typer.Option(
     "--model", help="LSTMs: paper (3x768, 256 proj), attentive (original, 3x256; the default), tiny; "
-    "ECAPA-TDNN: ecapa (C=512), ecapa-small (C=256); thin ResNet-34: resnet34 (32-256), resnet34-quarter (16-128).")]
+    "ECAPA-TDNN: ecapa (C=512), ecapa-small (C=256); thin ResNet-34: resnet34 (32-256), resnet34-quarter (16-128); "
+    "resemblyzer (Resemblyzer's VoiceEncoder, 3x256, last frame). With --init: the init run's network.")]
 Loss = Annotated[str, typer.Option(
     "--loss", help="ge2e (GE2E softmax; also 'softmax'), contrast (GE2E contrast), angleproto (angular "
     "prototypical), aamsoftmax (additive angular margin; one class per speaker of the index), softmaxproto.")]
@@ -98,6 +109,8 @@ def train_cmd(
     n_utterances: NUtterances = train_default("n_utterances"),
     seg_len: SegLen = range_text(train_default("seg_len")),
     resume: Resume = None,
+    init: Init = None,
+    freeze_steps: FreezeSteps = train_default("freeze_steps"),
     valid: Valid = None,
     valid_every: ValidEvery = train_default("valid_every"),
     model: ModelName = None,
@@ -134,6 +147,9 @@ def train_cmd(
     loss on streamed, speaker-balanced batches.
 
     Several GPUs: torchrun --nproc-per-node=8 -m dvector train SHARDS MODEL_DIR
+
+    Fine-tune a trained run on new shards:
+    dvector train SHARDS MODEL_DIR --init RUN --loss aamsoftmax --freeze-steps 500
     """
     from dvector.cli.summary import print_train_summary
     from dvector.config import ModelConfig, parse_probabilities, parse_seg_len
@@ -147,7 +163,7 @@ def train_cmd(
                       margin=margin, scale=scale, margin_warmup=margin_warmup, subcentres=subcentres, gather=gather,
                       weight_decay=weight_decay,
                       workers=workers, seed=seed, keep_checkpoints=keep, amp=amp, compile=compile,
-                      short_policy=short_policy, threads=threads, max_minutes=max_minutes,
+                      short_policy=short_policy, threads=threads, max_minutes=max_minutes, freeze_steps=freeze_steps,
                       augment=AugmentConfig(kinds=augment, noise_snr=noise_snr, babble_snr=babble_snr,
                                             reverb_rt60=reverb_rt60, noise_dir=str(noise_dir or ""),
                                             rir_dir=str(rir_dir or "")).with_probabilities(
@@ -156,7 +172,8 @@ def train_cmd(
         on_log = _train_bar(bar, steps)
         result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None,
                        resume=str(resume) if resume else None, valid=valid, device=device, on_log=on_log,
-                       say=partial(say, out=bar.console))  # the library is silent on ranks other than 0
+                       say=partial(say, out=bar.console),  # the library is silent on ranks other than 0
+                       init=str(init) if init else None)
     if result.is_main:
         print_train_summary(result, console)
 

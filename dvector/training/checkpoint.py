@@ -125,20 +125,22 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 
 RESUME_KEYS = ("step", "model", "criterion", "optimizer", "scheduler", "model_config", "train_config", "rng")
+INIT_KEYS = ("model", "model_config")  # what ``train --init`` reads: an encoder and its network
 
 
-def _load_for_resume(path: Path) -> dict[str, Any]:
+def _load_for_resume(path: Path, keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
     """A checkpoint that training can continue from (every part a run restores), else DvectorError."""
     state = load_checkpoint(path)
-    missing = [k for k in RESUME_KEYS if k not in state]
+    missing = [k for k in keys if k not in state]
     if missing:
         raise DvectorError(f"{path} is not a training checkpoint: it lacks {', '.join(missing)}")
     return state
 
 
-def load_resume_checkpoint(path: str | os.PathLike[str],
-                           say: Callable[[str], None] = print) -> tuple[dict[str, Any], Path]:
-    """The checkpoint to continue training from, and the file it came from.
+def load_resume_checkpoint(path: str | os.PathLike[str], say: Callable[[str], None] = print,
+                           keys: tuple[str, ...] = RESUME_KEYS) -> tuple[dict[str, Any], Path]:
+    """The checkpoint to continue training from (``keys``: the entries it must hold; ``INIT_KEYS`` for
+    ``train --init``), and the file it came from.
 
     ``path`` is a checkpoint file or a run folder (its ``latest.pt``). When that is ``latest.pt``
     and cannot be read (truncated, not a checkpoint), the newest readable ``step-*.pt`` beside it
@@ -146,7 +148,7 @@ def load_resume_checkpoint(path: str | os.PathLike[str],
     """
     chosen = resolve_checkpoint(path)
     try:
-        return _load_for_resume(chosen), chosen
+        return _load_for_resume(chosen, keys), chosen
     except DvectorError as exc:
         if chosen.name != "latest.pt":
             raise
@@ -155,7 +157,7 @@ def load_resume_checkpoint(path: str | os.PathLike[str],
     numbered = sorted((p for p in chosen.parent.iterdir() if NUMBERED.match(p.name)), reverse=True)
     for candidate in numbered:
         try:
-            state = _load_for_resume(candidate)
+            state = _load_for_resume(candidate, keys)
         except DvectorError:
             unreadable.append(candidate.name)
             continue

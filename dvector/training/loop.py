@@ -22,6 +22,7 @@ from dvector.training.distributed import ends_own_process_group
 from dvector.training.prepare import (Trainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
 from dvector.training.steps import StepLog, StepLoop
+from dvector.training.transfer import start_from
 from dvector.training.validation import validation_note
 
 __all__ = ["Trainee", "StepLog", "TrainResult", "train"]
@@ -60,15 +61,25 @@ def train(
     index: str | None = None,
     on_log: Callable[[StepLog], None] | None = None,
     say: Callable[[str], None] = print,
+    init: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    """Train (or continue training from ``resume``) and return a summary; see the module doc."""
+    """Train (or continue training from ``resume``) and return a summary; see the module doc.
+
+    ``init`` (a run folder or checkpoint file; ignored with a note when continuing): start from that
+    run's encoder, network and feature settings (``model_cfg`` may only name the same network), with
+    the loss's weights, the optimizer, the schedule and the step count new; ``cfg.freeze_steps``
+    then trains only the loss's weights for that many steps.
+    """
     started = time.perf_counter()
-    ctx = setup_run(shards, model_dir, cfg, model_cfg, resume, device, index, say)
+    ctx = setup_run(shards, model_dir, cfg, model_cfg, resume, device, index, say, init)
     validation = validation_speakers(cfg, ctx, valid)
     parts = build_parts(cfg, ctx)
     if ctx.checkpoint is not None:
         restore_parts(parts, ctx.checkpoint, cfg, ctx.dev, ctx.say)
         ctx.say(f"continuing from {ctx.resume_path} at step {parts.step}")
+    elif ctx.init_source is not None:
+        start_from(parts.model, ctx.init_source, cfg, ctx.say)
+        ctx.init_source = None  # its weights are copied: free the init checkpoint
     if parts.step >= cfg.steps:
         ctx.say(f"nothing to do: the checkpoint is at step {parts.step} and -i asks for {cfg.steps} steps in all")
     first_step = parts.step

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +29,7 @@ from dvector.stream.loader import GE2ELoader
 from dvector.stream import ShardSource, resolve_shards
 from dvector.training.checkpoint import checkpoint_dir, load_resume_checkpoint
 from dvector.training.distributed import Distributed, setup_process
+from dvector.training.transfer import InitSource, load_init, settle_network
 from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers, perturbed_copies
 
 
@@ -66,53 +67,52 @@ class RunContext:
     model_dir: Path
     source: ShardSource
     checkpoint: dict[str, Any] | None
-    features: FeatureConfig | None  # the shards' feature settings, where an index records them
+    features: FeatureConfig | None  # the shards' feature settings (else the continued or init run's)
     model_cfg: ModelConfig
     say: Callable[[str], None]  # silent on ranks other than 0
     resume_path: Path | None = None  # the checkpoint file continued from (latest.pt, or the one used instead)
+    vad: dict[str, Any] | None = None  # the shards' VAD settings (else the continued or init run's)
+    init: dict[str, Any] | None = None  # where the run started (--init): path, sha256, step; carried by -c
+    init_source: InitSource | None = None  # the encoder to start from: a fresh --init run only
 
 
 def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cfg: TrainConfig,
-           model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, device: str | None,
-           index: str | None, say: Callable[[str], None]) -> RunContext:
+              model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, device: str | None,
+              index: str | None, say: Callable[[str], None],
+              init: str | os.PathLike[str] | None = None) -> RunContext:
     """Join the process group, pick the device and threads, find the shards, load the checkpoint
-    (the newest readable one when ``latest.pt`` is damaged) and settle the model config; refuses to
-    train afresh into a folder that holds a run."""
+    (the newest readable one when ``latest.pt`` is damaged) or the ``init`` run's encoder, and settle the
+    model config; refuses to train afresh into a folder that holds a run."""
     ddp, dev = setup_process(device, cfg)
     model_dir = Path(model_dir)
     if not ddp.main:
         say = _silent
     if resume is None and checkpoint_dir(model_dir).is_dir() and any(checkpoint_dir(model_dir).glob("*.pt")):
         raise DvectorError(f"{model_dir} already holds a run: continue it with -c {model_dir}, or choose another MODEL_DIR")
+    if resume is None and init is None and cfg.freeze_steps:
+        raise DvectorError(f"--freeze-steps {cfg.freeze_steps} needs --init: it keeps a pretrained encoder fixed while "
+                           "the new loss's weights warm up")
     source = resolve_shards(shards, index)
     checkpoint, resume_path = load_resume_checkpoint(resume, say) if resume is not None else (None, None)
-    features = FeatureConfig.from_dict(source.index["config"]["features"]) if source.index else None
-    model_cfg = model_config(model_cfg, checkpoint, features, say, where=str(resume_path))
-    return RunContext(ddp, dev, model_dir, source, checkpoint, features, model_cfg, say, resume_path)
-
-
-def model_config(model_cfg: ModelConfig | None, checkpoint: dict[str, Any] | None, features: FeatureConfig | None,
-                  say: Callable[[str], None], where: str = "the checkpoint") -> ModelConfig:
-    """The checkpoint's model config when continuing, else ``model_cfg`` (default: "attentive") with
-    the shards' n_mels; warns when the shards' features differ from the checkpoint's, and refuses
-    shards of another feature size than the checkpoint's network reads (``where``: the checkpoint's name)."""
     if checkpoint is not None:
-        saved_cfg = ModelConfig.from_dict(checkpoint["model_config"])
-        if features and features.n_mels != saved_cfg.n_mels:
-            raise DvectorError(f"these shards hold {features.n_mels} mel bands per frame, but the network of {where} "
-                               f"reads {saved_cfg.n_mels}: continue on shards built with --n-mels {saved_cfg.n_mels}, "
-                               "or train afresh into another MODEL_DIR")
-        if model_cfg is not None and model_cfg.name != saved_cfg.name:
-            say(f"note: continuing the checkpoint's {saved_cfg.name!r} model; --model {model_cfg.name} is ignored")
-        model_cfg = saved_cfg
-    else:
-        n_mels = features.n_mels if features else 40
-        model_cfg = model_cfg or ModelConfig.preset("attentive", n_mels=n_mels)
-        if features and model_cfg.n_mels != features.n_mels:
-            model_cfg = replace(model_cfg, n_mels=features.n_mels)
-    if checkpoint is not None and features and checkpoint.get("feature_config") not in (None, features.to_dict()):
-        say("warning: these shards were made with other feature settings than the checkpoint's")
-    return model_cfg
+        continued_notes(checkpoint, cfg, init, say)
+    init_source = load_init(init, model_cfg, say) if init is not None and checkpoint is None else None
+    net = settle_network(model_cfg, source.index, checkpoint, resume_path, init_source, say)
+    return RunContext(ddp, dev, model_dir, source, checkpoint, net.features, net.model_cfg, say, resume_path, net.vad,
+                      net.init, init_source)
+
+
+def continued_notes(checkpoint: dict[str, Any], cfg: TrainConfig, init: str | os.PathLike[str] | None,
+                    say: Callable[[str], None]) -> None:
+    """What a continued run says about --init (used only when a run starts) and about --freeze-steps
+    changed while the encoder is still frozen."""
+    if init is not None:
+        started = (checkpoint.get("init") or {}).get("path")
+        say(f"note: continuing a run; --init {init} is used only when a run starts"
+            + (f" (this one started from {started})" if started else ""))
+    was = int(checkpoint["train_config"].get("freeze_steps", 0))
+    if was != cfg.freeze_steps and int(checkpoint["step"]) < max(was, cfg.freeze_steps):
+        say(f"note: --freeze-steps {cfg.freeze_steps} now (the run so far had {was})")
 
 
 @dataclass

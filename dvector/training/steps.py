@@ -89,13 +89,12 @@ def checkpoint_state(cfg: TrainConfig, ctx: RunContext, parts: Parts, loader_ent
                       valid: ValidationScores | None = None) -> dict[str, Any]:
     """Everything a checkpoint holds (plain values and tensors), in the order it is saved; ``valid``:
     this step's validation measures, when it validated."""
-    index = ctx.source.index
     return {
         "step": parts.step, "model": parts.model.state_dict(), "criterion": parts.criterion.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
         "model_config": ctx.model_cfg.to_dict(), "train_config": plain_config(cfg.to_dict()),
         "feature_config": ctx.features.to_dict() if ctx.features else None,
-        "vad_config": index["config"].get("vad") if index else None,
+        "vad_config": ctx.vad, "init": ctx.init,
         "rng": rng_state(ctx.dev), "loader": loader_entry,
         "best_eer": parts.best_eer, "best_valid": best_valid(parts),
         "valid": valid.to_dict() if valid is not None else None, "heldout_speakers": heldout, "loss": loss,
@@ -128,6 +127,14 @@ def write_scalars(writer: Any, entry: StepLog, sampling: dict[str, int] | None =
             writer.add_scalar(valid.get(name, f"train/{name}"), value, entry.step)
     for name, count in (sampling or {}).items():
         writer.add_scalar(f"data/{name}", count, entry.step)
+
+
+def freeze(model: nn.Module) -> None:
+    """Keep this step from moving the encoder (``--freeze-steps``): its gradients are dropped after the
+    backward pass (and so after DDP's all-reduce), so clipping measures the loss's weights alone and the
+    optimizer skips the encoder's parameters: no update, no momentum or Adam moments, no weight decay."""
+    for p in model.parameters():
+        p.grad = None
 
 
 # ---- the step loop -------------------------------------------------------------------------------
@@ -201,6 +208,8 @@ class StepLoop:
         parts.criterion.begin_step(parts.step)
         loss = self.runner(mels, speakers, cfg.n_speakers, cfg.n_utterances, self.amp)
         loss.backward()
+        if parts.step < cfg.freeze_steps:
+            freeze(parts.model)
         if cfg.paper_grad_scale:
             apply_paper_gradient_scale(parts.model, parts.criterion)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)

@@ -35,13 +35,13 @@ def spelled(param) -> str:  # noqa: ANN001
 SURFACE = {
     "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--dask",
                      "--shard-size",
-                     "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad",
+                     "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad", "--features",
                      "--merge-speakers", "--speed-perturb", "--split-seconds", "--part", "--overwrite", "--strict",
                      "--fail-fast"],
     "index": ["FOLDER"],
     "check": ["FOLDER", "-j/--workers"],
     "train": ["SHARDS", "MODEL_DIR", "-i/--steps", "-s/--save-every", "-d/--decay-every", "-n/--n-speakers",
-              "-m/--n-utterances", "-l/--seg-len", "-c/--continue", "--valid", "--valid-every", "--model", "--loss",
+              "-m/--n-utterances", "-l/--seg-len", "-c/--continue", "--init", "--freeze-steps", "--valid", "--valid-every", "--model", "--loss",
               "--reduction", "--optimizer", "--lr", "--margin", "--scale", "--margin-warmup", "--subcentres",
               "--gather/--no-gather", "--weight-decay", "-w/--workers", "--seed", "--device", "--amp/--no-amp",
               "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes",
@@ -75,11 +75,11 @@ def test_train_defaults_are_train_config_defaults() -> None:
     renamed = {"keep": "keep_checkpoints"}
     fields = {"steps", "save_every", "decay_every", "n_speakers", "n_utterances", "valid_every", "loss", "reduction",
               "optimizer", "lr", "workers", "seed", "amp", "compile", "keep", "log_every", "short_policy", "threads",
-              "max_minutes", "margin", "scale", "margin_warmup", "subcentres", "gather", "weight_decay"}
+              "max_minutes", "margin", "scale", "margin_warmup", "subcentres", "gather", "weight_decay", "freeze_steps"}
     for name in fields:
         assert p[name].default == getattr(TrainConfig(), renamed.get(name, name)), name
     assert p["seg_len"].default == range_text(TrainConfig().seg_len) == "160"
-    for name in ("resume", "valid", "model", "device", "stall_timeout"):  # chosen by the library when not given
+    for name in ("resume", "init", "valid", "model", "device", "stall_timeout"):  # chosen by the library when not given
         assert p[name].default is None, name
     # augmentation: "default" is TrainConfig's kinds; the ranges as typed are AugmentConfig's
     augment = TrainConfig().augment
@@ -89,7 +89,7 @@ def test_train_defaults_are_train_config_defaults() -> None:
     assert p["noise_dir"].default is None and p["rir_dir"].default is None
     aug = {"augment", "augment_prob", "noise_snr", "babble_snr", "reverb_rt60", "noise_dir", "rir_dir"}
     # every option the command has left: the arguments
-    assert (set(p) - fields - aug - {"seg_len", "resume", "valid", "model", "device", "stall_timeout"}
+    assert (set(p) - fields - aug - {"seg_len", "resume", "init", "valid", "model", "device", "stall_timeout"}
             == {"shards", "model_dir"})
 
 
