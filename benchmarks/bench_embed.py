@@ -11,13 +11,30 @@ the real-time factor of embedding one stream (without the log-mel front-end and 
     python benchmarks/bench_embed.py --model all --device cuda --compile     # GPU (benchmarks/gpu.sh)
 
 Last line: ``embed_windows_per_s_<model>=<number>`` for the last model (one such line per model).
+
+``--resemblyzer``: the same network through two whole pipelines instead. ``dvector embed`` of the
+imported Resemblyzer encoder (``dvector import resemblyzer`` into a temporary folder; what
+``dvector embed RUN FILES... -o OUT.npz`` runs, ``embed_paths``, without writing the ``.npz``) against
+Resemblyzer's own ``VoiceEncoder.embed_utterance(preprocess_wav(path))``, on the same files (every
+``.flac``/``.wav`` under ``--data``, default ``../shared/data/real-dev``), in this one process with
+``--threads`` torch threads (default 1), file by file from the file on disk to the vector (decoding,
+resampling, level, VAD or trimming, features, windows, network). Each side first runs untimed on 20
+files (numba, oneDNN, librosa warm-up); the two sides alternate in order per ``--repeats`` and each
+side's fastest pass counts. x realtime = seconds of audio / seconds of wall time. Needs
+``pip install 'dvector[resemblyzer]'``. Last line: ``embed_speed_ratio_vs_resemblyzer=<x>``.
+
+    python benchmarks/bench_embed.py --resemblyzer                     # all of real-dev, 1 thread
+    python benchmarks/bench_embed.py --resemblyzer --limit 300         # a quicker look
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -44,6 +61,67 @@ def windows_per_second(model: torch.nn.Module, batch: torch.Tensor, repeats: int
     return repeats * batch.size(0) / elapsed
 
 
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dev"
+
+
+def audio_files(data: Path, limit: int) -> list[Path]:
+    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".flac", ".wav"))
+    return files[:limit] if limit else files
+
+
+def time_dvector(run: Path, files: list[Path]) -> float:
+    import dvector
+    from dvector.inference.embed_inputs import embed_paths
+
+    embedder = dvector.load(run, threads=torch.get_num_threads())
+    embed_paths(embedder, [str(f) for f in files[:20]])
+    start = time.perf_counter()
+    result = embed_paths(embedder, [str(f) for f in files])
+    elapsed = time.perf_counter() - start
+    if result.skipped:
+        print(f"dvector skipped {len(result.skipped)} files, e.g. {result.skipped[0]}")
+    return elapsed
+
+
+def time_resemblyzer(files: list[Path]) -> float:
+    from resemblyzer import VoiceEncoder, preprocess_wav
+
+    encoder = VoiceEncoder("cpu", verbose=False)
+    for f in files[:20]:
+        encoder.embed_utterance(preprocess_wav(f))
+    start = time.perf_counter()
+    for f in files:
+        encoder.embed_utterance(preprocess_wav(f))
+    return time.perf_counter() - start
+
+
+def compare_with_resemblyzer(data: Path, limit: int, repeats: int) -> None:
+    """Print both pipelines' x realtime and, last, their ratio (see the module's docstring)."""
+    import soundfile as sf
+
+    from dvector.pretrained.resemblyzer import import_resemblyzer
+
+    warnings.filterwarnings("ignore")
+    files = audio_files(data, limit)
+    if not files:
+        raise SystemExit(f"no .flac/.wav files under {data}")
+    audio_s = sum(sf.info(str(f)).duration for f in files)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = import_resemblyzer(Path(tmp) / "resemblyzer").run
+        ours: list[float] = []
+        theirs: list[float] = []
+        for r in range(repeats):
+            sides = [lambda: ours.append(time_dvector(run, files)), lambda: theirs.append(time_resemblyzer(files))]
+            for go in (sides if r % 2 == 0 else sides[::-1]):
+                go()
+    ours_x, theirs_x = audio_s / min(ours), audio_s / min(theirs)
+    print(f"{len(files)} files, {audio_s / 60:.1f} min of audio, {torch.get_num_threads()} torch thread(s), "
+          f"{repeats} repeat(s)")
+    print(f"dvector embed (imported Resemblyzer): {min(ours):.1f} s, {ours_x:.0f}x realtime")
+    print(f"Resemblyzer embed_utterance(preprocess_wav): {min(theirs):.1f} s, {theirs_x:.0f}x realtime")
+    print(f"embed_speed_ratio_vs_resemblyzer={ours_x / theirs_x:.3g}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="all", help=f"a preset, a comma list, or all ({', '.join(sorted(MODEL_PRESETS))})")
@@ -55,7 +133,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model first")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--resemblyzer", action="store_true",
+                   help="compare dvector embed of the imported Resemblyzer encoder with Resemblyzer's own pipeline")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="--resemblyzer: folder of audio files")
+    p.add_argument("--limit", type=int, default=0, help="--resemblyzer: the first N files in path order (0: all)")
     args = p.parse_args()
+    if args.resemblyzer:
+        torch.set_num_threads(args.threads or 1)
+        compare_with_resemblyzer(args.data, args.limit, args.repeats or 1)
+        return
     cuda = args.device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)

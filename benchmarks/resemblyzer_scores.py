@@ -1,5 +1,6 @@
-"""Score a trials file with Resemblyzer's pretrained d-vector (a peer to compare with; never a
-dependency of dvector, and this script does not import it).
+"""Score a trials file with Resemblyzer's pretrained d-vector through Resemblyzer's own pipeline (the
+peer row; dvector itself never imports resemblyzer, which is only an optional extra for
+``dvector import resemblyzer``, and this script imports it only in the process it runs in).
 
     python resemblyzer_scores.py TRIALS DATA_ROOT OUT [--threads N]
 

@@ -324,6 +324,8 @@ LAYER_RULES: dict[str, tuple[list[str], list[str]]] = {
                ["training.checkpoint", "inference.bundle"]),
     "diarization": (["augment", "stream", "training", "shards", "export", "evaluation", "cli", "demo"],
                     ["evaluation.results"]),
+    "pretrained": (["signal", "augment", "shards", "stream", "training", *USE_PARTS, "cli", "demo"],
+                   ["training.checkpoint"]),
 }
 
 
@@ -377,6 +379,10 @@ def test_export_imports_only_the_bundle_from_inference(imports: list[Import]) ->
 
 def test_diarization_imports_only_the_stored_threshold_from_evaluation(imports: list[Import]) -> None:
     assert_layer(imports, "diarization")
+
+
+def test_pretrained_writes_runs_with_only_the_network_and_checkpoint_format(imports: list[Import]) -> None:
+    assert_layer(imports, "pretrained")
 
 
 def test_no_modules_import_each_other(imports: list[Import]) -> None:

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import typer
 
-from dvector.cli import build, demo, diarize, train, use
+from dvector.cli import build, demo, diarize, pretrained, train, use
 from dvector.cli.console import print_error, show_warnings_as_lines
 from dvector.config import launch_rank
 from dvector.errors import DvectorError
@@ -35,6 +35,7 @@ app.command("build-shards")(build.build_shards_cmd)
 app.command("index")(build.index_cmd)
 app.command("check")(build.check_cmd)
 app.command("train")(train.train_cmd)
+app.command("import")(pretrained.import_cmd)
 app.command("embed")(use.embed_cmd)
 app.command("score")(use.score_cmd)
 app.command("eval")(use.eval_cmd)

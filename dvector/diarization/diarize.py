@@ -129,7 +129,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
         speech = np.ones(-(-wav.shape[0] // frame_len), dtype=bool)
     frame_s = frame_len / rate
     with np.errstate(over="ignore", invalid="ignore"):
-        mel = torch.from_numpy(log_mel(wav, embedder.features))  # (T, n_mels), frame t at t * hop
+        mel = torch.from_numpy(log_mel(embedder.level(wav), embedder.features))  # (T, n_mels), frame t at t * hop
     mel_s = embedder.features.hop_length / rate
     T = mel.size(0)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dvector.config import FeatureConfig, ModelConfig, VadConfig
+from dvector.config import FeatureConfig, ModelConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
 from dvector.training.checkpoint import checkpoint_dir, load_checkpoint, resolve_checkpoint
 
@@ -67,6 +67,7 @@ class ModelSettings:
     vad: VadConfig
     seg_len: int | None  # None: unknown (an export may not say)
     defaulted: list[str] = field(default_factory=list)  # settings the model did not record
+    windows: WindowConfig = field(default_factory=WindowConfig)  # how an utterance is cut into windows
 
 
 def checkpoint_settings(state: dict[str, Any]) -> ModelSettings:
@@ -96,7 +97,8 @@ def checkpoint_settings(state: dict[str, Any]) -> ModelSettings:
         seg_len, defaulted = DEFAULT_SEG_LEN, defaulted + ["seg_len"]
     else:
         seg_len = int(seg_len[1]) if isinstance(seg_len, (list, tuple)) else int(seg_len)
-    return ModelSettings(model_cfg, features, vad, seg_len, defaulted)
+    windows = WindowConfig.from_dict(state["window_config"]) if state.get("window_config") else WindowConfig()
+    return ModelSettings(model_cfg, features, vad, seg_len, defaulted, windows)
 
 
 def find_key(meta: dict[str, Any], *names: str) -> Any:
@@ -154,7 +156,9 @@ def read_export(module_path: Path) -> tuple[torch.jit.ScriptModule, dict[str, An
     seg_len = find_key(meta, "seg_len") or getattr(scripted, "seg_len", None)
     if isinstance(seg_len, (list, tuple)):
         seg_len = seg_len[-1]
-    return scripted, meta, ModelSettings(None, features, vad, int(seg_len) if seg_len else None)
+    window_dict = find_key(meta, "window_config")
+    windows = WindowConfig.from_dict(window_dict) if isinstance(window_dict, dict) else WindowConfig()
+    return scripted, meta, ModelSettings(None, features, vad, int(seg_len) if seg_len else None, windows=windows)
 
 
 def training_shards(model: str | os.PathLike[str]) -> list[str] | None:

@@ -12,6 +12,11 @@ The embedding of an utterance (the definition the TorchScript export reproduces)
    window, as it is;
 4. each window through the model (unit length), mean, L2-normalised.
 
+A model whose ``WindowConfig`` says ``"partials"`` (an imported Resemblyzer encoder) cuts instead as
+Resemblyzer's ``embed_utterance`` does: the speech after VAD zero-padded to the end of its last
+partial window (``signal.windows.partial_windows``), then its features, then those windows.
+Features raise a quiet recording's level first where ``FeatureConfig.raise_to_dbfs`` asks.
+
 ``per_window`` skips the VAD, so that window times are positions in the original audio (what
 diarization needs), and returns the window embeddings with their start and end seconds; ``stream()``
 gives the same windows from audio arriving in chunks (``dvector.inference.streaming``).
@@ -32,15 +37,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dvector.config import VERSION, FeatureConfig, ModelConfig, VadConfig
+from dvector.config import VERSION, FeatureConfig, ModelConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
 from dvector.files import sha256_file
 from dvector.nn.encoders import ENCODER_NAMES, build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.audio import DecodeError, decode, resample, to_mono
-from dvector.signal.features import log_mel, min_samples
-from dvector.signal.process import SkipUtterance, check_finite, waveform_to_mel
-from dvector.signal.windows import embed_windows, window_embeddings, window_starts
+from dvector.signal.features import log_mel, min_samples, raise_level
+from dvector.signal.process import SkipUtterance, check_finite, speech_waveform, waveform_to_mel
+from dvector.signal.windows import (embed_windows, embed_windows_at, partial_windows, window_embeddings,
+                                    window_starts)
 from dvector.training.checkpoint import load_checkpoint
 from dvector.inference.bundle import checkpoint_settings, find_checkpoint, find_export, find_key, read_export
 from dvector.inference.runner import WindowRunner
@@ -84,9 +90,11 @@ class Embedder(WindowRunner):
     """
 
     def __init__(self, model: torch.nn.Module, features: FeatureConfig, vad: VadConfig, seg_len: int,
-                 info: dict[str, Any], scripted: torch.nn.Module | None = None, threads: int | None = None) -> None:
+                 info: dict[str, Any], scripted: torch.nn.Module | None = None, threads: int | None = None,
+                 windows: WindowConfig | None = None) -> None:
         super().__init__(model, features, seg_len, int(info["embed_dim"]), threads)
         self.vad = vad
+        self.windows = windows or WindowConfig()  # "overlap" (L frames, hop L // 2) or Resemblyzer's "partials"
         self.info = info  # the model's identity: path, kind, step, sha256, configs
         self.scripted = scripted  # an exported bundle's waveform -> embedding module, if loaded from one
 
@@ -155,7 +163,7 @@ class Embedder(WindowRunner):
             try:
                 mel, _ = waveform_to_mel(wav, self.features, self.vad)
             except SkipUtterance:
-                mel = log_mel(wav, self.features)  # (almost) no speech found: embed it all, like the export
+                mel = log_mel(self.level(wav), self.features)  # (almost) no speech found: embed it all, like the export
         self._check_finite(mel, source)
         return mel
 
@@ -211,9 +219,32 @@ class Embedder(WindowRunner):
                 raise EmbedError(self._where(source), "the embedding holds NaN or infinite values "
                                  "(audio of huge amplitude?)")
             return vector
+        if self.windows.layout == "partials":
+            return self._embed_partials(source)
         return embed_windows(self.runner, torch.from_numpy(self.mel(source)), self.seg_len).numpy()
 
     __call__ = embed
+
+    def level(self, wav: np.ndarray) -> np.ndarray:
+        """``wav`` raised to the features' level (``FeatureConfig.raise_to_dbfs``; unchanged when off)."""
+        return raise_level(wav, self.features.raise_to_dbfs)
+
+    def _embed_partials(self, source: Any) -> np.ndarray:
+        """Resemblyzer's ``embed_utterance`` on our VAD's speech: the speech zero-padded to the end of
+        its last partial window, its features, the windows at ``partial_windows``' starts, pooled."""
+        wav = self.waveform(source)
+        self._check_length(wav, source)
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                speech, _ = speech_waveform(wav, self.features, self.vad)
+            except SkipUtterance:
+                speech = self.level(wav)  # (almost) no speech found: embed it all
+            frames = self.windows.frames
+            padded, starts = partial_windows(speech.shape[0], self.features.hop_length, frames,
+                                             self.windows.step_frames(self.features), self.windows.min_coverage)
+            mel = log_mel(np.pad(speech, (0, padded - speech.shape[0])), self.features)
+        self._check_finite(mel, source)
+        return embed_windows_at(self.runner, torch.from_numpy(mel), starts, frames).numpy()
 
     def per_window(self, source: Any) -> WindowEmbeddings:
         """Window embeddings (K, D) of the whole audio, without VAD, with start and end seconds.
@@ -229,7 +260,7 @@ class Embedder(WindowRunner):
         wav = self.waveform(source)
         self._check_length(wav, source)
         with np.errstate(over="ignore", invalid="ignore"):
-            mel_np = log_mel(wav, self.features)
+            mel_np = log_mel(self.level(wav), self.features)
         self._check_finite(mel_np, source)
         mel = torch.from_numpy(mel_np)  # (T, n_mels)
         vectors = window_embeddings(self.runner, mel, self.seg_len).numpy()  # (K, D)
@@ -271,8 +302,9 @@ def _from_checkpoint(path: Path, device: str, threads: int | None) -> Embedder:
         "best_eer": state.get("best_eer"), "embed_dim": model_cfg.embed_dim, "seg_len": seg_len,
         "model_config": model_cfg.to_dict(), "feature_config": features.to_dict(), "vad_config": vad.to_dict(),
         "train_seed": int((state.get("train_config") or {}).get("seed", 0)),
+        "window_config": settings.windows.to_dict(), "imported": state.get("imported"),
     }
-    return Embedder(model.to(device), features, vad, seg_len, info, threads=threads)
+    return Embedder(model.to(device), features, vad, seg_len, info, threads=threads, windows=settings.windows)
 
 
 def untrained_twin(embedder: Embedder) -> Embedder:
@@ -311,7 +343,7 @@ def _from_export(module_path: Path, device: str, threads: int | None) -> Embedde
     inner = _scripted_network(scripted)
     model = inner if inner is not None else _NoWindows(module_path)
     return Embedder(model, features, settings.vad, int(settings.seg_len or 1), info, scripted=scripted,
-                    threads=threads)
+                    threads=threads, windows=settings.windows)
 
 
 class _NoWindows(torch.nn.Module):
@@ -343,5 +375,5 @@ def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None 
 def model_identity(embedder: Embedder) -> dict[str, Any]:
     """What the .npz and eval.json record about the model."""
     keys = ("kind", "path", "step", "sha256", "best_eer", "embed_dim", "seg_len", "feature_config", "vad_config",
-            "source_checkpoint")
+            "window_config", "source_checkpoint", "imported")
     return {**{k: embedder.info.get(k) for k in keys}, "dvector_version": VERSION}
