@@ -20,6 +20,11 @@ samples as offline; the network sees one window per call. The vectors therefore 
 the chunk sizes at all (bit for bit), and equal the offline ones up to float rounding (the offline
 path batches windows and computes all frames in one FFT call): cosine >= 0.99999 in the tests.
 
+Features that raise a quiet recording's level (``FeatureConfig.raise_to_dbfs``, an imported
+Resemblyzer encoder's) take it offline from the whole file; a stream takes it from everything up to
+each window's last sample, which no chunking changes. The windows ``flush()`` emits see the whole
+stream, as offline; earlier ones may differ from offline by that gain.
+
 Audio at another rate than the model's is resampled on the fly (``soxr.ResampleStream``); its
 output is close to, not bit-equal to, the offline whole-file resampling.
 """
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 
 from dvector.errors import DvectorError
-from dvector.signal.features import log_mel, min_samples
+from dvector.signal.features import level_gain, log_mel, min_samples
 from dvector.inference.runner import WindowRunner
 from dvector.signal.windows import window_embeddings, window_starts
 
@@ -72,6 +77,7 @@ class WindowStream:
         self.buffer = np.zeros(0, np.float32)
         self.offset = 0  # the absolute index of buffer[0]
         self.total = 0  # samples received (at the model's rate)
+        self.energy = 0.0  # their sum of squares: the level so far, for FeatureConfig.raise_to_dbfs
         self.next_start = 0  # the first frame of the next regular window
         self.emitted_upto = -1  # the last start emitted
         self.closed = False
@@ -133,6 +139,7 @@ class WindowStream:
     def _add(self, samples: np.ndarray) -> List[Window]:
         self.buffer = np.concatenate([self.buffer, samples]) if samples.size else self.buffer
         self.total += samples.shape[0]
+        self.energy += float(np.dot(samples.astype(np.float64), samples.astype(np.float64)))
         out: List[Window] = []
         while True:
             s = self.next_start
@@ -152,7 +159,13 @@ class WindowStream:
         """The window of ``frames`` frames from frame ``start``, its log-mels from samples ``[a, stop)``."""
         first = max(0, start - self.context)  # the slice starts on this frame's centre
         a = first * self.hop_length
-        mel = log_mel(self.buffer[a - self.offset:stop - self.offset], self.embedder.features)  # (frames', n_mels)
+        audio = self.buffer[a - self.offset:stop - self.offset]
+        if self.embedder.features.raise_to_dbfs:  # the level of the stream up to this window's last sample
+            after = self.buffer[stop - self.offset:].astype(np.float64)
+            gain = level_gain((self.energy - float(np.dot(after, after))) / max(1, stop),
+                              self.embedder.features.raise_to_dbfs)
+            audio = audio * np.float32(gain) if gain > 1.0 else audio
+        mel = log_mel(audio, self.embedder.features)  # (frames', n_mels)
         rows = torch.from_numpy(np.ascontiguousarray(mel[start - first:start - first + frames]))  # (frames, n_mels)
         with self.embedder.torch_threads(), torch.inference_mode():
             vector = window_embeddings(self.embedder.runner, rows, self.L).numpy()[0]  # (D,)

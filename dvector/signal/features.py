@@ -88,11 +88,16 @@ def raise_level(wav: np.ndarray, target_dbfs: float) -> np.ndarray:
     Resemblyzer's ``normalize_volume(wav, target_dbfs, increase_only=True)``; float32 stays float32."""
     if target_dbfs == 0 or wav.size == 0:
         return wav
-    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
-    if not rms > 0 or not np.isfinite(rms):
-        return wav
-    gain = 10.0 ** (target_dbfs / 20.0) / rms
+    gain = level_gain(float(np.mean(np.square(wav, dtype=np.float64))), target_dbfs)
     return wav * wav.dtype.type(gain) if gain > 1.0 else wav
+
+
+def level_gain(mean_square: float, target_dbfs: float) -> float:
+    """The gain ``raise_level`` applies to audio of this mean square: up to ``target_dbfs``, never
+    down; 1 when off (0), for silence, or for a non-finite level."""
+    if target_dbfs == 0 or not mean_square > 0 or not np.isfinite(mean_square):
+        return 1.0
+    return max(1.0, 10.0 ** (target_dbfs / 20.0) / float(np.sqrt(mean_square)))
 
 
 def log_mel(wav: np.ndarray, cfg: FeatureConfig) -> np.ndarray:

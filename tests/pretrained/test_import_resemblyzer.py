@@ -134,3 +134,17 @@ def test_a_missing_package_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path
     result = runner.invoke(app, ["import", "resemblyzer", "-o", str(tmp_path / "z")])
     assert result.exit_code == 1 and isinstance(result.exception, DvectorError)
     assert "pip install 'dvector[resemblyzer]'" in str(result.exception)
+
+
+def test_a_stream_of_the_import_raises_the_level_whatever_the_chunks(imported: Path) -> None:
+    """The import's level raise in a stream: the same vectors for any chunking, the last window's equal to
+    the offline one (both see the whole stream's level), and a quiet stream embedded as a loud one."""
+    embedder = __import__("dvector").load(imported, threads=1)
+    wav = voice(4.0, seed=11, gain=0.005)  # far under -30 dBFS
+    whole = [w.vector for w in embedder.stream().windows([wav])]
+    chunked = [w.vector for w in embedder.stream().windows(np.array_split(wav, 37))]
+    assert len(whole) == len(chunked) and all(np.array_equal(a, b) for a, b in zip(whole, chunked))
+    offline = embedder.per_window((wav, RATE)).vectors
+    assert float(whole[-1] @ offline[-1]) >= 0.9999
+    loud = [w.vector for w in embedder.stream().windows([wav * 5])]  # still under -30 dBFS: raised alike
+    assert float(whole[-1] @ loud[-1]) >= 0.9999
