@@ -3,12 +3,11 @@ against ../shared/data/real-dev when it is present; skipped elsewhere."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_helpers import load_benchmark
 from dvector.evaluation.evaluate import check_trial_files, read_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,11 +21,7 @@ CORPORA = ("audiomnist_az", "emodb", "fsdd", "librispeech_test_other")
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/real_speech.py, imported from its path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("real_speech_bench", REPO / "benchmarks" / "real_speech.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_speech")
 
 
 def split_table() -> dict[tuple[str, str], str]:

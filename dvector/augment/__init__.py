@@ -6,6 +6,8 @@ exponentially decaying response (an approximation of a room; or decays fitted to
 responses), channel colouring, random gain, and SpecAugment masks. :class:`Augmenter` changes a
 batch of crops in place; every random choice for a row is a pure function of (seed, pass, sample
 key, crop offset) (:mod:`dvector.augment.draws`), so a resumed run sees the same augmented batches.
+Shards of mel power (``FeatureConfig.compression == "none"``) get each kind's power-domain counterpart:
+``exp`` of what the log of the (floored) crop gets.
 
 Imports: ``dvector.config``, ``dvector.errors``, ``dvector.files``, ``dvector.signal``; never
 ``dvector.stream``, ``dvector.training`` or anything above them.

@@ -4,6 +4,12 @@ Order, as in Kaldi's and WeSpeaker's recipes: reverberation, then additive noise
 SNR relative to the (reverberant) speech, all in mel power; then back to log, channel colouring
 and gain; SpecAugment masks last (filled with the row's mean log-mel). Cost per 640 x 160 x 40
 batch: a few ms (numpy's vectorised exp/log and one numba kernel), see benchmarks/bench_loader.py.
+
+Features of mel power (``FeatureConfig.compression == "none"``, Resemblyzer's front end) get the
+same augmentation in the power domain: a changed row P becomes ``exp(A(log(max(P, floor))))``, A
+being what a log-mel row gets and ``floor`` the features' ``log_floor`` (below float16's smallest
+subnormal at its default 1e-9, so it only lifts zeros), as the ``"log"`` features of the same
+settings would hold. Rows no kind changes are left as they are, zeros included.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class Augmenter:
     def __init__(self, config: AugmentConfig, features: FeatureConfig, seed: int = 0,
                  sources: SourcePaths = SourcePaths()):
         self.config, self.features, self.seed = config, features, seed
+        # mel power in the crops (compression "none"): clamped at the floor, to log and back around the log kernels
+        self.power_in = features.compression == "none"
+        self.floor = np.float32(max(features.log_floor, float(np.finfo(np.float32).tiny)))  # never log(0)
         self.colours = _colours(features, config.noise_colours)  # (colours, n_mels)
         self.noise = load_noise(sources)  # (frames, n_mels) float16 log-mels, or None
         self.rooms = load_rooms(sources)  # (rooms, 2, n_mels), or None
@@ -94,7 +103,8 @@ class Augmenter:
         return plan
 
     def apply(self, mels: np.ndarray, plan: BatchPlan) -> None:
-        """Apply ``plan`` to ``mels`` in place (see the module doc for the order)."""
+        """Apply ``plan`` to ``mels`` in place (see the module doc for the order). Power features are
+        mixed as they are (floored) and go to log only around the offsets and masks."""
         rows = plan.power_rows
         if rows.size:
             power, where = self._clean_power(mels, rows, plan)
@@ -105,13 +115,28 @@ class Augmenter:
             first, members, crowd, babble_snr = _babble(plan, rows.shape[0], at, where)
             mix_rows(power, where[rows], decay, gain, bank, entry, start, colour, noise_snr, first, members, crowd,
                      babble_snr)
-            for a, b in _runs(rows):  # back to log (>= the clean power: nothing below the log floor)
-                np.log(power[where[a]:where[a] + b - a], out=mels[a:b])
+            for a, b in _runs(rows):  # back to log (>= the clean power: nothing below the log floor), or as power
+                mixed = power[where[a]:where[a] + b - a]
+                if self.power_in:
+                    mels[a:b] = mixed
+                else:
+                    np.log(mixed, out=mels[a:b])
             if mels.nbytes > MAX_SCRATCH_BYTES:  # a huge batch: do not keep its buffers
                 self._scratch_of.clear()
         shifted = np.union1d(np.union1d(plan.channel_rows, plan.gain_rows), plan.mask_rows)
         if shifted.size:
+            runs = _runs(shifted) if self.power_in else []
+            for a, b in runs:  # power features: the log of max(P, floor) for the offsets and masks...
+                self._floored(mels[a:b], mels[a:b])
+                np.log(mels[a:b], out=mels[a:b])
             self._shift_and_mask(mels, plan, shifted)
+            for a, b in runs:  # ...and power again
+                np.exp(mels[a:b], out=mels[a:b])
+
+    def _floored(self, power: np.ndarray, out: np.ndarray) -> None:
+        """``max(power, floor)`` into ``out``: the power that ``log`` is taken of (no log(0) of zeros,
+        float16 underflow or zero padding)."""
+        np.maximum(power, self.floor, out=out)
 
     def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 buffer of ``shape`` kept between batches (big temporaries each batch would
@@ -125,13 +150,18 @@ class Augmenter:
     def _clean_power(self, mels: np.ndarray, rows: np.ndarray, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
         """The power of ``rows`` and of the babble crowds' rows (their union, in row order), and where
         each batch row is in it (-1: not there). Consecutive rows go through ``exp`` as one slice
-        (a gather of the rows first would cost as much as the exp)."""
+        (a gather of the rows first would cost as much as the exp); power features are only floored
+        (``exp(log(max(P, floor)))`` up to rounding), and crowd rows no kind changes stay untouched."""
         needed = np.union1d(rows, np.concatenate(plan.crowds)) if plan.babble_rows.size else rows
         where = np.full(mels.shape[0], -1)
         where[needed] = np.arange(needed.shape[0])
         power = self._scratch("power", (needed.shape[0], *mels.shape[1:]))
         for a, b in _runs(needed):
-            np.exp(mels[a:b], out=power[where[a]:where[a] + b - a])
+            out = power[where[a]:where[a] + b - a]
+            if self.power_in:
+                self._floored(mels[a:b], out)
+            else:
+                np.exp(mels[a:b], out=out)
         return power, where
 
     def _reverb(self, plan: BatchPlan, n: int, at: np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,10 +2,11 @@
 
 ``--noise-dir`` and ``--rir-dir`` name folders of audio (MUSAN, RIRS_NOISES or any). Each file is
 decoded, resampled to the shards' rate and turned into log-mels with the shards' feature settings
-(no VAD: noise is not speech); noise is kept as one float16 log-mel array (at most
-``MAX_NOISE_FRAMES`` in all, shared evenly among the files, so that a big folder's first
-sub-folders do not take it all), each room response as its per-band decay
-and gain (:func:`dvector.augment.reverb.fit_decay`). The result is cached as ``.npy`` files in the
+(no VAD: noise is not speech; log-mels clamped at ``log_floor`` whatever the ``compression``: the
+augmenter takes its sources' power from their log for log-mel and mel-power shards alike); noise is
+kept as one float16 log-mel array (at most ``MAX_NOISE_FRAMES`` in all, shared evenly among the
+files, so that a big folder's first sub-folders do not take it all), each room response as its
+per-band decay and gain (:func:`dvector.augment.reverb.fit_decay`). The result is cached as ``.npy`` files in the
 run folder, keyed by the file list and the settings, and loaded memory-mapped by each worker.
 """
 
@@ -15,7 +16,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,9 @@ def _audio_files(folder: str) -> list[Path]:
     return files
 
 
-def _mel_power_or_none(path: Path, features: FeatureConfig, max_frames: int) -> np.ndarray | None:
-    """Log-mels of one file (at most ``max_frames``), or None (with one warning line) when unreadable."""
+def _log_mel_or_none(path: Path, features: FeatureConfig, max_frames: int) -> np.ndarray | None:
+    """Log-mels of one file (at most ``max_frames``; ``features`` with log compression), or None (with
+    one warning line) when unreadable."""
     try:
         wav, rate = decode(path)
     except (DecodeError, OSError) as e:
@@ -81,7 +83,10 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache_dir: Path) -> SourcePaths:
-    """Turn the folders into cached mel-domain sources (once; a cache whose key matches is reused)."""
+    """Turn the folders into cached mel-domain sources (once; a cache whose key matches is reused).
+    Power features (``compression="none"``) get the log-mels of their settings, the sources' one domain:
+    keyed by those settings, so they share a log run's cache and never meet a cache of power values."""
+    features = replace(features, compression="log")
     noise = rooms = ""
     if noise_dir:
         files = _audio_files(noise_dir)
@@ -92,7 +97,7 @@ def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache
             for f in files:
                 if total >= MAX_NOISE_FRAMES:
                     break
-                mel = _mel_power_or_none(f, features, min(share, MAX_NOISE_FRAMES - total))
+                mel = _log_mel_or_none(f, features, min(share, MAX_NOISE_FRAMES - total))
                 if mel is not None:
                     mels.append(mel.astype(np.float16))
                     total += mel.shape[0]
@@ -107,7 +112,7 @@ def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache
         if not path.exists():
             fits = []
             for f in files:
-                mel = _mel_power_or_none(f, features, 400)  # 4 s of response is plenty
+                mel = _log_mel_or_none(f, features, 400)  # 4 s of response is plenty
                 if mel is not None:
                     spread = direct_spread(features.win_length, features.hop_length)
                     fits.append(np.stack(fit_decay(np.exp(mel.astype(np.float64)), spread=spread)))

@@ -4,12 +4,12 @@ recordings or resemblyzer are absent."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from benchmark_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_DEV = REPO.parent / "shared" / "data" / "real-dev"
@@ -18,17 +18,9 @@ pytestmark = [pytest.mark.skipif(not (REAL_DEV / "MANIFEST.tsv").is_file(), reas
 pytest.importorskip("resemblyzer")
 
 
-def parity_bench():
-    spec = importlib.util.spec_from_file_location("resemblyzer_parity", REPO / "benchmarks" / "resemblyzer_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_whole_files_match_resemblyzer_on_real_dev() -> None:
-    by_corpus = parity_bench().cosines(REAL_DEV, every=16)
+    by_corpus = load_benchmark("resemblyzer_parity").cosines(REAL_DEV, every=16)
     assert set(by_corpus) == {"audiomnist_az", "emodb", "fsdd", "librispeech_test_other"}
     everything = np.concatenate([np.asarray(v) for v in by_corpus.values()])
     assert len(everything) >= 190
