@@ -148,3 +148,37 @@ def test_a_stream_of_the_import_raises_the_level_whatever_the_chunks(imported: P
     assert float(whole[-1] @ offline[-1]) >= 0.9999
     loud = [w.vector for w in embedder.stream().windows([wav * 5])]  # still under -30 dBFS: raised alike
     assert float(whole[-1] @ loud[-1]) >= 0.9999
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_import_end_to_end(imported: Path, tmp_path: Path) -> None:
+    """build-shards --features IMPORT, then train --init IMPORT (default augmentation, frozen encoder
+    first): the shards hold the import's features, default-feature shards are refused in one line,
+    the encoder starts as the import's and moves once unfrozen."""
+    root = tmp_path / "corpus"
+    result = runner.invoke(app, ["synth", str(root), "--speakers", "6", "--utterances", "4"])
+    assert result.exit_code == 0, result.output
+    shards, plain = tmp_path / "shards", tmp_path / "plain"
+    for args in (["build-shards", root, "-o", shards, "--features", imported, "-j", "1"],
+                 ["build-shards", root, "-o", plain, "-j", "1"]):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    import json
+    index = json.loads((shards / "index.json").read_text())
+    assert index["config"]["features"]["mel_scale"] == "slaney"
+
+    common = ["--init", str(imported), "-n", "3", "-m", "2", "-l", "120", "--threads", "1", "-w", "0",
+              "--lr", "1e-4", "--optimizer", "adam", "--valid-every", "1000"]
+    refused = runner.invoke(app, ["train", str(plain), str(tmp_path / "bad"), "-i", "1", *common])
+    assert refused.exit_code == 1 and "--features" in str(refused.exception)
+    run = tmp_path / "tuned"
+    result = runner.invoke(app, ["train", str(shards), str(run), "-i", "2", "-s", "2", "--freeze-steps", "2", *common])
+    assert result.exit_code == 0, (result.output, result.exception)
+    start = load_checkpoint(imported / "checkpoints" / "latest.pt")["model"]
+    frozen = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert frozen["init"]["sha256"] and all(torch.equal(frozen["model"][k], v) for k, v in start.items())
+    result = runner.invoke(app, ["train", str(shards), str(run), "-i", "4", "-s", "2", "-c", str(run),
+                                 "--freeze-steps", "2", *common])
+    assert result.exit_code == 0, (result.output, result.exception)
+    moved = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert moved["step"] == 4 and not torch.equal(moved["model"]["lstm.weight_ih_l0"], start["lstm.weight_ih_l0"])
