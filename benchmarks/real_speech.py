@@ -36,11 +36,36 @@ Protocol (also in ``benchmarks/real_speech/README.md``):
     python benchmarks/real_speech.py --folds all --train-arg=--augment --train-arg=noise
     python benchmarks/real_speech.py --extra ../shared/data/real-extra/librispeech_train_clean_100 \
         --build-arg=--split-seconds --build-arg=3
+    python benchmarks/real_speech.py --folds all --rows imported                # no training
+    python benchmarks/real_speech.py --rows imported,finetuned --finetune-folds emodb --finetune-minutes 10
+    python benchmarks/real_speech.py --rows trained,scratch_all --build-arg=--split-seconds --build-arg=3
 
 ``--build-arg`` and ``--train-arg`` take one word each, written with ``=`` when it starts with ``-``.
 
+Rows (``--rows``, comma list; default ``trained``), all on the same folds and lists:
+
+- ``trained``: the above (with the untrained network beside it).
+- ``imported``: ``dvector import resemblyzer -o WORK/imported`` (Resemblyzer's weights with its own
+  front end), then ``dvector eval`` of it on every list: no training; it should land on the
+  Resemblyzer peer row (differences: our VAD against webrtcvad, the decoding and resampling).
+- ``finetuned``: shards of the fold's training speakers built with ``--features WORK/imported`` (the
+  import's mel-power features), then ``dvector train --init WORK/imported`` for ``--finetune-minutes``
+  (defaults ``FINETUNE_DEFAULTS``; ``--finetune-arg`` adds or overrides) and ``dvector eval`` of its
+  ``latest.pt``. ``--finetune-folds`` limits it to some folds.
+- ``scratch_all``: the ``trained`` row's recipe (``--model``, ``--train-arg``, ``--minutes``) on every
+  visible speaker: the fold's real-dev training speakers, every ``--all-root`` (default real-extra's
+  251 LibriSpeech speakers and real-more's speechocean762_train) and ``--extra``.
+
+Held-out real-more speakers: a seeded 25 of real-more's 125 (``splits_more.tsv``, written by
+``--make-lists`` with ``trials_speechocean762_train_heldout.txt``, the same rules as the held-out lists,
+paths relative to ``--more``) are linked out of every training set (also of ``--extra`` roots) and that
+list is scored for every row and Resemblyzer, as kind ``more`` (outside the in-corpus mean, whose
+lists are real-dev's).
+
 The last printed line is ``real_dev_mean_eer=<x>``: the trained model's cross-corpus EER in percent,
-averaged over the folds run. Results: ``WORK/results.json``.
+averaged over the folds run (printed when the ``trained`` row ran). Before it:
+``real_dev_mean_eer_<row>=`` for ``imported``, ``finetuned``, ``scratch_all`` and ``resemblyzer``, and
+``real_more_heldout_eer_<row>=`` on the held-out real-more list. Results: ``WORK/results.json``.
 """
 
 from __future__ import annotations
@@ -62,6 +87,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LISTS = HERE / "real_speech"
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "real-dev"
+DEFAULT_MORE = HERE.parent.parent / "shared" / "data" / "real-more"
+DEFAULT_EXTRA = HERE.parent.parent / "shared" / "data" / "real-extra" / "librispeech_train_clean_100"
+MORE_CORPUS, MORE_HELDOUT_N = "speechocean762_train", 25  # real-more: a seeded 25 of its 125 speakers held out
+MORE_LIST = LISTS / f"trials_{MORE_CORPUS}_heldout.txt"
 CORPORA = ("audiomnist_az", "emodb", "fsdd", "librispeech_test_other")
 HELDOUT = {
     "audiomnist_az": {f"az{i:02d}" for i in range(48, 60)},
@@ -99,8 +128,53 @@ def make_trials(files_by_speaker: dict[str, list[str]], rng: random.Random,
     return [(1, a, b) for a, b in targets] + [(0, a, b) for a, b in nontargets]
 
 
-def make_lists(data: Path, out: Path = LISTS) -> list[Path]:
-    """Write ``splits.tsv`` and the trial lists (deterministic: seed ``SEED``)."""
+def more_manifest(more: Path) -> dict[str, list[str]]:
+    """real-more's speaker -> sorted file paths, relative to the real-more root
+    (``speechocean762_train/SPEAKER/file.flac``; its MANIFEST's paths are relative to the corpus folder)."""
+    out: dict[str, list[str]] = {}
+    for line in (more / "MANIFEST.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        corpus, speaker, path = line.split("\t")[:3]
+        if corpus == MORE_CORPUS:
+            out.setdefault(speaker, []).append(f"{corpus}/{path}")
+    return {s: sorted(f) for s, f in sorted(out.items())}
+
+
+def choose_more_heldout(speakers: list[str]) -> list[str]:
+    """The held-out real-more speakers: a seeded sample of ``MORE_HELDOUT_N`` (seed ``SEED``)."""
+    return sorted(random.Random(f"{SEED}/{MORE_CORPUS}/heldout").sample(sorted(speakers), MORE_HELDOUT_N))
+
+
+def more_heldout(lists: Path = LISTS) -> set[str]:
+    """The held-out real-more speakers, as committed in ``splits_more.tsv`` (empty when absent)."""
+    path = lists / "splits_more.tsv"
+    if not path.is_file():
+        return set()
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    return {speaker for corpus, speaker, side in rows if corpus == MORE_CORPUS and side == "heldout"}
+
+
+def make_more_lists(more: Path, out: Path = LISTS) -> list[Path]:
+    """``splits_more.tsv`` and ``trials_speechocean762_train_heldout.txt``: the same rules as the
+    held-out lists of real-dev (at most 40 files per speaker, seed ``SEED``), paths relative to real-more."""
+    table = more_manifest(more)
+    heldout = set(choose_more_heldout(list(table)))
+    split_lines = ["corpus\tspeaker\tside"] + [f"{MORE_CORPUS}\t{s}\t{'heldout' if s in heldout else 'train'}"
+                                               for s in table]
+    (out / "splits_more.tsv").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
+    rng = random.Random(f"{SEED}/{MORE_CORPUS}/heldout-trials")
+    trials = make_trials({s: f for s, f in table.items() if s in heldout}, rng, FILES_PER_SPEAKER["heldout"])
+    n_target = sum(t[0] for t in trials)
+    path = out / MORE_LIST.name
+    head = (f"# real-speech yardstick, {MORE_CORPUS} (real-more), held-out speakers ({len(heldout)} of {len(table)}): "
+            f"{n_target} target, {len(trials) - n_target} non-target trials\n"
+            f"# made by benchmarks/real_speech.py --make-lists (seed {SEED}); paths relative to real-more\n")
+    path.write_text(head + "".join(f"{l} {a} {b}\n" for l, a, b in trials), encoding="utf-8")
+    return [out / "splits_more.tsv", path]
+
+
+def make_lists(data: Path, out: Path = LISTS, more: Path | None = DEFAULT_MORE) -> list[Path]:
+    """Write ``splits.tsv`` and the trial lists (deterministic: seed ``SEED``); with real-more present,
+    also its held-out split and list (``make_more_lists``)."""
     table = manifest(data)
     out.mkdir(parents=True, exist_ok=True)
     split_lines = ["corpus\tspeaker\tside"]
@@ -119,6 +193,8 @@ def make_lists(data: Path, out: Path = LISTS) -> list[Path]:
                     f"# made by benchmarks/real_speech.py --make-lists (seed {SEED}); paths relative to real-dev\n")
             path.write_text(head + "".join(f"{l} {a} {b}\n" for l, a, b in trials), encoding="utf-8")
             written.append(path)
+    if more is not None and (more / "MANIFEST.tsv").is_file():
+        written += make_more_lists(more, out)
     return written
 
 
@@ -155,13 +231,33 @@ def dvector_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dvector"]
 
 
-def build_train_shards(args: argparse.Namespace, fold: str) -> Path:
-    """The fold's training shards, built from symlinked speaker folders; reused when the same."""
+def extra_roots(args: argparse.Namespace, row: str = "trained") -> list[Path]:
+    """The extra training roots of a row: ``--extra`` (repeatable) for the trained and fine-tuned rows;
+    for ``scratch_all`` every ``--all-root`` (default: real-extra and real-more) and ``--extra``."""
+    roots = [Path(e) for e in args.extra]
+    if row == "scratch_all":
+        roots = [Path(r) for r in args.all_root] + roots
+    return list(dict.fromkeys(r.resolve() for r in roots))
+
+
+def build_train_shards(args: argparse.Namespace, fold: str, row: str = "trained",
+                       features: Path | None = None) -> Path:
+    """The fold's training shards (of ``row``'s speakers), built from symlinked speaker folders;
+    reused when the same. Held-out real-more speakers (``splits_more.tsv``) never reach training, even
+    through ``--extra``. ``features``: a run whose feature settings the shards take (``--features``)."""
     table = manifest(args.data)
     speakers = [(c, s) for c in CORPORA if c != fold for s in table[c] if s not in HELDOUT[c]]
-    extra = str(Path(args.extra).resolve()) if args.extra else None
-    key = json.dumps({"speakers": speakers, "data": str(args.data.resolve()), "extra": extra,
-                      "build_args": args.build_arg, "workers": args.build_workers}, sort_keys=True)
+    extras = extra_roots(args, row)
+    held_more = sorted(more_heldout())
+    key_data = {"speakers": speakers, "data": str(args.data.resolve()), "build_args": args.build_arg,
+                "workers": args.build_workers}
+    # the key of a build with one --extra (or none) stays what it was before roots were repeatable
+    key_data["extra"] = (str(extras[0]) if len(extras) == 1 else [str(e) for e in extras]) if extras else None
+    if any(e.name == MORE_CORPUS for e in extras):
+        key_data["heldout_more"] = held_more
+    if features is not None:
+        key_data["features"] = str(Path(features).resolve())
+    key = json.dumps(key_data, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = args.work / "shards" / digest
     if (out / "DONE.json").is_file():
@@ -174,28 +270,62 @@ def build_train_shards(args: argparse.Namespace, fold: str) -> Path:
         (tree / corpus).mkdir(parents=True, exist_ok=True)
         (tree / corpus / speaker).symlink_to((args.data / corpus / speaker).resolve())
         roots.append(str(tree / corpus))
-    roots = list(dict.fromkeys(roots)) + ([extra] if extra else [])
+    for extra in extras:  # linked speaker by speaker, so that held-out real-more speakers stay out
+        if extra.name in CORPORA or (tree / extra.name).exists():
+            raise SystemExit(f"extra root {extra} has the name of another root; rename or link it")
+        for folder in sorted(p for p in extra.iterdir() if p.is_dir()):
+            if extra.name == MORE_CORPUS and folder.name in held_more:
+                continue
+            (tree / extra.name).mkdir(parents=True, exist_ok=True)
+            (tree / extra.name / folder.name).symlink_to(folder.resolve())
+        roots.append(str(tree / extra.name))
+    roots = list(dict.fromkeys(roots))
     cmd = dvector_cmd() + ["build-shards", *roots, "-o", str(out), "-e", "flac", "-j", str(args.build_workers),
-                           *args.build_arg]
+                           *args.build_arg, *(["--features", str(features)] if features is not None else [])]
     run(cmd, args.work / "logs" / f"build-{digest}.log")
     (out / "DONE.json").write_text(key + "\n", encoding="utf-8")
     return out
 
 
-def train_fold(args: argparse.Namespace, fold: str, shards: Path) -> dict:
-    """Train one fold for ``--minutes``; the steps done and the command."""
-    run_dir = args.work / "folds" / fold / "run"
+def train_fold(args: argparse.Namespace, fold: str, shards: Path, row: str = "trained") -> dict:
+    """Train one fold's ``row`` for ``--minutes`` (``--finetune-minutes`` for the fine-tuned row);
+    the steps done and the command."""
+    folder = args.work / "folds" / fold
+    run_dir = folder / ("run" if row == "trained" else f"run-{row}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = dvector_cmd() + ["train", str(shards), str(run_dir), "-i", "100000000", "--max-minutes", str(args.minutes),
-                           "--model", args.model, "--optimizer", "adam", "-n", "16", "-m", "8", "-l", "100",
-                           "--threads", str(args.threads), "-w", str(args.workers), "-s", "100000000",
-                           "--valid", str(shards), "--valid-every", "1000", "--seed", str(args.seed), *args.train_arg]
-    print(f"[{fold}] training {args.minutes} min: {' '.join(cmd[1:])}", flush=True)
+    common = ["-i", "100000000", "--threads", str(args.threads), "-w", str(args.workers), "-s", "100000000",
+              "--valid", str(shards), "--valid-every", "1000", "--seed", str(args.seed)]
+    if row == "finetuned":
+        minutes = args.finetune_minutes if args.finetune_minutes is not None else args.minutes
+        cmd = dvector_cmd() + ["train", str(shards), str(run_dir), "--init", str(imported_run(args)),
+                               "--max-minutes", str(minutes), *common, *FINETUNE_DEFAULTS, *args.finetune_arg]
+    else:
+        minutes = args.minutes
+        cmd = dvector_cmd() + ["train", str(shards), str(run_dir), "--max-minutes", str(minutes),
+                               "--model", args.model, "--optimizer", "adam", "-n", "16", "-m", "8", "-l", "100",
+                               *common, *args.train_arg]
+    print(f"[{fold}] training {row} {minutes} min: {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
     usage: dict = {}
-    run(cmd, args.work / "folds" / fold / "train.log", usage=usage)
+    run(cmd, folder / ("train.log" if row == "trained" else f"train-{row}.log"), usage=usage)
     return {"steps": checkpoint_step(run_dir / "checkpoints" / "latest.pt"), "command": cmd[1:],
             "seconds": round(time.monotonic() - start, 1), **usage}
+
+
+# Fine-tuning the imported Resemblyzer encoder (``--finetune-arg`` values come after, and win): its
+# GE2E loss with fresh w and b, held alone for 100 steps while the encoder stays as imported, then
+# everything at a small Adam rate; Resemblyzer's own 1.6 s windows (160 frames), N=16 M=8.
+FINETUNE_DEFAULTS = ["--loss", "ge2e", "--optimizer", "adam", "--lr", "1e-5", "--freeze-steps", "100",
+                     "-n", "16", "-m", "8", "-l", "160"]
+
+
+def imported_run(args: argparse.Namespace) -> Path:
+    """``WORK/imported``: ``dvector import resemblyzer`` (once)."""
+    out = args.work / "imported"
+    if not (out / "checkpoints" / "latest.pt").is_file():
+        run(dvector_cmd() + ["import", "resemblyzer", "-o", str(out), "--overwrite"],
+            args.work / "logs" / "import-resemblyzer.log")
+    return out
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -213,11 +343,20 @@ def parse_eval(text: str) -> dict[str, float]:
     return {"eer": float(eer.group(1)), "min_dcf": float(dcf.group(1))}
 
 
-def eval_fold(args: argparse.Namespace, fold: str, trials: Path, name: str) -> dict[str, dict[str, float]]:
+def eval_model(args: argparse.Namespace, model: Path, root: Path, trials: Path, log: Path,
+               *flags: str) -> dict[str, float]:
+    """EER (percent) and minDCF (0.01) of one model on one list (``flags`` passed to ``dvector eval``)."""
+    out = run(dvector_cmd() + ["eval", str(model), str(root), "--trials", str(trials), "--threads", str(args.threads),
+                               *flags], log)
+    return parse_eval(out)
+
+
+def eval_fold(args: argparse.Namespace, fold: str, trials: Path, name: str,
+              root: Path | None = None) -> dict[str, dict[str, float]]:
     """EER (percent) and minDCF (0.01) of the untrained and the last checkpoint on one list."""
     folder = args.work / "folds" / fold
     run_dir = folder / "run"
-    common = [str(args.data), "--trials", str(trials), "--threads", str(args.threads)]
+    common = [str(root or args.data), "--trials", str(trials), "--threads", str(args.threads)]
     untrained = run(dvector_cmd() + ["eval", str(run_dir), *common, "--untrained"],
                     folder / f"eval-untrained-{name}.log")
     norm = ["--norm", args.norm] if args.norm != "none" else []
@@ -264,20 +403,23 @@ def resemblyzer_python(args: argparse.Namespace) -> str | None:
     return str(python)
 
 
-def resemblyzer_metrics(args: argparse.Namespace, python: str | None, trials: Path) -> dict[str, float] | None:
-    """Resemblyzer's EER (percent) and minDCF (0.01) on one list, its scores cached per list."""
+def resemblyzer_metrics(args: argparse.Namespace, python: str | None, trials: Path,
+                        root: Path | None = None) -> dict[str, float] | None:
+    """Resemblyzer's EER (percent) and minDCF (0.01) on one list (paths relative to ``root``, default
+    ``--data``), its scores cached per list."""
     if python is None:
         return None
     from dvector.metrics import eer, min_dcf
     import numpy as np
 
-    digest = hashlib.sha256(trials.read_bytes() + str(args.data.resolve()).encode()).hexdigest()[:12]
+    root = root or args.data
+    digest = hashlib.sha256(trials.read_bytes() + str(root.resolve()).encode()).hexdigest()[:12]
     out = args.work / "resemblyzer" / f"{trials.stem}-{digest}.scores"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         try:
-            run([python, str(HERE / "resemblyzer_scores.py"), str(trials), str(args.data), str(out),
+            run([python, str(HERE / "resemblyzer_scores.py"), str(trials), str(root), str(out),
                  "--threads", str(args.threads)], args.work / "logs" / f"resemblyzer-{trials.stem}.log", env)
         except SystemExit as exc:
             print(f"resemblyzer: scoring failed, its rows are left out ({str(exc).splitlines()[0]})", flush=True)
@@ -298,27 +440,42 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def report(results: dict) -> float:
-    """Print the summary lines; the trained model's cross-corpus mean EER."""
-    normalised = any("normalised" in e for f in results["folds"].values() for e in f["lists"].values())
-    systems = ("untrained", "trained", *(("normalised",) if normalised else ()), "resemblyzer")
+SYSTEMS = ("untrained", "trained", "normalised", "imported", "finetuned", "scratch_all", "resemblyzer")
+KINDS = (("cross", "cross-corpus mean"), ("in", "in-corpus mean"), ("more", "held-out real-more"))
+
+
+def report(results: dict) -> float | None:
+    """Print the summary lines; the trained model's cross-corpus mean EER (None: that row not run)."""
+    entries_all = [e for f in results["folds"].values() for e in f["lists"].values()]
+    systems = [s for s in SYSTEMS if any(s in e for e in entries_all)]
     print(f"\n{'fold':24s}{'test list':24s}kind  " + "".join(f"{s + ' EER minDCF':>24s}" for s in systems))
     for fold, f in results["folds"].items():
         for entry in f["lists"].values():
             print(f"{fold:24s}{entry['corpus']:24s}{entry['kind']:6s}"
-                  + "".join(f"{cell(entry[s]):>24s}" for s in systems))
+                  + "".join(f"{cell(entry.get(s)):>24s}" for s in systems))
     lines = {}
-    for kind, label in (("cross", "cross-corpus mean"), ("in", "in-corpus mean")):
-        entries = [e for f in results["folds"].values() for e in f["lists"].values() if e["kind"] == kind]
+    for kind, label in KINDS:
+        entries = [e for e in entries_all if e["kind"] == kind]
+        if not entries:
+            continue
         parts = []
         for s in systems:
-            eers = [e[s]["eer"] for e in entries if e[s]]
-            dcfs = [e[s]["min_dcf"] for e in entries if e[s]]
+            eers = [e[s]["eer"] for e in entries if e.get(s)]
+            dcfs = [e[s]["min_dcf"] for e in entries if e.get(s)]
             lines[(kind, s)] = mean(eers) if len(eers) == len(entries) else None
             parts.append(cell({"eer": mean(eers), "min_dcf": mean(dcfs)}) if len(eers) == len(entries) else cell(None))
         print(f"{label:48s}{'':6s}" + "".join(f"{p:>24s}" for p in parts))
     results["summary"] = {f"{k}_{s}_mean_eer": v for (k, s), v in lines.items()}
-    return lines[("cross", "trained")]
+    return lines.get(("cross", "trained"))
+
+
+def fold_lists(args: argparse.Namespace, fold: str) -> list[tuple[str, str, Path, Path]]:
+    """The fold's lists ``(corpus, kind, path, root)``: ``fold_plan``'s, and the held-out real-more list
+    (kind ``more``) when real-more and the committed list are there."""
+    lists = [(c, k, t, args.data) for c, k, t in fold_plan(fold)[1]]
+    if args.more is not None and (args.more / "MANIFEST.tsv").is_file() and MORE_LIST.is_file():
+        lists.append((MORE_CORPUS, "more", MORE_LIST, args.more))
+    return lists
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -326,43 +483,83 @@ def benchmark(args: argparse.Namespace) -> None:
     unknown = [f for f in folds if f not in CORPORA]
     if unknown:
         raise SystemExit(f"unknown folds {unknown}; choose from {', '.join(CORPORA)} or 'all'")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or not rows:
+        raise SystemExit(f"unknown rows {bad}; choose from {', '.join(ROWS)}")
+    ft_folds = folds if args.finetune_folds is None else [
+        f.strip() for f in args.finetune_folds.split(",") if f.strip()]
     args.work.mkdir(parents=True, exist_ok=True)
-    shards, seconds = {}, {}
-    for fold in folds:  # builds one at a time (the shards are shared between runs with the same arguments)
+    trainable = [r for r in ("trained", "finetuned", "scratch_all") if r in rows]
+    jobs = [(f, r) for r in trainable for f in (ft_folds if r == "finetuned" else folds) if f in folds]
+    if "imported" in rows or "finetuned" in rows:
+        imported_run(args)
+    shards, seconds = {}, {f: {"build": 0.0, "eval": 0.0, "resemblyzer": 0.0} for f in folds}
+    for fold, row in jobs:  # builds one at a time (the shards are shared between runs with the same arguments)
         start = time.monotonic()
-        shards[fold] = build_train_shards(args, fold)
-        seconds[fold] = {"build": round(time.monotonic() - start, 1), "eval": 0.0, "resemblyzer": 0.0}
-        print(f"[{fold}] train shards: {shards[fold]} ({seconds[fold]['build']:.0f} s)", flush=True)
+        shards[fold, row] = build_train_shards(args, fold, row, imported_run(args) if row == "finetuned" else None)
+        took = round(time.monotonic() - start, 1)
+        seconds[fold]["build"] += took
+        print(f"[{fold}] {row} train shards: {shards[fold, row]} ({took:.0f} s)", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        trained = dict(zip(folds, pool.map(lambda f: train_fold(args, f, shards[f]), folds)))
-    python = resemblyzer_python(args)
+        trained = dict(zip(jobs, pool.map(lambda j: train_fold(args, j[0], shards[j], j[1]), jobs)))
+    python = resemblyzer_python(args) if not args.no_resemblyzer else None
     results = {"arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "folds": {}}
+    imported_cache: dict[str, dict[str, float]] = {}
     for fold in folds:
-        entry = {"train": {**trained[fold], "shards": str(shards[fold])}, "lists": {}}
-        for corpus, kind, trials in fold_plan(fold)[1]:
+        entry = {"train": {r: {**trained[fold, r], "shards": str(shards[fold, r])}
+                           for r in trainable if (fold, r) in trained}, "lists": {}}
+        if "trained" in entry["train"]:  # the layout results.json had before the other rows
+            entry["train"].update(entry["train"]["trained"])
+        for corpus, kind, trials, root in fold_lists(args, fold):
             start = time.monotonic()
-            scores = eval_fold(args, fold, trials, trials.stem)
+            folder = args.work / "folds" / fold
+            scores: dict = {}
+            if "trained" in rows:
+                scores.update(eval_fold(args, fold, trials, trials.stem, root))
+            if "imported" in rows:
+                if trials.name not in imported_cache:  # the same model on every fold: scored once per list
+                    imported_cache[trials.name] = eval_model(
+                        args, imported_run(args) / "checkpoints" / "latest.pt", root, trials,
+                        args.work / "imported-evals" / f"{trials.stem}.log", "--no-save")
+                scores["imported"] = imported_cache[trials.name]
+            for row in ("finetuned", "scratch_all"):
+                if (fold, row) in trained:
+                    scores[row] = eval_model(args, folder / f"run-{row}" / "checkpoints" / "latest.pt", root, trials,
+                                             folder / f"eval-{row}-{trials.stem}.log", "--no-save")
             middle = time.monotonic()
-            scores["resemblyzer"] = resemblyzer_metrics(args, python, trials)
+            scores["resemblyzer"] = resemblyzer_metrics(args, python, trials, root)
             seconds[fold]["eval"] += round(middle - start, 1)
             seconds[fold]["resemblyzer"] += round(time.monotonic() - middle, 1)
             entry["lists"][trials.name] = {"corpus": corpus, "kind": kind, **scores}
-            norm = f" | {args.norm} {cell(scores['normalised'])}" if "normalised" in scores else ""
-            print(f"[{fold}] {kind:5s} {corpus:24s} untrained {cell(scores['untrained'])} | trained "
-                  f"{cell(scores['trained'])}{norm} | resemblyzer {cell(scores['resemblyzer'])}", flush=True)
+            shown = " | ".join(f"{s} {cell(scores[s])}" for s in SYSTEMS if s in scores)
+            print(f"[{fold}] {kind:5s} {corpus:24s} {shown}", flush=True)
         entry["seconds"] = seconds[fold]
         results["folds"][fold] = entry
-        print(f"[{fold}] {trained[fold]['steps']} training steps in {trained[fold]['seconds']:.0f} s "
-              f"({trained[fold].get('cpu_s', 0):.0f} CPU-s with its loader); build "
-              f"{seconds[fold]['build']:.0f} s, dvector evals {seconds[fold]['eval']:.0f} s, resemblyzer "
-              f"{seconds[fold]['resemblyzer']:.0f} s", flush=True)
+        for row, t in entry["train"].items():
+            if isinstance(t, dict):
+                print(f"[{fold}] {row}: {t['steps']} training steps in {t['seconds']:.0f} s "
+                      f"({t.get('cpu_s', 0):.0f} CPU-s with its loader)", flush=True)
+        print(f"[{fold}] build {seconds[fold]['build']:.0f} s, dvector evals {seconds[fold]['eval']:.0f} s, "
+              f"resemblyzer {seconds[fold]['resemblyzer']:.0f} s", flush=True)
     mean_eer = report(results)
     (args.work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"results: {args.work / 'results.json'}")
-    normalised = results["summary"].get("cross_normalised_mean_eer")
+    summary = results["summary"]
+    normalised = summary.get("cross_normalised_mean_eer")
     if normalised is not None:
         print(f"real_dev_mean_eer_{args.norm}={normalised:.2f}")
-    print(f"real_dev_mean_eer={mean_eer:.2f}")
+    for row in ("imported", "finetuned", "scratch_all", "resemblyzer"):  # the new rows, before the last line
+        if summary.get(f"cross_{row}_mean_eer") is not None:
+            print(f"real_dev_mean_eer_{row}={summary[f'cross_{row}_mean_eer']:.2f}")
+    for s in SYSTEMS:
+        if summary.get(f"more_{s}_mean_eer") is not None:
+            print(f"real_more_heldout_eer_{s}={summary[f'more_{s}_mean_eer']:.2f}")
+    if mean_eer is not None:
+        print(f"real_dev_mean_eer={mean_eer:.2f}")
+
+
+ROWS = ("trained", "imported", "finetuned", "scratch_all")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,7 +569,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/dvector-real-speech"), help="work folder")
     p.add_argument("--make-lists", action="store_true", help="regenerate splits and trial lists, then stop")
     p.add_argument("--folds", default="audiomnist_az,emodb", help="held-out corpora, comma list, or 'all'")
-    p.add_argument("--extra", help="a root of extra training speakers (e.g. real-extra/librispeech_train_clean_100)")
+    p.add_argument("--extra", action="append", default=[],
+                   help="a root of extra training speakers (e.g. real-extra/librispeech_train_clean_100); "
+                        "repeatable; held-out real-more speakers are left out of it")
+    p.add_argument("--more", type=Path, default=DEFAULT_MORE,
+                   help="real-more root: its held-out speakers' list is scored for every row (default: "
+                        "../shared/data/real-more; skipped when absent)")
+    p.add_argument("--rows", default="trained",
+                   help="comma list of " + ", ".join(ROWS) + ": trained (and untrained) on the fold's real-dev "
+                        "speakers (+ --extra); imported: `dvector import resemblyzer`, evaluated as is; "
+                        "finetuned: train --init the import on the fold's speakers (shards built with "
+                        "--features); scratch_all: the trained row's recipe on every visible speaker "
+                        "(+ every --all-root)")
+    p.add_argument("--all-root", action="append", default=None,
+                   help="extra roots of the scratch_all row (repeatable; default: real-extra's LibriSpeech "
+                        "and real-more's speechocean762_train, minus its held-out speakers)")
+    p.add_argument("--finetune-minutes", type=float,
+                   help="training wall time of the finetuned row (default: --minutes)")
+    p.add_argument("--finetune-folds", help="folds of the finetuned row (default: every fold run)")
+    p.add_argument("--finetune-arg", action="append", default=[],
+                   help="passed to the finetuned row's dvector train after its defaults "
+                        f"({' '.join(FINETUNE_DEFAULTS)}); repeatable")
+    p.add_argument("--no-resemblyzer", action="store_true", help="leave Resemblyzer's peer row out")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per fold")
     p.add_argument("--norm", choices=["none", "asnorm", "snorm"], default="none",
                    help="also score the trained model with this normalisation (cohort: its training shards)")
@@ -389,8 +607,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="passed to dvector train verbatim; repeatable: --train-arg=--augment --train-arg=noise")
     p.add_argument("--resemblyzer-python", help="python of a venv with resemblyzer (default: WORK/.venv-resemblyzer)")
     args = p.parse_args(argv)
+    if args.all_root is None:
+        args.all_root = [str(DEFAULT_EXTRA), str(DEFAULT_MORE / MORE_CORPUS)]
     if args.make_lists:
-        for path in make_lists(args.data):
+        for path in make_lists(args.data, LISTS, args.more):
             print(path)
         return
     if not (args.data / "MANIFEST.tsv").is_file():
