@@ -4,37 +4,28 @@
 only, checked with ``onnx.checker``), ``DIR/dvector.onnx.json`` (the TorchScript export's record with
 format "dvector-onnx") and, with ``--quantize int8``, ``DIR/dvector.int8.onnx``
 (``onnxruntime.quantization.quantize_dynamic``: the encoder's MatMul/Gemm/LSTM/Conv weights in int8;
-the front-end stays float32). Input ``wav``: a 1-D
-float32 waveform at the recorded sample rate, any length of at least one analysis window; output
+the front-end stays float32, and so does the encoder's first layer on mel power features). Input ``wav``:
+a 1-D float32 waveform at the recorded sample rate, any length of at least one analysis window; output
 ``embedding``: ``(embed_dim,)``, unit length. The model's ``metadata_props`` hold sample_rate,
-embed_dim, n_mels, seg_len, model, dvector_version and what the VAD does.
+embed_dim, n_mels, seg_len, model, dvector_version and what the VAD does; ``features`` and ``windows``
+(JSON) where those settings are not the defaults (the Resemblyzer import's).
 
 The graph (``OnnxEmbedding``), the same chain as the TorchScript module, written without
 data-dependent Python control flow so that one traced graph serves every input length:
 
-1. VAD (``GraphVad``): the project's adaptive-floor energy VAD as closed-form tensor operations.
-   Frame energies, the 10th/95th percentiles (a sort), the noise-floor threshold rule and the
-   "undecided" rule are the same. The floor recurrence ``floor[i] = min(e[i], floor[i-1] + rise)``
-   becomes its unrolled form ``floor[i] = i * rise + min(initial + rise, min_{j<=i}(e[j] - j * rise))``
-   in float64, the running minimum taken by doubling over the last ``2^K`` frames, where ``K`` makes
-   ``2^K * rise`` exceed the 140 dB between the energy floor (-100 dB) and +40 dBFS (frame energies
-   are capped there for the floor only): exact, not an approximation, for any audio under +40 dBFS.
-   The numba kernel accumulates the same sum in float32 step by step, so a frame whose energy lies
-   within rounding distance of its threshold can fall the other way. Short-burst removal is a morphological
-   opening (erosion then dilation by ``min_speech`` frames, which removes exactly the runs shorter
-   than it), pre-roll/hang-over a dilation, and pause shortening a windowed "any speech in the last
-   ``max_pause`` frames" test: all equal to the kernels. As in the TorchScript module, where the VAD
-   keeps less than one analysis window the whole input is embedded.
-2. log-mel (``GraphLogMel``): reflect padding, the windowed DFT as a strided ``Conv`` with cosine and
-   sine kernels (ONNX has no complex tensors), power, the project's mel filterbank as a ``MatMul``,
-   log with the same floor: the numpy front-end's values up to float32 summation order.
-3. windows: starts ``0, hop, 2 hop, ...`` of ``L`` frames, and the extra window ending at the last
-   frame, computed for every candidate start with weight 1 for a real window and 0 otherwise (no
-   loops); the encoder runs on all of them at once, and the weighted sum is normalised (the
-   direction of the mean of ``embed``);
-4. an utterance of ``T < L`` frames is one window, run as ``dvector.load(...).embed`` runs it (an
-   LSTM's zero-padded to ``L`` with ``lengths = T``, a convolutional encoder's as it is); the graph
-   computes it always (one more window) and selects it with ``Where`` when ``T < L``.
+1. level (where ``FeatureConfig.raise_to_dbfs`` asks), VAD and log-mel: ``dvector.export.onnx_frontend``
+   (``GraphLevel``, ``GraphVad``, ``GraphLogMel``), each step's correspondence to the package's numpy and
+   numba code told there. As in the TorchScript module, where the VAD keeps less than one analysis window
+   the whole (raised) input is embedded.
+2. windows, ``"overlap"`` (dvector's): starts ``0, hop, 2 hop, ...`` of ``L`` frames, and the extra window
+   ending at the last frame, computed for every candidate start with weight 1 for a real window and 0
+   otherwise (no loops); the encoder runs on all of them at once, and the weighted sum is normalised (the
+   direction of the mean of ``embed``). An utterance of ``T < L`` frames is one window, run as
+   ``dvector.load(...).embed`` runs it (an LSTM's zero-padded to ``L`` with ``lengths = T``, a convolutional
+   encoder's as it is); the graph computes it always (one more window) and selects it with ``Where``.
+3. windows, ``"partials"`` (Resemblyzer's, an imported encoder's): the speech zero-padded to the end of its
+   last partial window (``onnx_frontend.partial_layout``: the length and the starts from the speech's length
+   alone), its features, the windows at those starts (all ``frames`` long), their mean normalised.
 
 Exported with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): the dynamo
 exporter cannot export the encoders' ``assert bool(tensor)`` checks on ``lengths``
@@ -49,7 +40,6 @@ import importlib.util
 import copy
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -60,22 +50,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvector.config import NORM_EPS, VERSION, FeatureConfig, VadConfig
+from dvector.config import NORM_EPS, VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
 from dvector.files import atomic_write, sha256_file
-from dvector.signal.features import analysis_window, mel_filterbank, min_samples
-from dvector.signal.vad import FLOOR_PERCENTILE, LOUD_PERCENTILE, _frames
+from dvector.signal.features import min_samples
 from dvector.training.checkpoint import load_checkpoint
 from dvector.inference.bundle import checkpoint_settings, find_checkpoint
+from dvector.export.onnx_frontend import GraphLevel, GraphLogMel, GraphVad, partial_layout
 from dvector.export.torchscript import embedding_module, export_record
+
+__all__ = ["GraphVad", "OnnxEmbedding", "export_onnx", "onnx_embed", "onnx_session", "quantize_int8"]
 
 ONNX_FILE = "dvector.onnx"
 INT8_FILE = "dvector.int8.onnx"
 RECORD_FILE = "dvector.onnx.json"  # not dvector.json: a TorchScript export may share the folder
 OPSET = 17
-ENERGY_FLOOR_DB = -100.0  # 10 log10(1e-10): the quietest frame energy the VAD computes
-ENERGY_CAP_DB = 40.0  # frame energies above this are capped when tracking the noise floor
-MAX_DOUBLINGS = 32  # a floor that never rises needs the minimum over the whole file: 2^32 frames
 VAD_NOTE = ("adaptive-floor energy VAD of dvector.signal.vad in closed form (same percentiles, threshold rule, "
             "runs, pre-roll, hang-over, pauses); noise floor in float64 instead of the kernel's float32 recurrence")
 
@@ -85,119 +74,6 @@ def install_hint() -> str:
 
 
 # ---- the graph ----------------------------------------------------------------------------------
-
-
-class GraphLogMel(nn.Module):
-    """``dvector.signal.features.log_mel`` as ONNX-friendly ops: ``(n,) -> (1 + n // hop, n_mels)``."""
-
-    def __init__(self, cfg: FeatureConfig) -> None:
-        super().__init__()
-        n_fft = cfg.fft_size
-        self.hop = cfg.hop_length
-        self.half = n_fft // 2
-        self.log_floor = float(cfg.log_floor)
-        k = np.arange(n_fft // 2 + 1)[:, None] * np.arange(n_fft)[None, :]  # (F, n_fft)
-        angle = 2.0 * np.pi * (k % n_fft) / n_fft
-        window = analysis_window(cfg).astype(np.float64)
-        kernels = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window])  # (2F, n_fft)
-        self.register_buffer("dft", torch.from_numpy(kernels.astype(np.float32)).unsqueeze(1))  # (2F, 1, n_fft)
-        self.register_buffer("filterbank", torch.from_numpy(mel_filterbank(cfg).copy()))  # (F, n_mels)
-
-    def forward(self, wav: Tensor) -> Tensor:
-        padded = F.pad(wav.view(1, 1, -1), (self.half, self.half), mode="reflect")  # (1, 1, n + 2 half)
-        spec = F.conv1d(padded, self.dft, stride=self.hop)[0]  # (2F, frames)
-        re, im = spec.chunk(2, dim=0)  # (F, frames) each
-        power = re * re + im * im
-        mel = torch.matmul(power.transpose(0, 1), self.filterbank)  # (frames, n_mels)
-        return torch.log(torch.clamp(mel, min=self.log_floor))
-
-
-def window_any(mask: Tensor, before: int, after: int) -> Tensor:
-    """``out[f] = any(mask[f - before : f + after + 1])`` (clipped to the ends), by prefix sums: ``(n,)`` bool."""
-    counts = F.pad(torch.cumsum(mask.to(torch.int64), dim=0), (1, 0))  # (n + 1,): counts[k] = sum(mask[:k])
-    n = counts.size(0) - 1
-    frame = torch.arange(n)
-    last = counts.new_full((1,), 0) + n
-    hi = torch.minimum(frame + after + 1, last)
-    lo = torch.clamp(frame - before, min=0)
-    return (counts[hi] - counts[lo]) > 0
-
-
-class GraphVad(nn.Module):
-    """The adaptive-floor VAD as a static graph: ``forward(wav (n,)) -> (n,)`` bool, the samples to keep.
-
-    See the module docstring for how each step maps to ``dvector.signal.vad``.
-    """
-
-    def __init__(self, cfg: VadConfig, sample_rate: int) -> None:
-        super().__init__()
-        self.frame_len = max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
-        self.threshold_db = float(cfg.threshold_db)
-        self.min_threshold_db = float(cfg.min_threshold_db)
-        self.min_level_db = float(cfg.min_level_db)
-        self.rise = float(cfg.floor_rise_db_per_s * cfg.frame_ms / 1000.0)
-        self.min_speech = max(1, _frames(cfg.min_speech_ms, cfg.frame_ms))
-        self.preroll = _frames(cfg.preroll_ms, cfg.frame_ms)
-        self.hangover = _frames(cfg.hangover_ms, cfg.frame_ms)
-        self.max_pause = _frames(cfg.max_pause_ms, cfg.frame_ms)
-        span = (ENERGY_CAP_DB - ENERGY_FLOOR_DB) / self.rise if self.rise > 0 else float(2 ** MAX_DOUBLINGS)
-        self.doublings = min(MAX_DOUBLINGS, max(1, math.ceil(math.log2(span + 1))))
-
-    def energy_db(self, wav: Tensor) -> Tensor:
-        """``(frames,)`` float64 dB of each ``frame_len`` frame; the last, partial frame counts too."""
-        n = wav.size(0)
-        fl = self.frame_len
-        count = (n + fl - 1) // fl
-        squares = torch.cat([wav * wav, wav.new_zeros(fl)])[: count * fl].to(torch.float64).reshape(-1, fl)
-        sizes = torch.clamp(n - torch.arange(count) * fl, max=fl).to(torch.float64)  # (frames,)
-        return 10.0 * torch.log10(squares.sum(dim=1) / sizes + 1e-10)
-
-    @staticmethod
-    def percentile(ordered: Tensor, q: float) -> Tensor:
-        """``np.percentile(x, q)`` (linear) of the sorted ``ordered (n,)``: 0-d."""
-        n = ordered.size(0)
-        virtual = (torch.zeros(1, dtype=torch.float64) + (n - 1)) * (q / 100.0)  # (1,)
-        below = torch.floor(virtual).to(torch.int64)
-        above = torch.minimum(below + 1, below * 0 + (n - 1))
-        gamma = virtual - below.to(torch.float64)
-        a, b = ordered[below], ordered[above]
-        return torch.where(gamma >= 0.5, b - (b - a) * (1.0 - gamma), a + (b - a) * gamma)[0]
-
-    def running_floor(self, energy: Tensor, initial: Tensor) -> Tensor:
-        """``floor[i] = min(e[i], floor[i-1] + rise)`` with ``floor[-1] = initial``, unrolled: ``(frames,)``."""
-        n = energy.size(0)
-        frame = torch.arange(n).to(torch.float64)
-        g = torch.clamp(energy, max=ENERGY_CAP_DB) - frame * self.rise  # (frames,)
-        for k in range(self.doublings):  # g[i] <- min(g[i - 2^k + 1 .. i]), then over 2^(k+1) frames
-            shift = 2 ** k
-            g = torch.minimum(g, F.pad(g, (shift, 0), value=float("inf"))[:n])
-        return frame * self.rise + torch.minimum(g, initial + self.rise)
-
-    def frame_mask(self, wav: Tensor) -> Tensor:
-        """``(frames,)`` bool: ``dvector.signal.vad.speech_frames`` as tensor operations."""
-        energy = self.energy_db(wav)  # (frames,) float64
-        ordered, _ = torch.sort(energy)
-        initial = self.percentile(ordered, FLOOR_PERCENTILE)
-        loud = self.percentile(ordered, LOUD_PERCENTILE)
-        undecided = (loud - initial < 2 * self.min_threshold_db) & (loud > self.min_level_db)
-        threshold = torch.clamp(0.5 * (loud - initial), min=self.min_threshold_db, max=self.threshold_db)
-        floor = self.running_floor(energy, initial)
-        speech = (energy > floor + threshold) & (energy > self.min_level_db)
-        m = self.min_speech
-        whole = window_any(~speech, 0, m - 1)  # a non-speech frame in [f, f + m): no full run starts at f
-        starts = ~whole & (torch.arange(speech.size(0)) + m <= speech.size(0))
-        speech = window_any(starts, m - 1, 0)  # opening: runs of >= m frames survive, shorter ones vanish
-        speech = window_any(speech, self.hangover, self.preroll)
-        before = window_any(speech, self.max_pause, 0)  # speech in [f - max_pause, f]
-        earlier = F.pad(torch.cumsum(speech.to(torch.int64), 0), (1, 0))[:-1] > 0  # speech before f
-        later = torch.flip(F.pad(torch.cumsum(torch.flip(speech, [0]).to(torch.int64), 0), (1, 0))[:-1] > 0, [0])
-        keep = speech | (before & earlier & later)
-        return keep | undecided
-
-    def forward(self, wav: Tensor, min_kept: int) -> Tensor:
-        frame_of = torch.div(torch.arange(wav.size(0)), self.frame_len, rounding_mode="floor")  # (n,)
-        keep = self.frame_mask(wav)[frame_of]  # (n,)
-        return keep | (keep.to(torch.int64).sum() < min_kept)  # too little speech: keep everything
 
 
 class UnrolledLSTM(nn.Module):
@@ -250,11 +126,14 @@ def exportable(encoder: nn.Module) -> nn.Module:
 
 
 class OnnxEmbedding(nn.Module):
-    """``forward(wav (n,) float32) -> (embed_dim,)`` unit length: VAD, log-mel, windows, encoder, pooling."""
+    """``forward(wav (n,) float32) -> (embed_dim,)`` unit length: level, VAD, log-mel, windows, encoder, pooling."""
 
-    def __init__(self, encoder: nn.Module, features: FeatureConfig, vad: VadConfig, seg_len: int) -> None:
+    def __init__(self, encoder: nn.Module, features: FeatureConfig, vad: VadConfig, seg_len: int,
+                 windows: WindowConfig | None = None) -> None:
         super().__init__()
+        windows = windows or WindowConfig()
         self.encoder = exportable(encoder.eval())
+        self.level = GraphLevel(features) if features.raise_to_dbfs != 0.0 else None
         self.vad = GraphVad(vad, features.sample_rate) if vad.enabled else None
         self.log_mel = GraphLogMel(features)
         self.min_samples = min_samples(features)
@@ -262,12 +141,19 @@ class OnnxEmbedding(nn.Module):
         self.hop = max(1, self.seg_len // 2)
         self.n_mels = features.n_mels
         self.pad_short = isinstance(getattr(encoder, "lstm", None), nn.LSTM)
+        self.partials = windows if windows.layout == "partials" else None
+        self.partial_step = windows.step_frames(features) if self.partials is not None else 0
+        self.hop_length = features.hop_length
         self.eval()
 
     def forward(self, wav: Tensor) -> Tensor:
         wav = wav.to(torch.float32)
+        if self.level is not None:
+            wav = self.level(wav)
         if self.vad is not None:
             wav = wav[torch.nonzero(self.vad(wav, self.min_samples)).flatten()]
+        if self.partials is not None:
+            return self.partial_embedding(wav)
         mel = self.log_mel(wav)  # (T, n_mels)
         T, L = mel.size(0), self.seg_len
         starts = torch.arange(0, T, self.hop)  # (C,): candidates, a real window where it fits
@@ -293,6 +179,18 @@ class OnnxEmbedding(nn.Module):
             return self.encoder(padded[:L].unsqueeze(0), torch.clamp(T, max=L))[0]
         return self.encoder(mel[:L].unsqueeze(0))[0]
 
+    def partial_embedding(self, speech: Tensor) -> Tensor:
+        """Resemblyzer's partials: ``speech (n,)`` zero-padded to the end of its last window, its features, the
+        windows (each ``frames`` long, so no short path), their mean normalised: ``(D,)``."""
+        frames, hop = self.partials.frames, self.hop_length
+        n = torch.zeros((), dtype=torch.int64) + speech.size(0)  # 0-d, traced: the length of this input
+        padded, starts = partial_layout(n, hop, self.partials, self.partial_step)  # 0-d, (B,)
+        longer = torch.cat([speech, speech.new_zeros((frames + 1) * hop)])  # at least ``padded`` long
+        mel = self.log_mel(longer[torch.arange(padded)])  # (T, n_mels): of exactly ``padded`` samples
+        windows = mel[starts.view(-1, 1) + torch.arange(frames).view(1, -1)]  # (B, frames, n_mels)
+        pooled = self.encoder(windows).mean(dim=0)  # (D,)
+        return F.normalize(pooled, p=2.0, dim=0, eps=NORM_EPS)
+
 
 # ---- from a checkpoint to dvector.onnx ----------------------------------------------------------
 
@@ -311,7 +209,7 @@ def graph_module(state: dict[str, Any]) -> OnnxEmbedding:
     """The ``OnnxEmbedding`` of a loaded checkpoint (what ``export_onnx`` traces)."""
     eager = embedding_module(state)
     settings = checkpoint_settings(state)
-    return OnnxEmbedding(eager.model, settings.features, settings.vad, settings.seg_len)
+    return OnnxEmbedding(eager.model, settings.features, settings.vad, settings.seg_len, settings.windows)
 
 
 def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -337,7 +235,8 @@ def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pat
         meta = {"sample_rate": settings.features.sample_rate, "embed_dim": settings.model.embed_dim,
                 "n_mels": settings.features.n_mels, "seg_len": settings.seg_len, "model": settings.model.name,
                 "arch": settings.model.arch, "dvector_version": VERSION, "step": record["step"],
-                "vad": VAD_NOTE if settings.vad.enabled else "none", "min_samples": module.min_samples}
+                "vad": VAD_NOTE if settings.vad.enabled else "none", "min_samples": module.min_samples,
+                **front_end_note(settings.features, settings.windows)}
         share_weights(model)
         onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
         model.doc_string = "dvector speaker embedding: wav (samples,) float32 -> embedding (embed_dim,), unit length"
@@ -346,10 +245,20 @@ def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pat
     written = [target]
     record.update({"format": "dvector-onnx", "model_file": ONNX_FILE, "opset": OPSET, "sha256": sha256_file(target)})
     if quantize == "int8":
-        written.append(quantize_int8(target, out / INT8_FILE))
+        written.append(quantize_int8(target, out / INT8_FILE, settings.features.compression == "none"))
         record["int8_file"] = INT8_FILE
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return written
+
+
+def front_end_note(features: FeatureConfig, windows: WindowConfig) -> dict[str, Any]:
+    """The metadata entries for front-end options off their defaults (none for a default export)."""
+    note: dict[str, Any] = {}
+    if set(features.to_dict()) != set(FeatureConfig().to_dict()):  # to_dict leaves those options out at their defaults
+        note["features"] = json.dumps(features.to_dict(), sort_keys=True)
+    if windows != WindowConfig():
+        note["windows"] = json.dumps(windows.to_dict(), sort_keys=True)
+    return note
 
 
 def share_weights(model: Any) -> None:
@@ -378,8 +287,15 @@ def share_weights(model: Any) -> None:
         model.graph.node.remove(node)
 
 
-def quantize_int8(float_model: Path, target: Path) -> Path:
+QUANTIZED_OPS = ["MatMul", "Gemm", "LSTM", "Conv"]
+
+
+def quantize_int8(float_model: Path, target: Path, float_first_layer: bool = False) -> Path:
     """``quantize_dynamic`` of the encoder's nodes (int8 weights); the front-end and VAD stay float32.
+
+    ``float_first_layer`` keeps the encoder's first quantisable node (the one that reads the features) float
+    too: for mel power features (``compression="none"``, the Resemblyzer import), whose dynamic range one
+    int8 scale per input cannot hold (cosine to the float model about 0.5 with it quantised, > 0.99 without).
 
     An LSTM encoder's second call (the one-window path of an utterance under ``L`` frames) has its own
     copy of the LSTM weights from the exporter and stays float: quantising one LSTM weight read by two
@@ -390,13 +306,16 @@ def quantize_int8(float_model: Path, target: Path) -> Path:
 
     graph = onnx.load(str(float_model)).graph
     front = [node.name for node in graph.node if not node.name.startswith("/encoder")]  # also /encoder_1/
+    if float_first_layer:
+        front += [node.name for node in graph.node if node.name.startswith("/encoder/")
+                  and node.op_type in QUANTIZED_OPS][:1]
     # quantize_dynamic logs a suggestion to run its pre-processing first; that step's symbolic shape
     # inference fails on this graph (data-dependent lengths), and dynamic quantisation does not need it
     logging.disable(logging.WARNING)
     try:
         with atomic_write(target) as tmp:
             quantize_dynamic(str(float_model), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=front,
-                             op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Conv"])
+                             op_types_to_quantize=QUANTIZED_OPS)
     finally:
         logging.disable(logging.NOTSET)
     return target

@@ -8,16 +8,21 @@ is and how it was made) and ``DIR/README.txt``. The module needs only torch::
 
 Inside the module, the same chain as the package's embedding, as torch code:
 
+0. level (``TorchLevel``, only where ``FeatureConfig.raise_to_dbfs`` asks, as for the Resemblyzer import):
+   the waveform raised to that RMS level when quieter, as ``dvector.signal.features.raise_level``;
 1. VAD trim (``TorchVad``): a torch twin of the numba kernels in ``dvector.signal.vad``, the same
-   float32 arithmetic step by step (frame energies, the numpy-style 10th percentile, the noise
-   floor recurrence as a loop), so the keep masks are identical, not merely close;
-2. log-mel (``TorchLogMel``): ``torch.stft`` with the same periodic Hann window and the same mel
+   arithmetic step by step (frame energies, around each frame's mean with ``remove_dc``, the numpy-style
+   10th percentile, the noise floor recurrence as a loop), so the keep masks are identical, not merely close;
+2. log-mel (``TorchLogMel``): ``torch.stft`` with the same periodic Hann window, padding and mel
    filterbank matrix (``dvector.signal.features.mel_filterbank``, stored as a buffer) as
-   ``dvector.signal.features.log_mel``; equal to it up to FFT rounding (about 1e-5 in the log domain);
+   ``dvector.signal.features.log_mel``, and its log (or none, ``compression="none"``); equal to it up to
+   FFT rounding (about 1e-5 in the log domain);
 3. windows (``window_starts``, ``window_batch``): the training segment length L (``seg_len`` hi),
    hop L // 2; an utterance of at most L frames is one window as it is; otherwise windows start
    at 0, hop, 2 hop, ... while they fit, plus one ending exactly at the last frame when the
-   regular ones miss it;
+   regular ones miss it. With ``WindowConfig`` layout ``"partials"`` (the import's) instead
+   Resemblyzer's: the speech zero-padded to the end of its last partial window before step 2
+   (``partial_windows``), the windows at those starts (``embed_windows_at``);
 4. each window through the network (unit length), averaged, normalised again (``pool_embeddings``).
 
 One deliberate difference: where the VAD leaves less than one analysis window of audio, the
@@ -25,8 +30,10 @@ package's numpy path refuses the utterance (``SkipUtterance``); the TorchScript 
 untrimmed audio instead, so that a deployed model always answers. Audio shorter than one
 analysis window (25 ms by default) is refused by both (``ValueError`` from the module).
 
-The torch twins live in ``frontend_torch.py``; the windowing, shared with the eager embedding
-(``embed.py``) so both paths cut and pool windows with the same code, in ``windows.py``.
+The torch twins live in ``dvector.signal.torch_frontend``; the windowing, shared with the eager embedding
+(``dvector.inference.embedder``) so both paths cut and pool windows with the same code, in
+``dvector.signal.windows``. The record (``dvector.json``) holds ``window_config`` where it is not the
+default, so that ``dvector.load`` of the export knows the layout.
 """
 
 import json
@@ -34,19 +41,20 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvector.config import VERSION, FeatureConfig, VadConfig
+from dvector.config import VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
 from dvector.files import atomic_write, sha256_file
 from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
-from dvector.signal.torch_frontend import TorchLogMel, TorchVad
-from dvector.signal.windows import MelEncoder, embed_windows
+from dvector.signal.torch_frontend import TorchLevel, TorchLogMel, TorchVad
+from dvector.signal.windows import MelEncoder, embed_windows, embed_windows_at, partial_windows
 from dvector.training.checkpoint import load_checkpoint
 from dvector.inference.bundle import EXPORT_META, EXPORT_MODULE, checkpoint_settings, find_checkpoint
 
@@ -67,13 +75,18 @@ README_FILE = "README.txt"
 class EmbeddingModule(nn.Module):
     """Waveform to d-vector: ``forward(wav (n,) float32 at sample_rate) -> (embed_dim,)`` unit length.
 
-    Also ``features(wav) -> (T, n_mels)`` (VAD then log-mel) and ``embed_mel(mel) -> (embed_dim,)``.
+    Also ``speech(wav) -> (n',)`` (level, then VAD), ``features(wav) -> (T, n_mels)`` (the features the
+    windows are cut from) and ``embed_mel(mel) -> (embed_dim,)`` (overlapping windows of ``seg_len``).
+    ``windows`` (default ``"overlap"``): with ``"partials"`` the speech is zero-padded to the end of its last
+    partial window (``dvector.signal.windows.partial_windows``) before its features, as the eager embedding does.
     """
 
     model: MelEncoder
 
-    def __init__(self, model: DVector, features: FeatureConfig, vad: VadConfig, seg_len: int) -> None:
+    def __init__(self, model: DVector, features: FeatureConfig, vad: VadConfig, seg_len: int,
+                 windows: WindowConfig | None = None) -> None:
         super().__init__()
+        windows = windows or WindowConfig()
         if model.n_mels != features.n_mels:
             raise DvectorError(f"the network takes {model.n_mels} mels but the features give {features.n_mels}")
         if seg_len < 1:
@@ -87,24 +100,46 @@ class EmbeddingModule(nn.Module):
         self.min_samples: int = min_samples(features)
         self.vad_enabled: bool = bool(vad.enabled)
         self.dvector_version: str = VERSION
+        self.partials: bool = windows.layout == "partials"
+        self.partial_frames: int = int(windows.frames) if self.partials else 0
+        self.partial_step: int = windows.step_frames(features) if self.partials else 1
+        self.min_coverage: float = float(windows.min_coverage)
+        if features.raise_to_dbfs != 0.0:  # a submodule only where used: default exports stay as they were
+            self.level = TorchLevel(features)
         self.log_mel = TorchLogMel(features)
         self.vad = TorchVad(vad, features.sample_rate)
         self.model = model.eval()
         self.eval()
 
     @torch.jit.export
-    def features(self, wav: Tensor) -> Tensor:
-        """``(T, n_mels)`` log-mel of the VAD-trimmed audio (the untrimmed audio when VAD leaves < 1 window)."""
+    def speech(self, wav: Tensor) -> Tensor:
+        """The samples the features are taken of: ``wav`` raised to the recorded level (where the features ask
+        for it), VAD-trimmed; the whole (raised) input when the VAD keeps less than one analysis window."""
         if wav.dim() != 1:
             raise ValueError("dvector: expected a 1-D (mono) waveform, got " + str(wav.dim()) + " dimensions")
         wav = wav.to(torch.float32)
         if wav.size(0) < self.min_samples:
             raise ValueError("dvector: audio of " + str(wav.size(0)) + " samples is shorter than one analysis window ("
                              + str(self.min_samples) + " samples at " + str(self.sample_rate) + " Hz)")
+        if hasattr(self, "level"):
+            wav = self.level(wav)
         trimmed = self.vad(wav)
         if trimmed.size(0) < self.min_samples:
             trimmed = wav  # too little speech found: embed the whole input rather than fail
+        return trimmed
+
+    @torch.jit.export
+    def features(self, wav: Tensor) -> Tensor:
+        """``(T, n_mels)`` log-mel of ``speech(wav)``; with partial windows, of it zero-padded to their end."""
+        trimmed = self.speech(wav)
+        if self.partials:
+            padded, _ = self.partial_layout(trimmed.size(0))
+            trimmed = F.pad(trimmed, (0, padded - trimmed.size(0)))
         return self.log_mel(trimmed)
+
+    def partial_layout(self, n_samples: int) -> Tuple[int, List[int]]:
+        """``partial_windows`` with the recorded window settings: (samples to pad to, window starts)."""
+        return partial_windows(n_samples, self.hop_length, self.partial_frames, self.partial_step, self.min_coverage)
 
     @torch.jit.export
     def embed_mel(self, mel: Tensor) -> Tensor:
@@ -112,7 +147,12 @@ class EmbeddingModule(nn.Module):
         return embed_windows(self.model, mel, self.seg_len)
 
     def forward(self, wav: Tensor) -> Tensor:
-        return self.embed_mel(self.features(wav))
+        if not self.partials:
+            return self.embed_mel(self.features(wav))
+        trimmed = self.speech(wav)
+        padded, starts = self.partial_layout(trimmed.size(0))
+        mel = self.log_mel(F.pad(trimmed, (0, padded - trimmed.size(0))))  # (T, n_mels)
+        return embed_windows_at(self.model, mel, starts, self.partial_frames)
 
 
 # ---- from a checkpoint to an exported bundle ----------------------------------------------------
@@ -123,7 +163,7 @@ def embedding_module(state: dict[str, Any]) -> EmbeddingModule:
     settings = checkpoint_settings(state)
     model = build_encoder(settings.model)
     model.load_state_dict(state["model"])
-    return EmbeddingModule(model, settings.features, settings.vad, settings.seg_len)
+    return EmbeddingModule(model, settings.features, settings.vad, settings.seg_len, settings.windows)
 
 
 README_TEXT = """\
@@ -139,8 +179,7 @@ dvector.pt is a TorchScript module. It needs only PyTorch, not the dvector packa
     score = float(m(wav_a) @ m(wav_b))   # cosine similarity of two utterances
 
 Resample to {sample_rate} Hz first (e.g. torchaudio.functional.resample or soxr) and mix down to
-mono. Inside the module: energy VAD trimming, log-mel ({n_mels} mels), windows of {seg_len} frames
-with 50% overlap, one unit-length embedding per window, averaged and normalised again. If the VAD
+mono. Inside the module: {front}, {mel}, {windows}, one unit-length embedding per window, averaged and normalised again. If the VAD
 finds (almost) no speech, the whole input is embedded; audio shorter than {min_samples} samples
 raises ValueError. Also available: m.features(wav) -> (frames, {n_mels}) log-mel after VAD,
 m.embed_mel(mel) -> ({embed_dim},), and m.sample_rate, m.embed_dim, m.seg_len.
@@ -148,6 +187,19 @@ m.embed_mel(mel) -> ({embed_dim},), and m.sample_rate, m.embed_dim, m.seg_len.
 dvector.json records the settings, the source checkpoint and its training step; the same record
 is stored inside dvector.pt (torch.jit.load(path, _extra_files={{"dvector.json": ""}})).
 """
+
+
+def readme_phrases(features: FeatureConfig, windows: WindowConfig, seg_len: int) -> Dict[str, str]:
+    """How README.txt words the front end, features and windows (a default export's text as it always was)."""
+    front = "energy VAD trimming"
+    if features.raise_to_dbfs != 0.0:
+        front = f"the level raised to {features.raise_to_dbfs:g} dBFS\nwhen quieter, " + front
+    mel = f"log-mel ({features.n_mels} mels)" if features.compression == "log" else f"mel power ({features.n_mels} mels)"
+    text = f"windows of {seg_len} frames\nwith 50% overlap"
+    if windows.layout == "partials":
+        text = (f"Resemblyzer's partial windows\n({windows.frames} frames every {windows.step_frames(features)}, "
+                "over the speech zero-padded to the last one's end)")
+    return {"front": front, "mel": mel, "windows": text}
 
 
 def script_module(module: EmbeddingModule) -> torch.jit.ScriptModule:
@@ -193,6 +245,8 @@ def export_record(state: dict[str, Any], source: Path, hop: int) -> Dict[str, An
         "torch_version": torch.__version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if settings.windows != WindowConfig():  # recorded where it matters; a default record stays as it was
+        meta["window_config"] = settings.windows.to_dict()
     return meta
 
 
@@ -219,6 +273,6 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
     meta["sha256"] = sha256_file(target)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / README_FILE).write_text(README_TEXT.format(sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim,
-                                                      n_mels=features.n_mels, seg_len=L,
-                                                      min_samples=module.min_samples))
+                                                      n_mels=features.n_mels, min_samples=module.min_samples,
+                                                      **readme_phrases(settings.features, settings.windows, L)))
     return target

@@ -2,10 +2,11 @@
 and ``log_mel`` and of the numba kernels of ``dvector.signal.vad``, for the exported module (numba cannot be
 scripted).
 
-The VAD twin repeats the float32 arithmetic step by step (frame energies, numpy-style
-percentiles, the noise-floor recurrence as a loop), so its keep masks are identical to the numba
-ones, not merely close; the log-mel twin uses ``torch.stft`` with the same window and filterbank
-and equals the numpy one up to FFT rounding. Tests check both.
+The VAD twin repeats the kernels' arithmetic step by step (frame energies from float64 squares, each
+frame's mean subtracted first with ``VadConfig.remove_dc``; numpy-style float32 percentiles; the
+noise-floor recurrence as a float32 loop), so its keep masks are identical to the numba ones, not
+merely close; the log-mel twin uses ``torch.stft`` with the same window, padding and filterbank and
+equals the numpy one up to FFT rounding. Tests check both.
 """
 
 import torch
@@ -65,7 +66,7 @@ class TorchLogMel(nn.Module):
 
 
 class TorchVad(nn.Module):
-    """``dvector.signal.vad.trim_silence`` in torch, kernel by kernel, with the same float32 arithmetic.
+    """``dvector.signal.vad.trim_silence`` in torch, kernel by kernel, with the same arithmetic.
 
     ``keep_mask(wav) -> (frames,) bool`` equals ``dvector.signal.vad.speech_frames``; ``forward(wav)``
     returns the kept samples (the whole input when the VAD is disabled).
@@ -74,6 +75,7 @@ class TorchVad(nn.Module):
     def __init__(self, cfg: VadConfig, sample_rate: int) -> None:
         super().__init__()
         self.enabled: bool = bool(cfg.enabled)
+        self.remove_dc: bool = bool(cfg.remove_dc)
         self.frame_len: int = max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
         self.percentile: float = float(FLOOR_PERCENTILE)
         self.threshold_db: float = float(cfg.threshold_db)
@@ -87,13 +89,18 @@ class TorchVad(nn.Module):
         self.max_pause: int = _frames(cfg.max_pause_ms, cfg.frame_ms)
 
     def frame_energy_db(self, wav: Tensor) -> Tensor:
-        """``(frames,)`` float32 dB; squares in float32, sums in float64, like the numba kernel."""
+        """``(frames,)`` float32 dB, as the numba kernel computes it: the samples in float64, less each frame's
+        mean with ``remove_dc``, squared and summed in float64."""
         n = wav.size(0)
         fl = self.frame_len
         count = (n + fl - 1) // fl
-        squares = F.pad(wav * wav, (0, count * fl - n)).to(torch.float64).view(count, fl)  # (frames, fl)
         sizes = torch.clamp(n - torch.arange(count, device=wav.device) * fl, max=fl).to(torch.float64)  # (frames,)
-        return (10.0 * torch.log10(squares.sum(dim=1) / sizes + 1e-10)).to(torch.float32)
+        frames = F.pad(wav, (0, count * fl - n)).to(torch.float64).view(count, fl)  # (frames, fl), zero-padded
+        if self.remove_dc:
+            mean = frames.sum(dim=1) / sizes  # (frames,): the padding adds zeros
+            valid = torch.arange(count * fl, device=wav.device).view(count, fl) < n  # (frames, fl)
+            frames = torch.where(valid, frames - mean.unsqueeze(1), torch.zeros_like(frames))
+        return (10.0 * torch.log10((frames * frames).sum(dim=1) / sizes + 1e-10)).to(torch.float32)
 
     def initial_floor(self, energy: Tensor) -> Tensor:
         """``np.percentile(energy, 10)``: 0-d float32."""
