@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dvector.cli import app, main
 from dvector.demo.synth import parse_duration, write_corpus
+from dvector.config import TrainConfig
 from dvector.errors import DvectorError
 
 
@@ -26,6 +27,17 @@ def test_small_demo_runs_every_stage_and_training_helps(tmp_path):
     assert stored["eer"] == pytest.approx(trained, abs=5e-5)
     untrained = float(result.output.split("untrained network: EER ")[1].split("%")[0]) / 100
     assert trained < untrained
+
+
+def test_demo_trains_without_augmentation_unlike_the_default():
+    """Synthetic voices are clean: the demo turns the library's default augmentation off (its EER was >10% with it)."""
+    from dvector.demo.run import SMALL, DemoSize, demo_train_config
+
+    assert TrainConfig().augment.kinds, "the library default augments; the demo's choice would mean nothing"
+    for size in (DemoSize(), SMALL):
+        cfg = demo_train_config(size, seed=3)
+        assert cfg.augment.kinds == ()
+        assert (cfg.steps, cfg.optimizer, cfg.seed, cfg.seg_len) == (size.steps, "adam", 3, (size.seg_len,) * 2)
 
 
 def test_synth_writes_nested_speaker_folders(tmp_path):
