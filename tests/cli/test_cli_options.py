@@ -47,6 +47,7 @@ SURFACE = {
               "--compile", "--keep", "--log-every", "--short-policy", "--threads", "--max-minutes",
               "--stall-timeout", "--augment", "--augment-prob", "--noise-snr", "--babble-snr", "--reverb-rt60",
               "--noise-dir", "--rir-dir"],
+    "import": ["SOURCE", "-o/--out", "--weights", "--overwrite"],
     "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads", "-j/--workers", "--dask",
               "--sample-rate"],
     "score": ["MODEL", "A", "B", "-t/--threshold", "--threads", "--norm", "--cohort", "--cohort-top"],
