@@ -20,7 +20,7 @@ dvector build-shards "$OUT/data/train" -o "$OUT/shards" --min-shards 4 --overwri
 rm -rf "$OUT/run"
 # shellcheck disable=SC2086
 dvector train "$OUT/shards" "$OUT/run" -i "$STEPS" -s "$STEPS" --valid-every $((STEPS / 5)) --model tiny \
-  --optimizer adam --lr 0.003 --augment none $BATCH -l 100 -w 1
+  --optimizer adam --lr 0.003 --augment none --threads 1 $BATCH -l 100 -w 1
 echo "untrained: $(dvector eval "$OUT/run" "$OUT/data/eval" --untrained --threads 1 | tail -n 1)"
 dvector eval "$OUT/run" "$OUT/data/eval" --threads 1 --det "$OUT/det.png"
 dvector visualize "$OUT/run" "$OUT/data/eval" -o "$OUT/tsne.png" --threads 1

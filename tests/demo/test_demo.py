@@ -29,14 +29,15 @@ def test_small_demo_runs_every_stage_and_training_helps(tmp_path):
     assert trained < untrained
 
 
-def test_demo_trains_without_augmentation_unlike_the_default():
-    """Synthetic voices are clean: the demo turns the library's default augmentation off (its EER was >10% with it)."""
+def test_demo_trains_on_one_thread_without_augmentation_unlike_the_default():
+    """The demo's own settings (run.py says what each bought): no augmentation of the clean synthetic voices, and
+    one torch thread (every core, the default, crawled on shared cores); the library's defaults stay as they are."""
     from dvector.demo.run import SMALL, DemoSize, demo_train_config
 
-    assert TrainConfig().augment.kinds, "the library default augments; the demo's choice would mean nothing"
+    assert TrainConfig().augment.kinds and TrainConfig().threads == 0, "the defaults the demo departs from"
     for size in (DemoSize(), SMALL):
         cfg = demo_train_config(size, seed=3)
-        assert cfg.augment.kinds == ()
+        assert cfg.augment.kinds == () and cfg.threads == 1
         assert (cfg.steps, cfg.optimizer, cfg.seed, cfg.seg_len) == (size.steps, "adam", 3, (size.seg_len,) * 2)
 
 
