@@ -92,13 +92,9 @@ def build(args: argparse.Namespace, speakers: list[tuple[str, Path]]) -> Path:
     key = json.dumps({"speakers": [k for k, _ in speakers], "data": str(args.data.resolve()),
                       "roots": [str(Path(r).resolve()) for r in args.root], "build_args": args.build_arg},
                      sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = args.work / "shards" / digest
-    if (out / "DONE.json").is_file():
+    digest, out, tree = rs.shard_cache(args.work, key)
+    if tree is None:
         return out
-    tree = args.work / "trees" / digest
-    shutil.rmtree(tree, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
     for name, folder in speakers:
         corpus, speaker = name.split("/")
         (tree / corpus).mkdir(parents=True, exist_ok=True)

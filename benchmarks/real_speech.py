@@ -240,6 +240,19 @@ def extra_roots(args: argparse.Namespace, row: str = "trained") -> list[Path]:
     return list(dict.fromkeys(r.resolve() for r in roots))
 
 
+def shard_cache(work: Path, key: str) -> tuple[str, Path, Path | None]:
+    """``(digest, shards folder, tree folder)`` for a build described by ``key``; the tree is None when
+    those shards are already built (``DONE.json``), else both folders are emptied for a new build."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = work / "shards" / digest
+    if (out / "DONE.json").is_file():
+        return digest, out, None
+    tree = work / "trees" / digest
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return digest, out, tree
+
+
 def build_train_shards(args: argparse.Namespace, fold: str, row: str = "trained",
                        features: Path | None = None) -> Path:
     """The fold's training shards (of ``row``'s speakers), built from symlinked speaker folders;
@@ -258,13 +271,9 @@ def build_train_shards(args: argparse.Namespace, fold: str, row: str = "trained"
     if features is not None:
         key_data["features"] = str(Path(features).resolve())
     key = json.dumps(key_data, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = args.work / "shards" / digest
-    if (out / "DONE.json").is_file():
+    digest, out, tree = shard_cache(args.work, key)
+    if tree is None:
         return out
-    tree = args.work / "trees" / digest
-    shutil.rmtree(tree, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
     roots = []
     for corpus, speaker in speakers:
         (tree / corpus).mkdir(parents=True, exist_ok=True)
