@@ -39,7 +39,6 @@ doubling of training speakers. Results: ``WORK/results.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
