@@ -19,9 +19,9 @@ from typing import List, Optional
 import typer
 
 from dvector.cli import build, demo, diarize, pretrained, train, use
-from dvector.cli.console import print_error, show_warnings_as_lines
+from dvector.cli.console import print_error, say, show_warnings_as_lines
 from dvector.config import launch_rank
-from dvector.errors import DvectorError
+from dvector.errors import DvectorError, Stopped
 
 app = typer.Typer(
     help="Speaker embeddings (d-vectors) trained with the GE2E loss: build shards, train, embed, evaluate.",
@@ -49,11 +49,16 @@ app.command("synth")(demo.synth_cmd)
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user errors (``DvectorError``) print one line and exit 1, without a
-    traceback; under torchrun only rank 0 prints it. Warnings print as one ``warning:`` line."""
+    traceback; work stopped by a signal (``Stopped``) says where it is kept and exits 128 + the signal's
+    number; under torchrun only rank 0 prints. Warnings print as one ``warning:`` line."""
     show_warnings_as_lines()
     try:
         app(args=argv, standalone_mode=True)
+    except Stopped as exc:
+        if launch_rank() == 0:
+            say(f"stopped: {exc}")
+        sys.exit(exc.exit_code)
     except DvectorError as exc:
         if launch_rank() == 0:
             print_error(str(exc))
-        sys.exit(1)
+        sys.exit(exc.exit_code)

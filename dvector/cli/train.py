@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from dvector.cli.console import console, progress, say
-from dvector.cli.options import Seed, default, range_text, threads_option
+from dvector.cli.options import Seed, default, given_options, range_text, threads_option
 from dvector.config import AUGMENT_KINDS, AugmentConfig, TrainConfig
 
 train_default = partial(default, TrainConfig)
@@ -100,6 +100,7 @@ MaxMinutes = Annotated[float, typer.Option(
 
 
 def train_cmd(
+    ctx: typer.Context,
     shards: Shards,
     model_dir: ModelDir,
     steps: Steps = train_default("steps"),
@@ -173,7 +174,7 @@ def train_cmd(
         result = train(shards, model_dir, cfg, ModelConfig.preset(model) if model else None,
                        resume=str(resume) if resume else None, valid=valid, device=device, on_log=on_log,
                        say=partial(say, out=bar.console),  # the library is silent on ranks other than 0
-                       init=str(init) if init else None)
+                       init=str(init) if init else None, given=given_options(ctx))
     if result.is_main:
         print_train_summary(result, console)
 

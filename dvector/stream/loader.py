@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -103,6 +104,15 @@ class GE2EDataset(IterableDataset):
 
 
 MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's initial value, kept fixed
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: a signal sent to the whole process group (``timeout``,
+    Slurm, Ctrl-C) is the main process's to handle (training saves a checkpoint, then stops its workers);
+    torch's own handler would end the worker first. A worker whose parent is gone still exits (torch
+    watches for that)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def fixed_mmap_threshold() -> bool:
@@ -220,7 +230,8 @@ class GE2ELoader:
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                                       prefetch_factor=self.prefetch, persistent_workers=False,
-                                      multiprocessing_context="fork" if os.name == "posix" else None))
+                                      multiprocessing_context="fork" if os.name == "posix" else None,
+                                      worker_init_fn=ignore_stop_signals))
         try:
             for mels, speakers, worker, state, stats in batches:
                 if mels is None:  # a worker's DvectorError (see GE2EDataset)

@@ -7,6 +7,7 @@ readable checkpoint when its ``latest.pt`` is damaged (:func:`load_resume_checkp
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -28,9 +29,16 @@ def checkpoint_dir(model_dir: Path) -> Path:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path`` atomically: a killed save never leaves a half-written checkpoint."""
+    """``torch.save`` to ``path`` atomically: a killed save never leaves a half-written checkpoint.
+
+    Serialized in memory first and written by Python: torch's own file writer turns a full disk into a
+    long C++ ``RuntimeError`` (or an abort); here it is an ``OSError`` with its errno.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -69,14 +77,18 @@ def save_checkpoint(state: dict[str, Any], model_dir: Path, keep: int, best: boo
     """
     check_finite(state)
     folder = checkpoint_dir(model_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temps(folder):  # left by a save that was killed
-        stale.unlink(missing_ok=True)
     path = folder / f"step-{int(state['step']):09d}.pt"
-    save_atomic({"format": FORMAT, "version": VERSION, **state}, path)
-    _link_or_copy(path, folder / "latest.pt")
-    if best:
-        _link_or_copy(path, folder / "best.pt")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temps(folder):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
+        save_atomic({"format": FORMAT, "version": VERSION, **state}, path)
+        _link_or_copy(path, folder / "latest.pt")
+        if best:
+            _link_or_copy(path, folder / "best.pt")
+    except OSError as exc:
+        raise DvectorError(f"cannot save the checkpoint of step {state.get('step')} as {path}: "
+                           f"{exc.strerror or exc}; the checkpoints saved before are kept") from exc
     numbered = sorted(p for p in folder.iterdir() if NUMBERED.match(p.name))
     for old in numbered[:-keep]:
         old.unlink()

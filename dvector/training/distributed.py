@@ -96,15 +96,6 @@ def setup_process(device: str | None, cfg: TrainConfig) -> tuple[Distributed, to
     return ddp, dev
 
 
-def main_flag(flag: bool, ddp: Distributed, dev: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank (a broadcast; every rank must call it at the same point)."""
-    if ddp.world <= 1:
-        return flag
-    shared = torch.tensor([int(flag)], device=dev if dev.type == "cuda" else torch.device("cpu"))
-    dist.broadcast(shared, src=0)
-    return bool(shared.item())
-
-
 def main_value(value: Any, ddp: Distributed) -> Any:
     """Rank 0's ``value`` (any picklable object) on every rank; every rank must call it at the same point."""
     if ddp.world <= 1:
@@ -121,12 +112,6 @@ def sum_over_ranks(counts: dict[str, int], ddp: Distributed) -> dict[str, int]:
     gathered: list[Any] = [None] * ddp.world
     dist.all_gather_object(gathered, dict(counts))
     return {k: sum(int(g.get(k, 0)) for g in gathered) for k in sorted({k for g in gathered for k in g})}
-
-
-def out_of_time(started: float, max_minutes: float, ddp: Distributed, dev: torch.device) -> bool:
-    """Whether ``max_minutes`` have passed since ``started`` (perf_counter); rank 0's clock decides
-    for every rank."""
-    return main_flag(time.perf_counter() - started > 60.0 * max_minutes, ddp, dev)
 
 
 def ends_own_process_group(fn: Callable[..., R]) -> Callable[..., R]:

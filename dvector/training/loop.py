@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 from dvector.config import ModelConfig, TrainConfig
-from dvector.training.distributed import ends_own_process_group
+from dvector.errors import DvectorError
+from dvector.files import one_writer
+from dvector.training.distributed import Distributed, ends_own_process_group, main_value, setup_process
 from dvector.training.prepare import (Trainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
 from dvector.training.steps import StepLog, StepLoop
@@ -49,6 +52,23 @@ class TrainResult:
     validation_note: str = ""  # why validation could not choose a checkpoint well (too easy, narrow), or ""
 
 
+@contextmanager
+def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Callable[[str], None]) -> Iterator[None]:
+    """The run folder has one writer: rank 0 holds its lock (:func:`dvector.files.one_writer`) while the
+    block runs; when another run holds it, every rank stops with the same one line, before any data is read."""
+    with ExitStack() as stack:
+        refused = None
+        if ddp.main:
+            try:
+                stack.enter_context(one_writer(model_dir, "training run", say))
+            except DvectorError as exc:
+                refused = str(exc)
+        refused = main_value(refused, ddp)
+        if refused:
+            raise DvectorError(refused)
+        yield
+
+
 @ends_own_process_group
 def train(
     shards: str | Sequence[str],
@@ -62,6 +82,7 @@ def train(
     on_log: Callable[[StepLog], None] | None = None,
     say: Callable[[str], None] = print,
     init: str | os.PathLike[str] | None = None,
+    given: Collection[str] | None = None,
 ) -> TrainResult:
     """Train (or continue training from ``resume``) and return a summary; see the module doc.
 
@@ -69,9 +90,26 @@ def train(
     run's encoder, network and feature settings (``model_cfg`` may only name the same network), with
     the loss's weights, the optimizer, the schedule and the step count new; ``cfg.freeze_steps``
     then trains only the loss's weights for that many steps.
+
+    ``given``: the ``cfg`` fields the caller set on purpose (the CLI: the options on its command line;
+    None: all). Continuing, the loss settings not given are the run's, and another loss is refused
+    (:mod:`dvector.training.continued`).
     """
     started = time.perf_counter()
-    ctx = setup_run(shards, model_dir, cfg, model_cfg, resume, device, index, say, init)
+    ddp, dev = setup_process(device, cfg)
+    with run_folder_lock(model_dir, ddp, say):
+        return _train(shards, model_dir, cfg, model_cfg, resume, valid, ddp, dev, index, on_log, say, init, given,
+                      started)
+
+
+def _train(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cfg: TrainConfig,
+           model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, valid: str | None,
+           ddp: Distributed, dev: Any, index: str | None, on_log: Callable[[StepLog], None] | None,
+           say: Callable[[str], None], init: str | os.PathLike[str] | None, given: Collection[str] | None,
+           started: float) -> TrainResult:
+    """:func:`train` once the process is set up and the run folder is this run's alone."""
+    ctx = setup_run(shards, model_dir, cfg, model_cfg, resume, ddp, dev, index, say, init, given)
+    cfg = ctx.cfg
     validation = validation_speakers(cfg, ctx, valid)
     parts = build_parts(cfg, ctx)
     if ctx.checkpoint is not None:

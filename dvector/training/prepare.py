@@ -1,7 +1,6 @@
 """Everything :func:`dvector.training.loop.train` sets up before its first step.
 
-The process (group, device, threads), the shards, the checkpoint and the model config
-(:func:`setup_run`); the validation speakers (:func:`validation_speakers`); the model, loss,
+The shards, the checkpoint and the model config (:func:`setup_run`); the validation speakers (:func:`validation_speakers`); the model, loss,
 optimizer and scheduler (:func:`build_parts`, restored by :func:`restore_parts`); this rank's batch
 stream (:func:`make_loader`) and what a step calls (:func:`make_runner`).
 """
@@ -13,7 +12,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +27,8 @@ from dvector.stream.batches import BatchSettings
 from dvector.stream.loader import GE2ELoader
 from dvector.stream import ShardSource, resolve_shards
 from dvector.training.checkpoint import checkpoint_dir, load_resume_checkpoint
-from dvector.training.distributed import Distributed, setup_process
+from dvector.training.continued import continued_config, continued_notes
+from dvector.training.distributed import Distributed
 from dvector.training.transfer import InitSource, load_init, settle_network
 from dvector.training.validation import ValidationSet, collect_validation, heldout_speakers, perturbed_copies
 
@@ -70,6 +70,7 @@ class RunContext:
     features: FeatureConfig | None  # the shards' feature settings (else the continued or init run's)
     model_cfg: ModelConfig
     say: Callable[[str], None]  # silent on ranks other than 0
+    cfg: TrainConfig  # the training settings, a continued run's loss settings settled
     resume_path: Path | None = None  # the checkpoint file continued from (latest.pt, or the one used instead)
     vad: dict[str, Any] | None = None  # the shards' VAD settings (else the continued or init run's)
     init: dict[str, Any] | None = None  # where the run started (--init): path, sha256, step; carried by -c
@@ -77,13 +78,14 @@ class RunContext:
 
 
 def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cfg: TrainConfig,
-              model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, device: str | None,
-              index: str | None, say: Callable[[str], None],
-              init: str | os.PathLike[str] | None = None) -> RunContext:
-    """Join the process group, pick the device and threads, find the shards, load the checkpoint
-    (the newest readable one when ``latest.pt`` is damaged) or the ``init`` run's encoder, and settle the
-    model config; refuses to train afresh into a folder that holds a run."""
-    ddp, dev = setup_process(device, cfg)
+              model_cfg: ModelConfig | None, resume: str | os.PathLike[str] | None, ddp: Distributed,
+              dev: torch.device, index: str | None, say: Callable[[str], None],
+              init: str | os.PathLike[str] | None = None, given: Collection[str] | None = None) -> RunContext:
+    """For this process (``ddp``, ``dev``: :func:`dvector.training.distributed.setup_process`), find the
+    shards, load the checkpoint (the newest readable one when ``latest.pt`` is damaged) or the ``init``
+    run's encoder, and settle the model config (and, continuing, the loss settings: ``given`` names the
+    ``cfg`` fields set on purpose, see :func:`continued_config`; the settled config is ``ctx.cfg``);
+    refuses to train afresh into a folder that holds a run."""
     model_dir = Path(model_dir)
     if not ddp.main:
         say = _silent
@@ -95,24 +97,12 @@ def setup_run(shards: str | Sequence[str], model_dir: str | os.PathLike[str], cf
     source = resolve_shards(shards, index)
     checkpoint, resume_path = load_resume_checkpoint(resume, say) if resume is not None else (None, None)
     if checkpoint is not None:
+        cfg = continued_config(cfg, checkpoint, given, resume, say)
         continued_notes(checkpoint, cfg, init, say)
     init_source = load_init(init, model_cfg, say) if init is not None and checkpoint is None else None
     net = settle_network(model_cfg, source.index, checkpoint, resume_path, init_source, say)
-    return RunContext(ddp, dev, model_dir, source, checkpoint, net.features, net.model_cfg, say, resume_path, net.vad,
-                      net.init, init_source)
-
-
-def continued_notes(checkpoint: dict[str, Any], cfg: TrainConfig, init: str | os.PathLike[str] | None,
-                    say: Callable[[str], None]) -> None:
-    """What a continued run says about --init (used only when a run starts) and about --freeze-steps
-    changed while the encoder is still frozen."""
-    if init is not None:
-        started = (checkpoint.get("init") or {}).get("path")
-        say(f"note: continuing a run; --init {init} is used only when a run starts"
-            + (f" (this one started from {started})" if started else ""))
-    was = int(checkpoint["train_config"].get("freeze_steps", 0))
-    if was != cfg.freeze_steps and int(checkpoint["step"]) < max(was, cfg.freeze_steps):
-        say(f"note: --freeze-steps {cfg.freeze_steps} now (the run so far had {was})")
+    return RunContext(ddp, dev, model_dir, source, checkpoint, net.features, net.model_cfg, say, cfg, resume_path,
+                      net.vad, net.init, init_source)
 
 
 @dataclass
@@ -212,7 +202,13 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
     """Load weights, optimizer (when it is the same kind), scheduler, step, best EER (and minDCF), counters and
     the RNG state from a checkpoint, then apply this run's learning-rate settings."""
     parts.model.load_state_dict(checkpoint["model"])
-    parts.criterion.load_state_dict(checkpoint["criterion"])
+    try:
+        parts.criterion.load_state_dict(checkpoint["criterion"])
+    except RuntimeError as exc:  # a classifier's shape: one class per speaker of the shards' index
+        shapes = {k: tuple(v.shape) for k, v in checkpoint["criterion"].items() if hasattr(v, "shape")}
+        raise DvectorError(f"the loss's saved weights {shapes} do not fit these shards (a classifier has one class per "
+                           "speaker of the index): continue on the shards the run was trained on, or start a new "
+                           "run from its encoder with --init") from None
     if TrainConfig.from_dict(checkpoint["train_config"]).optimizer_kind == cfg.optimizer_kind:
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         for group in parts.optimizer.param_groups:

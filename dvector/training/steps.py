@@ -4,7 +4,8 @@ and checkpoint, decided alike on every rank.
 A step whose loss or gradient norm is NaN or Inf changes no weights (it is skipped and counted);
 :data:`MAX_NONFINITE_IN_A_ROW` of them in a row stop training with an error. What was skipped
 (steps here, samples and shards by the loader) is counted in the checkpoint (``"counters"``) and in
-TensorBoard.
+TensorBoard. Whether to stop early (a signal, ``--max-minutes``, a dead loader worker) is checked after
+every step: :mod:`dvector.training.stopping`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 
 from dvector.config import TrainConfig
-from dvector.errors import DvectorError
+from dvector.errors import DvectorError, Stopped
 from dvector.nn.loss import apply_paper_gradient_scale
 from dvector.stream.loader import GE2ELoader
 from dvector.training.checkpoint import check_finite, save_checkpoint
-from dvector.training.distributed import main_value, out_of_time, sum_over_ranks
+from dvector.training.distributed import main_value, sum_over_ranks
 from dvector.training.prepare import Parts, RunContext, ValidationSpeakers
+from dvector.training.stopping import StopReason, StopSignals, stop_reason, worker_death
 from dvector.training.validation import ValidationScores, improves, validation_scores
 
 
@@ -170,27 +172,56 @@ class StepLoop:
         self.writer: Any = None
         self.skipped = 0  # steps skipped by this call (non-finite loss or gradient norm)
         self.bad_in_a_row = int(parts.counters.get("skipped_in_a_row", 0))
+        self.signals = StopSignals()
+        self.stopped: StopReason | None = None  # why the loop stopped before cfg.steps, if it did
+        self.in_step = False  # True while a step is changing the weights and the optimizer
+        self.first_step = parts.step
 
     def counters(self) -> dict[str, Any]:
         """This process's totals so far (a checkpoint's sum the loader's counters over every rank)."""
         return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict(), self.bad_in_a_row)
 
     def run(self, started: float) -> None:
-        """Step until ``cfg.steps`` (or ``--max-minutes``, counted from ``started``)."""
+        """Step until ``cfg.steps``, or stop early with a checkpoint: at ``--max-minutes`` (counted from
+        ``started``), or on SIGTERM/SIGINT (then :class:`Stopped`); a loader worker that dies ends the run
+        with one line, after a checkpoint when the step state allows (see :mod:`dvector.training.stopping`)."""
         self.writer = open_writer(self.ctx, self.parts.step)
         window = Window()
         batches = None
         try:
-            batches = iter(self.loader)
-            while self.parts.step < self.cfg.steps:
-                loss, grad_norm = self._step(batches, window)
-                if not self._after_step(loss, grad_norm, window, started):
-                    break
+            with self.signals:
+                batches = iter(self.loader)
+                while self.parts.step < self.cfg.steps:
+                    loss, grad_norm = self._step(batches, window)
+                    if not self._after_step(loss, grad_norm, window, started):
+                        break
+        except RuntimeError as exc:
+            death = worker_death(exc)
+            if death is None:
+                raise
+            self._after_worker_death(death)
         finally:
             if batches is not None:
                 batches.close()  # stop the loader's workers now, not at interpreter exit
             if self.writer is not None:
                 self.writer.close()
+        if self.stopped is not None and self.stopped.signum:
+            kept = (f"saved {self.saved[-1]} as the run's latest checkpoint" if self.ctx.ddp.main and self.saved
+                    else "rank 0 saved a checkpoint")
+            raise Stopped(f"{self.stopped.signal_name} at step {self.parts.step}: {kept}; continue with "
+                          f"-c {self.ctx.model_dir}", self.stopped.signum)
+
+    def _after_worker_death(self, death: str) -> None:
+        """A loader worker died (killed, out of memory): save the step reached when no step was half done
+        (a single process: under torchrun the other ranks cannot join the save), then one line."""
+        kept = ""
+        if not self.in_step and self.ctx.ddp.world == 1 and self.parts.step > self.first_step:
+            self._save(None, False)
+            kept = f"; saved {self.saved[-1]} at step {self.parts.step}, continue with -c {self.ctx.model_dir}"
+        elif self.saved:
+            kept = f"; the last checkpoint is {self.saved[-1]}"
+        raise DvectorError(f"training stopped at step {self.parts.step}: {death} (lower -w or the batch size if "
+                           f"memory ran out){kept}")
 
     def _step(self, batches: Any, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next batch, or none when its loss or gradient norm is not finite
@@ -204,6 +235,7 @@ class StepLoop:
         mels = mels.to(self.ctx.dev, non_blocking=True)  # (N*M, L, n_mels)
         speakers = speakers.to(self.ctx.dev, non_blocking=True)  # (N*M,)
         t1 = time.perf_counter()
+        self.in_step = True  # from here until the step is counted, weights and optimizer may be half updated
         parts.optimizer.zero_grad(set_to_none=True)
         parts.criterion.begin_step(parts.step)
         loss = self.runner(mels, speakers, cfg.n_speakers, cfg.n_utterances, self.amp)
@@ -221,6 +253,7 @@ class StepLoop:
         else:
             self._skip()
         parts.step += 1
+        self.in_step = False
         window.wait += t1 - t0
         self.wait_total += t1 - t0
         window.steps += 1
@@ -256,7 +289,8 @@ class StepLoop:
         Every rank decides alike (only rank 0 holds the validation set; all join the broadcasts).
         """
         cfg, ctx, step = self.cfg, self.ctx, self.parts.step
-        stop = cfg.max_minutes > 0 and step % cfg.log_every == 0 and out_of_time(started, cfg.max_minutes, ctx.ddp, ctx.dev)
+        self.stopped = stop_reason(self.signals, started, cfg.max_minutes, ctx.ddp, ctx.dev)
+        stop = self.stopped is not None
         final = step == cfg.steps or stop
         log_now = step % cfg.log_every == 0 or final
         valid_now = self.validation.active and (step % cfg.valid_every == 0 or final)
@@ -275,7 +309,7 @@ class StepLoop:
                               scores.min_dcf if scores else None, scalars.get("margin")), counters["sampling"])
         if save_now or improved:
             self._save(scores, improved)
-        if stop:
+        if stop and self.stopped is not None and not self.stopped.signum:
             ctx.say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
         return not stop
 

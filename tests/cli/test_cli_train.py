@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dvector.errors import DvectorError
 from dvector.training.checkpoint import load_checkpoint
 from dvector.cli import app, main
 from train_helpers import assert_same_weights, ckpt_dir, narrow_shards, numbered
@@ -155,8 +156,50 @@ def test_kill_9_then_continue_matches_a_straight_run(shards: Path, tmp_path: Pat
     assert_same_run_state(load_checkpoint(tmp_path / "straight"), resumed)
 
 
+def test_sigterm_saves_says_where_in_one_line_and_exits_143(shards: Path, tmp_path: Path) -> None:
+    """What Slurm preemption, Kubernetes and `timeout` send: sent once the run reports step 3 (its plain
+    progress lines, one per --log-every step), the run saves the step it reached as its latest checkpoint."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "dvector", "train", str(shards), str(run), "-i", "100000",
+                             "--log-every", "1", *SMALL], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("train: 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "Traceback" not in rest
+    stopped = [line for line in rest.splitlines() if line.startswith("stopped:")]
+    step = load_checkpoint(run)["step"]
+    assert len(stopped) == 1 and f"SIGTERM at step {step}: saved" in stopped[0] and step >= 3
+    assert f"-c {run}" in stopped[0]
+    result = invoke(str(shards), str(run), "-i", str(step + 2), "-c", str(run), *SMALL)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run)["step"] == step + 2
+
+
+def test_continuing_with_another_loss_on_the_command_line_is_one_line(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert invoke(str(shards), str(run), "-i", "2", *SMALL).exit_code == 0
+    for extra in (["--loss", "aamsoftmax"], ["--loss", "angleproto", "--optimizer", "adam"]):
+        result = invoke(str(shards), str(run), "-i", "4", "-c", str(run), *extra, *SMALL)
+        assert isinstance(result.exception, DvectorError), result.output  # main() prints it as one line
+        assert "--loss ge2e" in str(result.exception) and "\n" not in str(result.exception)
+    assert load_checkpoint(run)["step"] == 2
+
+
 def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, shards: Path) -> None:
-    """A time limit already spent stops at the first check (a log step) and saves there."""
+    """A time limit already spent stops at the first check (after every step) and saves there."""
     from typer.testing import CliRunner
 
     from dvector.cli import app
@@ -170,7 +213,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, shards: Path) -> No
     assert "segments used" in " ".join(result.output.split())  # the summary reports what sampling did
     import torch
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
-    assert state["step"] == 3
+    assert state["step"] == 1
 
 
 def test_a_truncated_latest_pt_is_noted_and_the_run_goes_on(shards: Path, tmp_path: Path) -> None:
