@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dvector import corpus
+from dvector.corpus import roots as corpus
 from dvector.config import normalize_extensions
 from dvector.corpus import root_namespaces, scan_roots
 from dvector.signal.audio import (DecodeError, decode, resample,

@@ -1,49 +1,18 @@
-"""Find speakers and utterances under root directories (a root holds one folder per speaker).
+"""Speakers and utterances under root directories (a root holds one folder per speaker).
 
 A speaker directory may nest subfolders. Speakers are namespaced by root (``vctk/p225``) unless
-``merge_speakers`` keys them by directory name alone, as the original project did. Used by the
-build (shards), evaluation and plots (use); imports nothing but the config and errors.
+``merge_speakers`` keys them by directory name alone, as the original project did.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from dvector.config import normalize_extensions
+from dvector.corpus.utterances import ScanResult, Utterance, root_namespaces
 from dvector.errors import DvectorError
-
-
-@dataclass(frozen=True)
-class Utterance:
-    path: Path  # absolute path of the audio file
-    root: str  # the root directory as given
-    speaker: str  # global speaker id (``rootname/speakerdir`` unless merged)
-    source: str  # path relative to its root, as printed in the index
-
-
-@dataclass
-class ScanResult:
-    utterances: list[Utterance]
-    speakers: list[str]  # sorted global ids
-    root_names: dict[str, str]  # root as given -> its namespace
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): scan warnings
-    empty_roots: list[str] = field(default_factory=list)
-
-
-def root_namespaces(roots: Sequence[str]) -> dict[str, str]:
-    """A short, unique name per root: its folder name, with parent folders added to break ties."""
-    paths = {r: Path(os.path.abspath(r)).parts for r in roots}
-    depth = {r: 1 for r in roots}
-    while True:
-        names = {r: "_".join(paths[r][-depth[r]:]).strip("/") or "root" for r in roots}
-        clash = [r for r in roots if list(names.values()).count(names[r]) > 1 and depth[r] < len(paths[r])]
-        if not clash:
-            return {r: names[r].replace("/", "_") for r in roots}
-        for r in clash:
-            depth[r] += 1
 
 
 class Aliases:

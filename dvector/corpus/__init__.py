@@ -1,0 +1,12 @@
+"""corpus: what a corpus holds, however it is named: root folders of speaker folders (``roots``), Kaldi
+data directories (``kaldi``), tables of path and speaker (``manifest``) and Lhotse manifests
+(``lhotse_manifests``), each listed as :class:`Utterance` s with their speakers (``utterances``).
+
+Used by the build (shards) and the evaluation. Owns: listing utterances and speakers; decoding them is
+:mod:`dvector.signal`'s. Must not import any other part of the package (only the top-level modules).
+"""
+
+from dvector.corpus.roots import Aliases, scan_roots, walk_files
+from dvector.corpus.utterances import ScanResult, Utterance, root_namespaces
+
+__all__ = ["Aliases", "ScanResult", "Utterance", "root_namespaces", "scan_roots", "walk_files"]
