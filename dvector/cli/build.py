@@ -8,7 +8,7 @@ from typing import Annotated, Any, List, Optional
 import typer
 from rich.markup import escape
 
-from dvector.cli.console import console, progress
+from dvector.cli.console import console, progress, warn
 from dvector.cli.options import EXTENSIONS, Dask, Extensions, Workers, default, out_option, seed_option
 from dvector.config import BuildConfig, FeatureConfig, VadConfig, parse_speed_perturb
 from dvector.errors import DvectorError
@@ -75,6 +75,7 @@ def build_shards_cmd(
     """
     from dvector.cli.summary import print_build_summary
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
+    from dvector.shards.shard_job import fitting_segment
 
     feature_cfg, vad_cfg = FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), VadConfig(enabled=vad)
     if features is not None:
@@ -103,6 +104,10 @@ def build_shards_cmd(
     if cfg.split_seconds:
         console.print(f"split: {report.utterances_ok} utterance(s) written this run as {report.samples_ok} "
                       f"sample(s) of about {cfg.split_seconds:g} s")
+    if report.cut_to_fit:
+        minutes = fitting_segment(cfg.features.n_mels) * cfg.features.hop_ms / 60000
+        console.print(f"split: {report.cut_to_fit} utterance(s) with more speech than one sample may hold (the most "
+                      f"a reader takes) written as samples of about {minutes:.0f} min")
     if strict and report.failures:
         console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
         raise typer.Exit(2)
@@ -162,8 +167,12 @@ def check_cmd(
     with progress() as bar:
         task = bar.add_task("check", total=total, info="")
         report = check_shards(folder, workers, on_shard=lambda: bar.advance(task))
+    for name in report.unlisted:  # a warning: what the index lists is intact (see dvector.shards.check)
+        warn(f"{folder / name}: a shard file that index.json does not list (from another build, or built "
+             f"after the index: `dvector index {folder}`); readers of the folder ignore it")
     if report.ok:
-        console.print(f"[green]ok[/]: {report.shards} shards match the index")
+        extra = f"; {len(report.unlisted)} file(s) not in the index (see the warnings)" if report.unlisted else ""
+        console.print(f"[green]ok[/]: {report.shards} shards match the index{escape(extra)}")
         return
     for name, problem in report.problems:
         console.print(f"[red]{escape(name)}[/]: {escape(problem)}", highlight=False)

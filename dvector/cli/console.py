@@ -2,7 +2,8 @@
 
 Everything printed through rich is markup: whatever the user or the file system supplied (paths,
 file names, reasons, library messages) goes through ``escape`` first, since a ``[`` in a file name
-would otherwise be read as a tag.
+would otherwise be read as a tag. Emoji codes are off: ``--dask local:abc`` or a file ``a:smile:b.wav``
+is printed as typed, never as a picture.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
+# one line whatever the width (soft_wrap); user text is printed literally: no ``:name:`` emoji codes
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 MAX_LISTED = 10
 
 

@@ -142,18 +142,35 @@ def _write_shards(out: Path, plan: Plan, scan: ScanResult, todo: list[int], cfg:
 
 
 def write_failure(out: Path, exc: OSError) -> DvectorError:
-    """One clear line for a write that the storage refused: full, read-only, or not ours to write."""
+    """One clear line for a write that the storage refused, with the advice that fits why: a full disk
+    (make room), read-only or not ours to write (a writable folder), a file where a folder must be."""
     where = display_path(exc.filename) if exc.filename else str(out)
+    resume = "shards finished before this are kept"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "no space left on the device (or over quota)"
-    elif exc.errno == errno.EROFS:
-        why = "the storage is read-only"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        why = "permission denied"
+        advice = f"{resume}: make room (or choose another --out), then rerun the same command to resume"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the storage is read-only" if exc.errno == errno.EROFS else "permission denied"
+        advice = "choose a writable folder with --out (or make this one writable, then rerun the same command)"
+    elif exc.errno == errno.EISDIR:
+        why, advice = "a folder is there, where a file must be", "a folder is in the way: move it, or choose another --out"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = _in_the_way(Path(exc.filename) if exc.filename else out)
+        why = f"{display_path(str(blocker))} is a file where a folder must be" if blocker else \
+            (exc.strerror or str(exc))
+        advice = "a file is in the way: move it, or choose another --out"
     else:
         why = exc.strerror or str(exc)
-    return DvectorError(f"cannot write {where}: {why}; shards finished before this are kept: make room (or "
-                        f"choose another --out), then rerun the same command to resume")
+        advice = f"{resume}: rerun the same command to resume once the cause is fixed"
+    return DvectorError(f"cannot write {where}: {why}; {advice}")
+
+
+def _in_the_way(path: Path) -> Path | None:
+    """The file (not a folder) at ``path`` or at one of its parents, where a folder must be."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate) and not candidate.is_dir():
+            return candidate
+    return None
 
 
 def build_shards(

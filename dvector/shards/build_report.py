@@ -22,6 +22,7 @@ class BuildReport:
     shards_skipped: int = 0  # complete from an earlier run
     utterances_ok: int = 0
     samples_ok: int = 0  # samples written: utterances_ok, or more with --split-seconds (one per segment)
+    cut_to_fit: int = 0  # utterances too long for one sample that readers take, written in pieces
     failures: list[dict[str, str]] = field(default_factory=list)
     audio_s: float = 0.0
     frames: int = 0
@@ -52,6 +53,7 @@ class ShardTally:
 
     utterances_ok: int = 0
     samples_ok: int = 0
+    cut_to_fit: int = 0
     frames: int = 0
     audio_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class ShardTally:
         report.shards_written += 1
         report.utterances_ok += self.utterances_ok
         report.samples_ok += self.samples_ok
+        report.cut_to_fit += self.cut_to_fit
         report.frames += self.frames
         report.audio_s += self.audio_s
         report.failures.extend(self.failures)

@@ -2,6 +2,11 @@
 
 Decodable means what every reader requires (:mod:`dvector.shards.reader`): a complete tar whose
 samples have finite mels of the index's mel bands and speaker indices within its speaker table.
+
+A ``.tar`` in the folder that the index does not list is reported too (``unlisted``), as a warning:
+nothing that reads the folder through its index reads it, so the data checked is not damaged by it,
+but a pattern or glob over the folder (``shard-*.tar``) would read it as well, and it often means a
+leftover of another build or parts built after the index was written (``dvector index`` again).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dvector.shards.reader import SampleChecks, iter_shard
 class CheckReport:
     shards: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (shard, what is wrong)
+    unlisted: list[str] = field(default_factory=list)  # .tar files in the folder that the index does not list
 
     @property
     def ok(self) -> bool:
@@ -67,6 +73,7 @@ def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], No
     index = read_index(folder)
     report = CheckReport(shards=len(index["shards"]))
     entries = index["shards"]
+    report.unlisted = unlisted_tars(folder, {str(e.get("name")) for e in entries})
     checks = index_checks(index)  # once: it reads the whole speaker table
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -80,3 +87,12 @@ def check_shards(folder: str | Path, workers: int = 1, on_shard: Callable[[], No
             report.problems.extend((entry["name"], p) for p in problems)
             on_shard()
     return report
+
+
+def unlisted_tars(folder: Path, listed: set[str]) -> list[str]:
+    """The names of the ``.tar`` files in ``folder`` (not hidden: temporaries are) that are not ``listed``."""
+    try:
+        names = [p.name for p in folder.iterdir() if p.name.lower().endswith(".tar") and not p.name.startswith(".")]
+    except OSError:
+        return []
+    return sorted(n for n in names if n not in listed)

@@ -21,7 +21,7 @@ from dvector.shards.reader import SampleChecks
 from dvector.shards.streams import read_url
 
 
-MAX_INDEX_BYTES = 1 << 30  # an index.json larger than this is not one
+MAX_INDEX_BYTES = 256 << 20  # an index.json larger than this is not one (or never ends): refused, not read on
 
 
 def read_index(location: str | os.PathLike[str]) -> dict[str, Any]:
@@ -29,6 +29,8 @@ def read_index(location: str | os.PathLike[str]) -> dict[str, Any]:
 
     A remote index is read with the stall timeout of :mod:`dvector.shards.streams` on every read:
     a server that never answers gives a :class:`DvectorError` (caused by a ``StallError``) after it.
+    Local or remote, at most :data:`MAX_INDEX_BYTES` are read, and one that is not JSON, is cut
+    short, never ends or is nested too deeply is a :class:`DvectorError` naming it.
     """
     loc = str(location)
     target = loc if loc.endswith(".json") else loc.rstrip("/") + "/" + INDEX_NAME
@@ -37,10 +39,15 @@ def read_index(location: str | os.PathLike[str]) -> dict[str, Any]:
             data = json.loads(read_url(target, MAX_INDEX_BYTES))
         else:
             path = Path(url2pathname(urlparse(target).path) if target.startswith("file:") else target)  # %20...
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read(MAX_INDEX_BYTES + 1)
+            if len(raw) > MAX_INDEX_BYTES:
+                raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes, more than it may hold")
+            data = json.loads(raw)
     except FileNotFoundError as exc:
         raise DvectorError(f"no {INDEX_NAME} at {target}: build shards with `dvector build-shards`, or rebuild it with `dvector index DIR`") from exc
+    except RecursionError:
+        raise DvectorError(f"cannot read {target}: nested too deeply to be an index") from None
     except (OSError, ValueError) as exc:
         raise DvectorError(f"cannot read {target}: {exc}") from exc
     check_index(data, target)

@@ -19,7 +19,7 @@ from webdataset.shardlists import expand_urls
 from dvector.errors import DvectorError
 from dvector.shards.format import INDEX_NAME, is_remote
 from dvector.shards.index import read_index
-from dvector.shards.streams import StallError
+from dvector.shards.streams import StallError, StreamError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,48 @@ def _index_beside(url: str) -> dict[str, Any] | None:
     try:
         return read_index(candidate)
     except DvectorError as exc:
-        # no index beside remote shards: fine, it is optional; but a server that accepts and never
-        # answers will not answer for the shards either: say so now, not after a stall per shard
-        if is_remote(candidate) and not isinstance(exc.__cause__, StallError):
-            log.info("no usable %s beside %s: %s", INDEX_NAME, url, exc)
+        # no index beside remote shards: fine, it is optional; but one that is there and cannot be read
+        # (not JSON, cut short, endless, a server error) is an error, as a damaged local one is; and a
+        # server that never answers will not answer for the shards either: say so now, not per shard
+        if is_remote(candidate) and _absent(candidate, exc.__cause__):
+            log.info("no %s beside %s: %s", INDEX_NAME, url, exc)
             return None
         raise
+
+
+def _absent(url: str, cause: BaseException | None) -> bool:
+    """Whether reading the remote index ``url`` failed because there is none: an HTTP 4xx answer (404,
+    or 403 where storage hides what is missing); for other schemes, their command failing (it cannot
+    say why). A stall, a server error (5xx), a broken connection or bad content is not absence."""
+    if not isinstance(cause, StreamError) or isinstance(cause, (StallError, TooLargeError)):
+        return False
+    if urlparse(url).scheme in ("http", "https"):
+        return cause.http_status is not None and 400 <= cause.http_status < 500
+    return True
+
+
+def _check_local(urls: Sequence[str]) -> None:
+    """One line naming the path when none of the (local) shard paths given is there, a mistyped folder
+    say: otherwise training would start, skip every shard as missing and stop naming none of them."""
+    local = [u for u in urls if not is_remote(u)]
+    if len(local) < len(urls) or any(os.path.exists(_local_path(u)) for u in local):
+        return
+    first = _local_path(local[0])
+    gone = _missing_parent(first)
+    where = f" (there is no folder {gone})" if gone else ""
+    if len(local) == 1:
+        raise DvectorError(f"no such shard folder or file: {first}{where}")
+    raise DvectorError(f"none of the {len(local)} shard files given is there (the first: {first}){where}")
+
+
+def _missing_parent(path: str) -> str:
+    """The top-most folder of ``path`` that does not exist ("" when its parent folder does)."""
+    top, head = "", os.path.dirname(os.path.abspath(path))
+    while head and not os.path.exists(head):
+        top, head = head, os.path.dirname(head)
+        if head == top:
+            break
+    return top
 
 
 def resolve_shards(source: str | os.PathLike[str] | Sequence[str], index: str | None = None) -> ShardSource:
@@ -71,6 +107,8 @@ def resolve_shards(source: str | os.PathLike[str] | Sequence[str], index: str | 
         is_folder = not text.startswith("pipe:") and (
             text.endswith("/") or (not is_remote(text) and os.path.isdir(_local_path(text))))
         if is_folder or (text.endswith("/" + INDEX_NAME) or text == INDEX_NAME) and not text.startswith("pipe:"):
+            if is_folder and not is_remote(text) and not os.path.exists(_local_path(text)):
+                _check_local([text.rstrip("/")])
             idx = read_index(index or text)
             base = _parent(text) if text.endswith(INDEX_NAME) else text.rstrip("/")
             if not idx.get("shards"):
@@ -79,5 +117,6 @@ def resolve_shards(source: str | os.PathLike[str] | Sequence[str], index: str | 
         urls = expand_urls(text)
     if not urls:
         raise DvectorError(f"no shards in {source!r}")
+    _check_local(urls)
     found = read_index(index) if index is not None else _index_beside(urls[0])
     return ShardSource(list(urls), found)

@@ -202,7 +202,11 @@ def decode_members(key: str, url: str, mel_bytes: bytes, meta: dict[str, Any],
 
 
 def parse_meta(data: bytes) -> dict[str, Any]:
-    meta = json.loads(data)
+    """A sample's metadata; ValueError for anything else (bad JSON, too deeply nested, no speaker_index)."""
+    try:
+        meta = json.loads(data)
+    except RecursionError:  # a member of nested brackets: this sample is bad, not the rest of its shard
+        raise ValueError("metadata nested too deeply to parse") from None
     if not isinstance(meta, dict) or isinstance(meta.get("speaker_index"), bool) \
             or not isinstance(meta.get("speaker_index"), int):
         raise ValueError("metadata lacks an integer speaker_index")

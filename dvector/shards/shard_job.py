@@ -23,6 +23,7 @@ from dvector.config import BuildConfig, FeatureConfig, VadConfig
 from dvector.errors import DvectorError
 from dvector.files import display_path, write_json_atomic
 from dvector.shards.build_folder import sidecar_path
+from dvector.shards import reader
 from dvector.shards.build_report import ShardTally
 from dvector.shards.format import shard_name, write_shard
 from dvector.shards.plan import PlannedUtterance, segment_bounds, segment_frames, segment_key
@@ -80,6 +81,23 @@ def process_chunk(
     return out
 
 
+NPY_HEADER_BYTES = 256  # at most, for a 2-D float16 array (np.save pads its header to 64 bytes; 128 in practice)
+
+
+def fitting_segment(n_mels: int) -> int:
+    """The longest segment (frames) of float16 mels of ``n_mels`` bands such that every segment
+    :func:`~dvector.shards.plan.segment_bounds` cuts, its last included (up to 1.5 segments), makes a
+    ``.mel.npy`` member that every reader takes (:data:`dvector.shards.reader.MAX_MEL_BYTES`): the
+    build writes nothing its readers refuse. 64 MiB at 40 mels: about 2.3 hours a sample, segments of
+    93 minutes."""
+    return max(1, member_frames(n_mels) * 2 // 3)
+
+
+def member_frames(n_mels: int) -> int:
+    """The most frames of float16 mels of ``n_mels`` bands in one ``.mel.npy`` member that readers take."""
+    return (reader.MAX_MEL_BYTES - NPY_HEADER_BYTES) // (2 * n_mels)
+
+
 def _speaker_counts(samples: list[tuple[str, np.ndarray, dict]]) -> dict[str, list[int]]:
     counts: dict[str, list[int]] = {}
     for _, mel, meta in samples:
@@ -125,12 +143,18 @@ class ShardContent:
     def _add_samples(self, key: str, mel: np.ndarray, meta: dict[str, Any]) -> None:
         """The utterance as one sample, or (with a segment length) one sample per segment: keyed
         ``KEYg000``, ``KEYg001``... with ``segment`` and ``segments`` in their metadata (``duration_s``
-        and ``vad`` stay the whole utterance's)."""
-        if not self.segment:
+        and ``vad`` stay the whole utterance's). An utterance whose mel member would be larger than
+        readers take (``MAX_MEL_BYTES``) is cut so, into segments that fit (:func:`fitting_segment`)."""
+        fit = fitting_segment(int(mel.shape[1]))
+        length = min(self.segment, fit) if self.segment else 0
+        if not length and mel.shape[0] > member_frames(int(mel.shape[1])):  # too long for one sample
+            length = fit
+            self.tally.cut_to_fit += 1
+        if not length:
             self.samples.append((key, mel, meta))
             self.tally.samples_ok += 1
             return
-        bounds = segment_bounds(int(mel.shape[0]), self.segment)
+        bounds = segment_bounds(int(mel.shape[0]), length)
         for number, (start, stop) in enumerate(bounds):
             part = {**meta, "n_frames": stop - start, "segment": number, "segments": len(bounds)}
             self.samples.append((segment_key(key, number), mel[start:stop], part))

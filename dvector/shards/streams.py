@@ -12,12 +12,20 @@ the same deadline on its command's output.
 The stall timeout is ``DVECTOR_STALL_TIMEOUT`` seconds (environment; it reaches DataLoader workers
 and every reader alike), by default :data:`STALL_TIMEOUT_S`. It bounds the wait for *any* bytes,
 not a download's length: a slow but moving transfer never stalls.
+
+curl retries a transient failure (HTTP 408, 429, 500, 502, 503, 504, a timeout) a few times, one
+second apart, only as many times as fit well within the stall timeout (:func:`curl_args`): a
+server that answers 500 is reported as such (``HTTP 500 Internal Server Error``, from curl's own
+error line), seconds later, not as a stall after the whole timeout. The status is kept on the
+:class:`StreamError` (``http_status``), so that a caller can tell "not there" (4xx) from "broken".
 """
 
 from __future__ import annotations
 
+import http
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -32,7 +40,10 @@ from dvector.errors import DvectorError
 
 STALL_TIMEOUT_S = 60.0  # default: seconds without a byte before a read gives up
 STALL_ENV = "DVECTOR_STALL_TIMEOUT"
-CURL_ARGS = ("--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L")  # gopen's
+CURL_ARGS = ("--connect-timeout", "30", "-f", "-sS", "-L")  # gopen's, with errors on stderr (-S); retries: curl_args
+CURL_RETRIES = 2  # at most, for a transient failure (HTTP 5xx...), CURL_RETRY_DELAY_S apart
+CURL_RETRY_DELAY_S = 1
+_HTTP_ERROR = re.compile(rb"returned error: (\d{3})")  # curl -f's line: "The requested URL returned error: 500"
 _CHUNK = 1 << 16
 _CURL_EXITS = {
     6: "could not resolve the host", 7: "could not connect", 18: "the transfer ended early",
@@ -42,7 +53,10 @@ _CURL_EXITS = {
 
 
 class StreamError(OSError):
-    """A URL's command failed (curl's or the ``pipe:`` command's exit status)."""
+    """A URL's command failed (curl's or the ``pipe:`` command's exit status). ``http_status``: the
+    HTTP status the server answered, where curl said (404, 500...); None otherwise."""
+
+    http_status: int | None = None
 
 
 class StallError(StreamError):
@@ -116,20 +130,22 @@ class CommandOutput:
     """
 
     def __init__(self, proc: subprocess.Popen, what: str, stall: float, ok: Sequence[int] = (0,),
-                 own_group: bool = True, curl: bool = False) -> None:
+                 own_group: bool = True, curl: bool = False, tries: int = 1) -> None:
         assert proc.stdout is not None
         self.proc, self.what, self.stall, self.ok = proc, what, stall, tuple(ok)
-        self.own_group, self.curl = own_group, curl
+        self.own_group, self.curl, self.tries = own_group, curl, tries
         self.fd = proc.stdout.fileno()
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
     @classmethod
     def start(cls, args: str | list[str], what: str, stall: float, ok: Sequence[int] = (0,),
-              curl: bool = False) -> "CommandOutput":
+              curl: bool = False, tries: int = 1) -> "CommandOutput":
+        """Start ``args``; curl's stderr (its one error line, with ``-sS``) is kept to say what failed."""
         proc = subprocess.Popen(args, shell=isinstance(args, str), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, start_new_session=True)
-        return cls(proc, what, stall, ok, own_group=True, curl=curl)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE if curl else None,
+                                start_new_session=True)
+        return cls(proc, what, stall, ok, own_group=True, curl=curl, tries=tries)
 
     def read(self, n: int = -1) -> bytes:
         if self.proc.stdout is None or self.proc.stdout.closed:
@@ -147,9 +163,25 @@ class CommandOutput:
         except subprocess.TimeoutExpired:
             self.close()
             raise StallError(f"{self.what} closed its output but did not exit within {self.stall:g} s") from None
+        errors = self._curl_errors()
         self.close()
         if status not in self.ok:
+            code = _http_status(errors)
+            if code is not None:
+                error = StreamError(f"the server answered HTTP {code} {_phrase(code)}"
+                                    + (f" ({self.tries} tries)" if self.tries > 1 and code >= 500 else ""))
+                error.http_status = code
+                raise error
             raise StreamError(f"{self.what} failed: {self.describe(status)}")
+
+    def _curl_errors(self) -> bytes:
+        """What curl wrote on stderr (it has exited: a line or two), or nothing for another command."""
+        if not self.curl or self.proc.stderr is None or self.proc.stderr.closed:
+            return b""
+        try:
+            return self.proc.stderr.read(1 << 16)
+        except (OSError, ValueError):
+            return b""
 
     def describe(self, status: int) -> str:
         if status < 0:
@@ -169,8 +201,31 @@ class CommandOutput:
                 pass
         if self.proc.returncode is None:
             self.proc.wait()  # reaped: no zombie
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def _http_status(errors: bytes) -> int | None:
+    """The HTTP status in curl's error line (``curl: (22) The requested URL returned error: 500``)."""
+    found = _HTTP_ERROR.findall(errors)
+    return int(found[-1]) if found else None
+
+
+def _phrase(code: int) -> str:
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return ""
+
+
+def curl_args(stall: float) -> tuple[str, ...]:
+    """curl's options for a read with stall timeout ``stall``: gopen's, with as many retries of a
+    transient failure (up to :data:`CURL_RETRIES`, a second apart) as fit in a third of ``stall``.
+    Retries send no bytes: more of them than the stall timeout allows would read as a stall."""
+    retries = max(0, min(CURL_RETRIES, int(stall / 3 / CURL_RETRY_DELAY_S)))
+    return (*CURL_ARGS, "--retry", str(retries), "--retry-delay", str(CURL_RETRY_DELAY_S),
+            "--retry-max-time", str(max(1, int(stall / 3))))
 
 
 def open_url(url: str, stall: float | None = None) -> ByteSource:
@@ -187,22 +242,28 @@ def open_url(url: str, stall: float | None = None) -> ByteSource:
     if scheme in ("", "file"):
         return FileSource(open(url2pathname(urlparse(url).path) if scheme == "file" else url, "rb"))
     if scheme in ("http", "https"):
-        return CommandOutput.start(["curl", *CURL_ARGS, url], "the server (curl)", stall, ok=(0,), curl=True)
+        args = curl_args(stall)
+        return CommandOutput.start(["curl", *args, url], "the server (curl)", stall, ok=(0,), curl=True,
+                                   tries=1 + int(args[args.index("--retry") + 1]))
     opened = gopen(url, "rb")
     if isinstance(opened, Pipe):
         return CommandOutput(opened.proc, f"the command for {url}", stall, ok=opened.ignore_status, own_group=False)
     return FileSource(opened)
 
 
+class TooLargeError(StreamError):
+    """More bytes than the reader takes (an endless or wrong stream)."""
+
+
 def read_url(url: str, limit: int, stall: float | None = None) -> bytes:
-    """All of ``url`` (at most ``limit`` bytes, else :class:`StreamError`), each read bounded by the stall timeout."""
+    """All of ``url`` (at most ``limit`` bytes, else :class:`TooLargeError`), each read bounded by the stall timeout."""
     source = open_url(url, stall)
     try:
         parts, size = [], 0
         while chunk := source.read(_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise StreamError(f"larger than {limit} bytes")
+                raise TooLargeError(f"larger than {limit} bytes, more than it may hold (an endless stream?)")
             parts.append(chunk)
         source.finish()
         return b"".join(parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -34,14 +35,20 @@ def _duration(seconds: float) -> str:
 def check_bounds(rate: int, frames: int, channels: int = 1) -> None:
     """DecodeError unless audio of ``frames`` frames of ``channels`` at ``rate`` Hz is within the
     bounds above; called with the header's numbers before anything is decoded or resampled."""
+    check_duration(rate, frames)
+    if frames * max(channels, 1) > MAX_DECODED_VALUES:
+        raise DecodeError(f"too large: {frames} frames x {channels} channels, more than {MAX_DECODED_VALUES} "
+                          "samples; split it or downmix it first")
+
+
+def check_duration(rate: int, frames: int) -> None:
+    """DecodeError unless ``rate`` is a sample rate and ``frames`` at it last at most MAX_DURATION_S: the
+    bounds of a file read in blocks (:func:`decode_blocks`), which never holds it whole."""
     if not MIN_RATE <= rate <= MAX_RATE:
         raise DecodeError(f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz (a damaged header?)")
     if frames > MAX_DURATION_S * rate:
         raise DecodeError(f"too long: {_duration(frames / rate)} at {rate} Hz, more than the "
                           f"{_duration(MAX_DURATION_S)} a file may hold; split it first")
-    if frames * max(channels, 1) > MAX_DECODED_VALUES:
-        raise DecodeError(f"too large: {frames} frames x {channels} channels, more than {MAX_DECODED_VALUES} "
-                          "samples; split it or downmix it first")
 
 
 def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
@@ -94,11 +101,79 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
     except DecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
-        # the reason goes into index.json: name the file, not where the corpus happens to be mounted
-        name = os.fsencode(path.name).decode("utf-8", "backslashreplace")  # printable, even if not UTF-8
-        reason = str(exc).replace(repr(os.fsencode(path)), f"'{name}'")
-        raise DecodeError(f"cannot decode: {reason}") from exc
+        raise _decode_error(path, exc) from exc
     return data, int(rate)
+
+
+def _decode_error(path: Path, exc: Exception) -> DecodeError:
+    # the reason goes into index.json: name the file, not where the corpus happens to be mounted
+    name = os.fsencode(path.name).decode("utf-8", "backslashreplace")  # printable, even if not UTF-8
+    reason = str(exc).replace(repr(os.fsencode(path)), f"'{name}'")
+    return DecodeError(f"cannot decode: {reason}")
+
+
+BLOCK_FRAMES = 1 << 18  # frames per block of a file read in blocks (5.5 s at 48 kHz)
+
+
+def audio_info(path: Path) -> tuple[int, int] | None:
+    """(sample rate, frames) from the file's header without decoding it; None where the header cannot
+    be read or does not say (:func:`decode` then says why, or finds out)."""
+    try:
+        if path.suffix.lower().lstrip(".") in FFMPEG_ONLY_EXTENSIONS:
+            import av  # type: ignore[import-not-found]
+
+            with av.open(str(path)) as container:
+                stream = next((s for s in container.streams if s.type == "audio"), None)
+                if stream is None or not container.duration or not stream.rate:
+                    return None
+                return int(stream.rate), int(container.duration / 1e6 * stream.rate)
+        with sf.SoundFile(os.fsencode(path)) as f:
+            return int(f.samplerate), int(f.frames)
+    except Exception:  # unreadable, or no FFmpeg: decode() reports it
+        return None
+
+
+def decode_blocks(path: Path, block_frames: int | None = None) -> Iterator[np.ndarray]:
+    """The audio of ``path`` as float32 ``(frames, channels)`` blocks read one at a time (the same
+    samples as :func:`decode`, in memory one block at a time: ``block_frames``, by default
+    :data:`BLOCK_FRAMES`); DecodeError if it cannot be read.
+    Only the rate and duration bounds apply (:func:`check_duration`): nothing is held whole."""
+    if path.suffix.lower().lstrip(".") in FFMPEG_ONLY_EXTENSIONS:
+        yield from _ffmpeg_blocks(path)
+        return
+    try:
+        with sf.SoundFile(os.fsencode(path)) as f:
+            check_duration(f.samplerate, f.frames)
+            while True:
+                block = f.read(block_frames or BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    return
+                yield block
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
+        raise _decode_error(path, exc) from exc
+
+
+def _ffmpeg_blocks(path: Path) -> Iterator[np.ndarray]:
+    """:func:`decode_blocks` for what only FFmpeg reads (PyAV): its decoded frames, as they come."""
+    try:
+        import av  # type: ignore[import-not-found]  # there: audio_info found this file long
+
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise DecodeError("no audio stream")
+            rate, held, resampler = int(stream.rate or 0), 0, av.AudioResampler(format="fltp")
+            check_duration(rate, int(container.duration / 1e6 * rate) if container.duration else 0)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray()  # (channels, samples)
+                    held += chunk.shape[1]
+                    check_duration(rate, held)  # the header may not say, or lie
+                    yield np.ascontiguousarray(chunk.T, dtype=np.float32)
+    except DecodeError:
+        raise
+    except Exception as exc:  # FFmpeg raises many types
+        raise DecodeError(f"cannot decode: {exc}") from exc
 
 
 def to_mono(data: np.ndarray) -> np.ndarray:

@@ -100,24 +100,43 @@ def level_gain(mean_square: float, target_dbfs: float) -> float:
     return max(1.0, 10.0 ** (target_dbfs / 20.0) / float(np.sqrt(mean_square)))
 
 
+MEL_CHUNK_FRAMES = 8192  # frames transformed at once: bounds the frame, spectrum and power temporaries
+
+
 def log_mel(wav: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """``(frames, n_mels)`` float32 log-mel energies of mono float audio at ``cfg.sample_rate`` (the mel
-    power itself with ``compression="none"``). The level is as given: ``raise_level`` comes before VAD."""
+    power itself with ``compression="none"``). The level is as given: ``raise_level`` comes before VAD.
+    Frames are transformed ``MEL_CHUNK_FRAMES`` at a time, so the temporaries stay a few tens of MB
+    however long the audio (an utterance shorter than that is one chunk)."""
     if wav.ndim != 1:
         raise ValueError(f"log_mel takes mono audio (samples,), got shape {wav.shape}")
     if wav.shape[0] < min_samples(cfg):
         raise ValueError(f"audio of {wav.shape[0]} samples is shorter than one frame ({min_samples(cfg)} samples)")
-    n_fft, hop = cfg.fft_size, cfg.hop_length
-    padded = np.pad(np.asarray(wav, dtype=np.float32), n_fft // 2, mode=cfg.pad_mode)
+    padded = np.pad(np.asarray(wav, dtype=np.float32), cfg.fft_size // 2, mode=cfg.pad_mode)
     count = n_frames(wav.shape[0], cfg)
+    out = np.empty((count, cfg.n_mels), dtype=np.float32)
+    for first in range(0, count, MEL_CHUNK_FRAMES):
+        stop = min(count, first + MEL_CHUNK_FRAMES)
+        mel_of_frames(padded, first, stop - first, cfg, out[first:stop])
+    return out
+
+
+def mel_of_frames(padded: np.ndarray, first: int, count: int, cfg: FeatureConfig, out: np.ndarray) -> np.ndarray:
+    """Frames ``first .. first + count`` of centred, padded float32 audio (frame ``i`` is
+    ``padded[i * hop : i * hop + n_fft]``) as log-mel energies (or mel power), written into ``out``
+    ``(count, n_mels)`` (cast to its dtype) and returned."""
+    n_fft, hop = cfg.fft_size, cfg.hop_length
+    base = padded[first * hop: first * hop + (count - 1) * hop + n_fft]
+    assert base.shape[0] == (count - 1) * hop + n_fft, "frames run past the padded audio"
     frames = np.lib.stride_tricks.as_strided(
-        padded, shape=(count, n_fft), strides=(padded.strides[0] * hop, padded.strides[0]), writeable=False
-    )  # (frames, n_fft), a view
-    spectrum = scipy.fft.rfft(frames * analysis_window(cfg), axis=1)  # (frames, n_fft//2+1) complex64
-    power = np.square(spectrum.real)  # |X|^2, (frames, n_fft//2+1) float32
+        base, shape=(count, n_fft), strides=(base.strides[0] * hop, base.strides[0]), writeable=False
+    )  # (count, n_fft), a view
+    spectrum = scipy.fft.rfft(frames * analysis_window(cfg), axis=1)  # (count, n_fft//2+1) complex64
+    power = np.square(spectrum.real)  # |X|^2, (count, n_fft//2+1) float32
     power += np.square(spectrum.imag)
-    mel = power @ mel_filterbank(cfg)  # (frames, n_mels)
-    if cfg.compression == "none":
-        return mel
-    np.maximum(mel, cfg.log_floor, out=mel)
-    return np.log(mel, out=mel)
+    mel = power @ mel_filterbank(cfg)  # (count, n_mels)
+    if cfg.compression != "none":
+        np.maximum(mel, cfg.log_floor, out=mel)
+        np.log(mel, out=mel)
+    out[...] = mel
+    return out

@@ -160,21 +160,31 @@ def speech_frames(wav: np.ndarray, sample_rate: int, cfg: VadConfig) -> tuple[np
     if wav.ndim != 1:
         raise ValueError(f"VAD takes mono audio (samples,), got shape {wav.shape}")
     wav = np.ascontiguousarray(wav, dtype=np.float32)
-    frame_len = max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
+    frame_len = frame_length(sample_rate, cfg)
     if wav.shape[0] == 0:
         return np.zeros(0, dtype=np.bool_), frame_len
-    energy = frame_energy_db(wav, frame_len, cfg.remove_dc)
+    return keep_from_energy(frame_energy_db(wav, frame_len, cfg.remove_dc), cfg), frame_len
+
+
+def frame_length(sample_rate: int, cfg: VadConfig) -> int:
+    """Samples per VAD frame."""
+    return max(1, int(round(sample_rate * cfg.frame_ms / 1000)))
+
+
+def keep_from_energy(energy: np.ndarray, cfg: VadConfig) -> np.ndarray:
+    """The per-frame keep mask of a recording whose frame energies (dB, ``frame_energy_db``) are ``energy``:
+    the whole-file decisions of the VAD, on an array of one value per frame."""
     initial = float(np.percentile(energy, FLOOR_PERCENTILE))
     loud = float(np.percentile(energy, LOUD_PERCENTILE))
     if undecided(initial, loud, cfg):
-        return np.ones(energy.shape[0], dtype=np.bool_), frame_len
+        return np.ones(energy.shape[0], dtype=np.bool_)
     threshold = speech_threshold_db(initial, loud, cfg)
     rise = cfg.floor_rise_db_per_s * cfg.frame_ms / 1000.0
     floor = track_noise_floor(energy, np.float32(initial), np.float32(rise))
     speech = (energy > floor + threshold) & (energy > cfg.min_level_db)
     speech = remove_short_runs(speech, max(1, _frames(cfg.min_speech_ms, cfg.frame_ms)))
     speech = dilate(speech, _frames(cfg.preroll_ms, cfg.frame_ms), _frames(cfg.hangover_ms, cfg.frame_ms))
-    return keep_mask(speech, _frames(cfg.max_pause_ms, cfg.frame_ms)), frame_len
+    return keep_mask(speech, _frames(cfg.max_pause_ms, cfg.frame_ms))
 
 
 def warm_up() -> None:

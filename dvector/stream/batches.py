@@ -78,6 +78,8 @@ class WorkerState:
     then a position in the stream of all shards, and ``before`` counts the batches drawn from that
     stream before this round (batch ``before + j`` of the shared stream is consumer ``slot``'s
     when ``(before + j) % slots == slot``). ``drawn`` counts every batch drawn from the round.
+    ``damage``: the damaged samples and shards the consumer counted already (:attr:`SampleStream.damage`),
+    so that a resumed stream does not count them again.
     """
 
     round: int = 0
@@ -85,17 +87,27 @@ class WorkerState:
     drawn: int = 0  # batches already drawn from this round
     shared: bool = False
     before: int = 0
+    damage: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, int]:
-        """Plain values, as saved in checkpoints."""
-        return {"round": self.round, "pass": self.start.pass_, "shard": self.start.shard,
-                "sample": self.start.sample, "drawn": self.drawn, "shared": int(self.shared), "before": self.before}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as saved in checkpoints (``damage`` only where there is some)."""
+        out: dict[str, Any] = {"round": self.round, "pass": self.start.pass_, "shard": self.start.shard,
+                               "sample": self.start.sample, "drawn": self.drawn, "shared": int(self.shared),
+                               "before": self.before}
+        if self.damage:
+            out["damage"] = list(self.damage)
+        return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "WorkerState":
+    def from_dict(cls, d: dict[str, Any]) -> "WorkerState":
         """The inverse of :meth:`to_dict` (positions saved before ``shared`` existed read as own slices)."""
         return cls(int(d["round"]), StreamPosition(int(d["pass"]), int(d["shard"]), int(d["sample"])), int(d["drawn"]),
-                   bool(d.get("shared", 0)), int(d.get("before", 0)))
+                   bool(d.get("shared", 0)), int(d.get("before", 0)), tuple(str(x) for x in d.get("damage", ())))
+
+
+def _damage(stream: SampleStream) -> tuple[str, ...]:
+    """What ``stream`` counted as damaged so far, as a state records it (sorted: the same every time)."""
+    return tuple(sorted(stream.damage)) if stream.damage else ()
 
 
 def _difference(a: SamplingStats, b: SamplingStats) -> SamplingStats:
@@ -248,7 +260,8 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
     shared = state.shared
     stream = SampleStream(urls, Consumer() if shared else consumer, settings.seed, settings.on_error,
                           settings.exclude_speakers, n_mels=settings.n_mels,
-                          max_speaker_index=settings.max_speaker_index)
+                          max_speaker_index=settings.max_speaker_index, known=state.damage,
+                          counted_by=(consumer.slot, consumer.slots) if shared else None)
     bad = _BadCounts(stream)
     seen: set[str] = set()  # keys in the pool being read: a pool holds an utterance once
     samples = stream.samples(state.start, skip_key=seen.__contains__)
@@ -276,7 +289,7 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
                 continue
             delta = out.counts(_difference(stats, reported) + bad.take())
             reported = SamplingStats(**stats.to_dict())
-            after = WorkerState(state.round, state.start, drawn, shared, state.before)
+            after = WorkerState(state.round, state.start, drawn, shared, state.before, _damage(stream))
             yield out.batch(pool, batch), after, delta
         out.carry += _difference(stats, reported) + bad.take()  # end-of-round counts ride on the next batch
         if drawn == 0:
@@ -289,8 +302,9 @@ def _rounds(urls: Sequence[str], settings: BatchSettings, consumer: Consumer, st
             note = (f"data stream: consumer {consumer.slot} of {consumer.slots} (rank {consumer.rank}, worker "
                     f"{consumer.worker}): its slice of the shards gives only {holds}, too few for a batch of "
                     f"{size}; it reads every shard and keeps one batch in {consumer.slots} instead")
-            return WorkerState(state.round + 1, StreamPosition(state.start.pass_, 0, 0), 0, True, 0), note
-        state = WorkerState(state.round + 1, next_start, 0, shared, state.before + drawn)
+            return WorkerState(state.round + 1, StreamPosition(state.start.pass_, 0, 0), 0, True, 0,
+                               _damage(stream)), note
+        state = WorkerState(state.round + 1, next_start, 0, shared, state.before + drawn, _damage(stream))
 
 
 def consumer_batches(urls: Sequence[str], settings: BatchSettings, consumer: Consumer,

@@ -180,9 +180,11 @@ class GE2ELoader:
         self.next_worker = int(state["next_worker"])
         return True
 
-    def restart_at_pass(self, pass_: int) -> None:
-        """Start every worker of this rank at the beginning of pass ``pass_`` (a deterministic new stream)."""
-        self.states = {k: WorkerState(round=1_000_000 * pass_, start=StreamPosition(pass_, 0, 0))
+    def restart_at_pass(self, pass_: int, damage: Sequence[str] = ()) -> None:
+        """Start every worker of this rank at the beginning of pass ``pass_`` (a deterministic new stream);
+        ``damage``: what was counted as damaged already (not counted again)."""
+        known = tuple(sorted(set(damage)))
+        self.states = {k: WorkerState(round=1_000_000 * pass_, start=StreamPosition(pass_, 0, 0), damage=known)
                        for k in range(max(1, self.workers))}
         self.next_worker = 0
 
@@ -216,7 +218,8 @@ class GE2ELoader:
             return None
         passes = [int(s["pass"]) for r in ranks if r for s in r.get("states", {}).values()]
         new_pass = max(passes, default=-1) + 1
-        self.restart_at_pass(new_pass)
+        damage = [str(d) for r in ranks if r for s in r.get("states", {}).values() for d in s.get("damage", ())]
+        self.restart_at_pass(new_pass, damage)
         return (f"batch options, world size or workers changed since the checkpoint: "
                 f"the data stream restarts at a new pass ({new_pass})")
 

@@ -46,35 +46,65 @@ class SampleStream:
 
     Every sample must have ``n_mels`` mel bands (None: as many as the stream's first good sample)
     and a speaker_index in ``0..max_speaker_index`` (None: any sane one); others are bad samples.
-    ``bad_samples`` and ``bad_shards`` count what was skipped so far (cumulative). A read that
+    ``bad_samples`` and ``bad_shards`` count the distinct damaged samples and shards found so far: one
+    read again (the next pass) is skipped again, but neither warned about nor counted again; ``known``
+    (ids from :attr:`damage` of an earlier stream, e.g. a checkpoint's) were counted already. Where
+    consumers read the same shards, one of them counts (and warns about) each piece of damage:
+    ``counted_by=(slot, slots)`` (a consumer reading every shard in the shared mode of
+    :mod:`dvector.stream.batches`) counts the shards whose number is ``slot`` modulo ``slots``, and a
+    broken shard read by consumers keeping each other's speaker blocks is counted by remainder 0. A read that
     stalls (no bytes for the stall timeout) skips the shard too; ``MAX_STALLS_IN_A_ROW`` stalls
     with no sample between them raise :class:`DvectorError` (the server or command is gone).
     """
 
     def __init__(self, urls: Sequence[str], consumer: Consumer, seed: int, on_error: str = "warn",
-                 exclude: Iterable[int] = (), *, n_mels: int | None = None, max_speaker_index: int | None = None):
+                 exclude: Iterable[int] = (), *, n_mels: int | None = None, max_speaker_index: int | None = None,
+                 known: Iterable[str] = (), counted_by: tuple[int, int] | None = None):
         if on_error not in ("warn", "raise"):
             raise DvectorError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
         self.urls, self.consumer, self.seed, self.on_error = list(urls), consumer, seed, on_error
         self.exclude = frozenset(int(s) for s in exclude)
         self.checks = SampleChecks(n_mels, max_speaker_index)
-        self.bad_samples = 0  # samples skipped as bad (undecodable, non-finite, out of range...)
-        self.bad_shards = 0  # shards whose rest was skipped (broken, unreachable, stalled)
+        self.bad_samples = 0  # distinct samples skipped as bad (undecodable, non-finite, out of range...)
+        self.bad_shards = 0  # distinct shards whose rest was skipped (broken, unreachable, stalled)
         self.stalls = 0  # reads that stalled since the last sample
+        self.damage: set[str] = set(known)  # what was counted: shard URLs, and "URL KEY" of bad samples
+        self.counted_by = counted_by
+        self._numbers = {u: i for i, u in enumerate(self.urls)}
+        self._remainder = 0  # of the shard being read: consumers sharing it keep each other's speaker blocks
+
+    def _first_sighting(self, url: str, key: str | None) -> bool:
+        """Whether this damage (a broken shard, or sample ``key`` of it) is new and this stream's to count."""
+        if self.counted_by is not None:
+            slot, slots = self.counted_by
+            number = self._numbers.get(url)
+            if number is not None and number % slots != slot:
+                return False
+        if key is None and self._remainder != 0:
+            return False
+        ident = url if key is None else f"{url} {key}"
+        if ident in self.damage:
+            return False
+        self.damage.add(ident)
+        return True
 
     def _fail(self, url: str, exc: BaseException) -> None:
-        self.bad_shards += 1
+        first = self._first_sighting(url, None)
+        self.bad_shards += first
         message = f"shard {url}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise DvectorError(message) from exc
-        warnings.warn(f"skipping the rest of {message}", RuntimeWarning, stacklevel=2)
+        if first:
+            warnings.warn(f"skipping the rest of {message}", RuntimeWarning, stacklevel=2)
 
     def _bad_sample(self, url: str, key: str, exc: BaseException) -> None:
-        self.bad_samples += 1
+        first = self._first_sighting(url, key)
+        self.bad_samples += first
         message = f"shard {url}, sample {key!r}: {type(exc).__name__}: {exc}"
         if self.on_error == "raise":
             raise DvectorError(message) from exc
-        warnings.warn(f"skipping {message}", RuntimeWarning, stacklevel=2)
+        if first:
+            warnings.warn(f"skipping {message}", RuntimeWarning, stacklevel=2)
 
     def _stalled(self, url: str, exc: StallError) -> None:
         """One more read that stalled with no sample since the last: too many, and the source is gone."""
@@ -94,6 +124,7 @@ class SampleStream:
         a warning (or :class:`DvectorError` with ``on_error="raise"``).
         """
         retries = 0
+        self._remainder = remainder if modulus > 1 else 0
         while True:
             progressed = False
             try:

@@ -3,7 +3,8 @@
 The shards are read as the training stream reads them (:class:`dvector.stream.samples.SampleStream`,
 the same checks, retries and timeouts): a bad sample (undecodable ``.npy``, an object array, bad
 metadata) is skipped with a warning naming the shard and key, and a broken, missing or unreachable
-shard from there on with a warning naming it; both are counted in a :class:`ReadReport`.
+shard from there on with a warning naming it; both are counted in a :class:`ReadReport`, each
+damaged sample and shard once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class ReadReport:
 
     bad_samples: int = 0  # samples skipped as bad
     bad_shards: int = 0  # shards (or their rest) skipped as broken, missing or unreachable
+
+    def to_dict(self) -> dict[str, int]:
+        """The counts as plain values (for a checkpoint's counters or a summary)."""
+        return {"bad_samples": self.bad_samples, "bad_shards": self.bad_shards}
 
     def describe(self) -> str:
         """``"2 bad samples and 1 broken shard skipped"``, or ``""`` when nothing was."""

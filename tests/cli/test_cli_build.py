@@ -184,6 +184,25 @@ def test_cli_check_truncated(synth_build_copy: Path) -> None:
     assert "shard-000000.tar" not in result.output
 
 
+def test_cli_check_names_a_shard_file_the_index_does_not_list(synth_build_copy: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Reliability item 25: a warning line naming it; the exit status stays 0, since every shard the index
+    lists (all that readers of the folder read) is intact."""
+    stray = synth_build_copy / "shard-000004.tar"
+    stray.write_bytes((synth_build_copy / "shard-000000.tar").read_bytes())
+    (synth_build_copy / ".shard-000005.tar.tmp").write_bytes(b"a temporary: not reported")
+    code, text = run_main(capsys, "check", "-j", "1", synth_build_copy)
+    assert code == 0, text
+    line = " ".join(text.split())
+    assert f"warning: {stray}: a shard file that index.json does not list" in line, line
+    assert "ok: 4 shards match the index; 1 file(s) not in the index (see the warnings)" in line
+    assert ".shard-000005" not in line and line.count("warning:") == 1
+    # damage and a stray file: both reported, damage decides the status
+    (synth_build_copy / "shard-000001.tar").write_bytes(b"")
+    code, text = run_main(capsys, "check", synth_build_copy)
+    assert code == 1 and "shard-000004.tar" in text and "1 of 4 shards are damaged" in " ".join(text.split())
+
+
 def test_cli_check_without_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, text = run_main(capsys, "check", tmp_path)
     assert code == 1 and "index.json" in text and "Traceback" not in text

@@ -163,3 +163,36 @@ def test_symlinked_and_repeated_roots_build_each_file_once(tmp_path: Path, capsy
     line = flat(text)
     assert f"scan: {root}: the same folder as a root given before it ({root}): read once" in line
     assert f"scan: {root / 'spk000' / 'up'}: alias of" in line and f"scan: {root / 'self'}: alias of" in line
+
+
+# ---- reliability item 26: the advice fits the cause ------------------------------------------------
+
+@pytest.mark.parametrize("error, why, advice", [
+    (errno.EROFS, "the storage is read-only", "choose a writable folder with --out"),
+    (errno.EACCES, "permission denied", "choose a writable folder with --out"),
+    (errno.ENOSPC, "no space left on the device", "make room (or choose another --out), then rerun"),
+])
+def test_the_advice_fits_why_a_write_failed(error: int, why: str, advice: str, synth_roots: Corpus, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "shards"
+    monkeypatch.setattr(build_folder, "write_json_atomic", refusing(error, os.strerror(error))(None))
+    code, text = run_main(capsys, *build_args(synth_roots, out))
+    assert code == 1 and "Traceback" not in text
+    line = flat(text)
+    assert f"{why}" in line and advice in line, line
+    assert ("make room" in line) == (error == errno.ENOSPC), line
+
+
+@pytest.mark.parametrize("where", ["the output", "a parent of the output"])
+def test_a_file_in_the_way_of_the_output_folder_says_so(where: str, synth_roots: Corpus, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Real errors, not mocked (a file where a folder must be stops root too): EEXIST and ENOTDIR."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    out = blocker if where == "the output" else blocker / "shards"
+    code, text = run_main(capsys, *build_args(synth_roots, out))
+    assert code == 1 and "Traceback" not in text
+    line = flat(text)
+    assert f"error: cannot write {out}: {blocker} is a file where a folder must be; a file is in the way: " \
+           "move it, or choose another --out" in line, line
+    assert "make room" not in line and blocker.read_text() == "a file, not a folder"

@@ -86,3 +86,22 @@ def test_warnings_print_as_one_line() -> None:
     finally:
         warnings.formatwarning = before
     assert text == "warning: skipping shard x.tar: truncated\n"
+
+
+def test_user_text_is_printed_literally_not_as_emoji(tmp_path, capsys) -> None:  # noqa: ANN001
+    """``--dask local:abc`` printed ``local🔤``: rich read ``:abc:`` as an emoji code."""
+    import pytest
+
+    from dvector.cli import main
+    from dvector.cli.console import console, say, warn
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build-shards", "-o", str(tmp_path / "out"), "--dask", "local:abc", str(tmp_path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "--dask local:abc:" in err and "\N{INPUT SYMBOL FOR LATIN LETTERS}" not in err, err
+    assert console.stderr and not console._emoji  # every message goes through this console
+    say("file a:smile:b.wav")
+    warn("speaker :thumbs_up: skipped")
+    err = capsys.readouterr().err
+    assert "a:smile:b.wav" in err and ":thumbs_up:" in err, err

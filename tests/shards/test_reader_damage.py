@@ -241,3 +241,28 @@ def test_embed_of_a_shard_folder_lists_a_truncated_shard_as_skipped(tmp_path: Pa
     assert [url for url, _ in result.skipped] == [f"{folder}/{shard_name(1)}"]
     reason = result.skipped[0][1]
     assert shard_name(1) in reason and "truncated" in reason
+
+
+# ---- reliability item 24: a deeply nested .json member ------------------------------------------------
+
+def test_a_deeply_nested_json_member_is_one_bad_sample_not_the_rest_of_the_shard(tmp_path: Path) -> None:
+    depth = 200_000  # far past the parser's recursion limit, well within MAX_META_BYTES
+    path = tmp_path / "s.tar"
+    write_raw(path, plain(5))
+    with tarfile.open(tmp_path / "nested.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(path) as src:
+            for i, info in enumerate(src.getmembers()):
+                data = src.extractfile(info).read()
+                if info.name == "k002.json":
+                    data = b"[" * depth + b"]" * depth
+                add(tar, info.name, data)
+    url = str(tmp_path / "nested.tar")
+    keys, bad = bad_of(url)
+    assert keys == ["k000", "k001", "k003", "k004"]
+    assert bad == [("k002", "metadata nested too deeply to parse")]
+    stream = SampleStream([url], Consumer(), 0)
+    with pytest.warns(RuntimeWarning, match=r"sample 'k002'.*nested too deeply"):
+        assert len(list(stream.shard_samples(url, 0, 1, 0))) == 4
+    assert (stream.bad_samples, stream.bad_shards) == (1, 0)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        decode_sample({"__key__": "x", "mel.npy": npy(good_mel()), "json": b"[" * depth + b"]" * depth})

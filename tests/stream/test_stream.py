@@ -501,13 +501,16 @@ def test_a_pipe_command_that_fails_after_its_output_is_named(shards):
 def test_on_error_raise_stops_with_the_shard_named(shards, tmp_path, which):
     bad = corrupt_copies(tmp_path / "bad")
     target = str(tmp_path / "nowhere.tar") if which == "missing" else str(bad[which])
-    loader = ge2e_loader([target], N, M, L, workers=0, on_error="raise")
-    with pytest.raises(DvectorError, match=Path(target).name):
-        take(loader, 1)
+    with pytest.raises(DvectorError, match=Path(target).name):  # a missing one: before anything starts
+        take(ge2e_loader([target], N, M, L, workers=0, on_error="raise"), 1)
 
 
 def test_all_shards_broken_is_an_error_not_a_hang(tmp_path):
-    urls = [str(tmp_path / f"gone-{i}.tar") for i in range(2)]
+    urls = [str(tmp_path / f"broken-{i}.tar") for i in range(2)]
+    for url in urls:
+        Path(url).write_bytes(b"not a tar" * 100)
+    with pytest.raises(DvectorError, match="none of the 2 shard files given is there"):  # all missing: at once
+        ge2e_loader([str(tmp_path / f"gone-{i}.tar") for i in range(2)], N, M, L, workers=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DvectorError, match="read no usable sample"):
