@@ -96,22 +96,21 @@ LOCK_NAME = ".dvector.lock"
 
 
 @contextmanager
-def one_writer(folder: str | os.PathLike[str], what: str, say: Callable[[str], None] = print) -> Iterator[Path]:
+def one_writer(folder: str | os.PathLike[str], what: str, say: Callable[[str], None] = print,
+               name: str = LOCK_NAME) -> Iterator[Path]:
     """Hold ``folder``'s lock for the block: a second writer (``what``: "training run", "shard build")
     started into the same folder is refused at once with one line naming the holder's host and PID.
+    Writers that may share a folder (the parts of a build) hold locks of other ``name`` s.
 
-    The lock is ``folder/.dvector.lock``, locked with ``flock`` (the kernel releases it when its process
+    The lock is ``folder/.dvector.lock`` (by default), locked with ``flock`` (the kernel releases it when its process
     dies, however it dies) and holding its holder's host, PID and start time (emptied when the block
     ends, error or not). A lock file that names a holder but is not locked was left by a process that
     died: it is taken over with a note. Yields the lock file's path.
     """
     folder = Path(folder)
-    path = folder / LOCK_NAME
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise DvectorError(f"cannot write into {display_path(folder)}: {exc.strerror or exc}") from None
+    path = folder / name
+    folder.mkdir(parents=True, exist_ok=True)  # an OSError here (read-only, a file in the way) is the caller's
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

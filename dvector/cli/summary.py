@@ -83,6 +83,9 @@ def print_train_summary(result, console: Console) -> None:  # type: ignore[no-un
         skipped = _skipped_counts(st)
         if skipped:
             table.add_row("skipped data (this rank)", skipped)
+    valid_skipped = _skipped_counts((getattr(result, "counters", None) or {}).get("validation") or {})
+    if valid_skipped:
+        table.add_row("skipped validation data", valid_skipped)
     if getattr(result, "skipped_steps", 0):
         table.add_row("skipped steps", f"{result.skipped_steps} with NaN or Inf in the loss or gradient norm "
                                        "(no optimizer step)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from dvector.config import BuildConfig
 from dvector.corpus import ScanResult, scan_roots
 from dvector.errors import DvectorError
-from dvector.files import display_path
+from dvector.files import LOCK_NAME, display_path, one_writer
 from dvector.shards.build_folder import is_complete, plan_record, prepare_folder, remove_stale_temps
 from dvector.shards.build_report import BuildReport, Progress
 from dvector.shards.dask_build import write_shards_dask
@@ -203,7 +204,24 @@ def build_shards(
 def _build(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
            part: tuple[int, int], overwrite: bool, fail_fast: bool, progress: Progress | None, client: Any
            ) -> BuildReport:
-    """:func:`build_shards`, with the shard jobs on Dask's ``client`` where given."""
+    """:func:`build_shards`, with the shard jobs on Dask's ``client`` where given; one build (or one
+    ``--part``) writes into ``out_dir`` at a time."""
+    lock = one_writer(out_dir, "shard build" if part == (1, 1) else f"build of part {part[0]}/{part[1]}",
+                      say=lambda note: print(note, file=sys.stderr),
+                      name=LOCK_NAME if part == (1, 1) else f".dvector-part{part[0]}of{part[1]}.lock")
+    try:
+        lock.__enter__()
+    except OSError as exc:
+        raise write_failure(Path(out_dir), exc) from exc
+    try:
+        return _build_locked(roots, out_dir, cfg, workers, part, overwrite, fail_fast, progress, client)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _build_locked(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
+                  part: tuple[int, int], overwrite: bool, fail_fast: bool, progress: Progress | None, client: Any
+                  ) -> BuildReport:
     started = time.perf_counter()
     keep_freed_memory()  # this process receives and writes every utterance's features
     progress = progress or Progress()

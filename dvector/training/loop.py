@@ -63,6 +63,8 @@ def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Ca
                 stack.enter_context(one_writer(model_dir, "training run", say))
             except DvectorError as exc:
                 refused = str(exc)
+            except OSError as exc:  # read-only, or a file in the way
+                refused = f"cannot write into the run folder {model_dir}: {exc.strerror or exc}"
         refused = main_value(refused, ddp)
         if refused:
             raise DvectorError(refused)

@@ -55,13 +55,15 @@ MAX_SKIPS_SAID = 5  # skipped steps said one by one; the rest are only counted
 
 
 def run_counters(before: dict[str, Any], skipped_steps: int, sampling: dict[str, int],
-                 in_a_row: int = 0) -> dict[str, Any]:
+                 in_a_row: int = 0, validation: dict[str, int] | None = None) -> dict[str, Any]:
     """A checkpoint's ``"counters"``: the totals ``before`` (a checkpoint's, when continuing) plus this
     call's skipped steps and the loader's sampling counters (read, tiled, dropped, bad samples...);
-    ``skipped_in_a_row``: the skipped steps that end the run so far (a continued run counts on)."""
+    ``skipped_in_a_row``: the skipped steps that end the run so far (a continued run counts on);
+    ``validation``: the damage met reading the validation set (read anew by each call: replaced, not added)."""
     earlier = before.get("sampling") or {}
     return {"skipped_steps": int(before.get("skipped_steps", 0)) + skipped_steps, "skipped_in_a_row": in_a_row,
-            "sampling": {k: int(earlier.get(k, 0)) + int(sampling.get(k, 0)) for k in sorted({*earlier, *sampling})}}
+            "sampling": {k: int(earlier.get(k, 0)) + int(sampling.get(k, 0)) for k in sorted({*earlier, *sampling})},
+            "validation": dict(validation if validation is not None else before.get("validation") or {})}
 
 
 # ---- checkpoints and logs ------------------------------------------------------------------------
@@ -179,7 +181,13 @@ class StepLoop:
 
     def counters(self) -> dict[str, Any]:
         """This process's totals so far (a checkpoint's sum the loader's counters over every rank)."""
-        return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict(), self.bad_in_a_row)
+        return run_counters(self.parts.counters, self.skipped, self.loader.stats.to_dict(), self.bad_in_a_row,
+                            self._validation_damage())
+
+    def _validation_damage(self) -> dict[str, int] | None:
+        """What reading the validation set skipped (rank 0 holds it; None elsewhere)."""
+        data = self.validation.data
+        return dict(data.skipped) if data is not None else None
 
     def run(self, started: float) -> None:
         """Step until ``cfg.steps``, or stop early with a checkpoint: at ``--max-minutes`` (counted from
@@ -306,7 +314,8 @@ class StepLoop:
             self._log(StepLog(step, self.last_loss, self.parts.scheduler.get_last_lr()[0], float(grad_norm),
                               scalars.get("w", math.nan), scalars.get("b", math.nan), speed, wait,
                               scores.eer if scores else None, counters["skipped_steps"],
-                              scores.min_dcf if scores else None, scalars.get("margin")), counters["sampling"])
+                              scores.min_dcf if scores else None, scalars.get("margin")),
+                      {**counters["sampling"], **{f"valid_{k}": v for k, v in counters["validation"].items()}})
         if save_now or improved:
             self._save(scores, improved)
         if stop and self.stopped is not None and not self.stopped.signum:
@@ -341,7 +350,8 @@ class StepLoop:
             self.parts.best_eer, self.parts.best_min_dcf = scores.eer, scores.min_dcf
             self.parts.best_step = self.parts.step
         if self.ctx.ddp.main:
-            counters = run_counters(self.parts.counters, self.skipped, sampling, self.bad_in_a_row)
+            counters = run_counters(self.parts.counters, self.skipped, sampling, self.bad_in_a_row,
+                                    self._validation_damage())
             state = checkpoint_state(self.cfg, self.ctx, self.parts, loader_entry, self.validation.heldout,
                                       self.last_loss, counters, scores)
             self.saved.append(save_checkpoint(state, self.ctx.model_dir, self.cfg.keep_checkpoints, best=new_best))

@@ -8,7 +8,7 @@ the lowest EER; ties (a saturated 0.00%, say) go to the lower minDCF, then to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -67,6 +67,7 @@ class ValidationSet:
     mels: torch.Tensor  # (U, L, n_mels) float32
     speakers: np.ndarray  # (U,)
     roots: np.ndarray | None = None  # (U,) the root (corpus) of each utterance's speaker; None: one root
+    skipped: dict[str, int] = field(default_factory=dict)  # damage met while reading it: bad_samples, bad_shards
 
     @property
     def n_speakers(self) -> int:
@@ -149,7 +150,7 @@ def collect_validation(urls: Sequence[str], index: dict[str, Any] | None, speake
     mels = [m for k in sorted(taken) for m in taken[k]]
     labels = np.array([k for k in sorted(taken) for _ in taken[k]])
     roots = np.array([root_of(ids.get(k, "")) for k in sorted(taken) for _ in taken[k]])
-    return ValidationSet(torch.from_numpy(np.stack(mels)), labels, roots)
+    return ValidationSet(torch.from_numpy(np.stack(mels)), labels, roots, report.to_dict())
 
 
 @torch.no_grad()

@@ -188,11 +188,10 @@ def test_one_writer_refuses_a_second_holder_and_frees_the_folder(tmp_path: Path)
         pass
 
 
-def test_one_writer_under_a_file_is_one_line(tmp_path: Path) -> None:
+def test_a_run_folder_under_a_file_is_one_line(shards: Path, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(DvectorError, match="cannot write into"):
-        with one_writer(tmp_path / "a-file" / "run", "training run"):
-            pass
+    with pytest.raises(DvectorError, match="cannot write into the run folder .*a-file/run: Not a directory"):
+        run(shards, tmp_path / "a-file" / "run")
 
 
 # ---- a continued run keeps its loss --------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from dvector.config import ModelConfig, TrainConfig
+from dvector.config import AugmentConfig, ModelConfig, TrainConfig
 from dvector.errors import DvectorError
 from dvector.files import write_json_atomic
 from dvector.shards.format import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, shard_name
@@ -207,3 +207,31 @@ def test_a_whole_validation_set_missing_is_one_clear_error_at_start(tmp_path, tm
         with pytest.raises(DvectorError, match="validation needs at least 2 speakers"):
             train(str(shards), tmp_path / "run", cfg, ModelConfig.preset("tiny"), valid=str(folder),
                   say=lambda message: None)
+
+
+def test_damage_in_validation_shards_is_counted_once_in_the_checkpoint(shards: Path, tmp_path: Path) -> None:
+    """A --valid set with two bad samples (non-finite mels): the run's counters say 2 under "validation",
+    read anew (not added up) when the run is continued."""
+    from dvector.shards.format import write_shard
+    from dvector.shards.reader import iter_shard
+
+    good = [s for s in iter_shard(str(sorted(shards.glob("*.tar"))[0]))]
+    samples = [(s["__key__"], s["mel"], {k: s[k] for k in ("speaker", "speaker_index", "source", "n_frames")})
+               for s in good]
+    for n in range(2):
+        bad = samples[n][1].copy()
+        bad[0, 0] = np.inf
+        samples.append((f"zz_bad{n}", bad, dict(samples[n][2])))
+    valid = tmp_path / "valid"
+    valid.mkdir()
+    write_shard(valid / shard_name(0), samples)
+    cfg = TrainConfig(steps=2, valid_every=1, log_every=1, n_speakers=4, n_utterances=4, seg_len=(40, 40),
+                      workers=0, augment=AugmentConfig(kinds=()))
+    valid = str(valid / shard_name(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(str(shards), tmp_path / "run", cfg, ModelConfig.preset("tiny"), valid=str(valid), say=lambda _: None)
+        assert result.counters["validation"] == {"bad_samples": 2, "bad_shards": 0}
+        train(str(shards), tmp_path / "run", replace(cfg, steps=4), ModelConfig.preset("tiny"), valid=str(valid),
+              resume=tmp_path / "run", say=lambda _: None)
+    assert load_checkpoint(tmp_path / "run")["counters"]["validation"] == {"bad_samples": 2, "bad_shards": 0}
