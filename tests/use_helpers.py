@@ -11,6 +11,7 @@ import pytest
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
 from dvector.demo.synth import write_corpus
+from dvector.inference.embed_inputs import _embed_job as _real_embed_job  # before any test patches it
 
 _CACHE: dict[str, SimpleNamespace] = {}
 
@@ -69,3 +70,20 @@ def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:  # n
 def flat(text: str) -> str:
     """Text with every run of whitespace as one space (rich wraps lines at the terminal width)."""
     return " ".join(text.split())
+
+
+KILL_MARK = "kill-me"  # a worker that meets an input with this in its name dies (dying_embed_job)
+
+
+def dying_embed_job(recipe, method, pairs):  # noqa: ANN001, ANN201
+    """``embed_inputs._embed_job``, except that the worker process kills itself (SIGKILL, as the
+    kernel's OOM killer would) when its job holds an input whose name has ``KILL_MARK`` in it.
+
+    Tests monkeypatch ``embed_inputs._embed_job`` with it: the pool pickles it by name, so the
+    (spawned) workers import it from here and run it, and its deaths are the only difference."""
+    import os
+    import signal
+
+    if any(KILL_MARK in os.fspath(source) for _, source in pairs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_embed_job(recipe, method, pairs)

@@ -34,7 +34,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".sph")
 MAX_FILE_FRAMES = 60 * 100  # a minute of noise per file at a 10 ms hop
 MAX_NOISE_FRAMES = 500_000  # ~83 minutes in all (80 MB at 40 bands, float16)
 MIN_FILE_FRAMES = 500  # each file gives at least 5 s (while the total lasts), however many there are
-ROOM_FIT = 2  # the version of fit_decay's method (2: the direct sound spread over its frames): part of the cache key
+SILENT_PEAK = 1e-6  # a room response whose samples all stay under this (-120 dBFS) is silence, not a room
+# the version of the rooms' fit, part of the cache key (2: the direct sound spread over its frames; 3: silent
+# responses skipped)
+ROOM_FIT = 3
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,10 @@ def _audio_files(folder: str) -> list[Path]:
     return files
 
 
-def _log_mel_or_none(path: Path, features: FeatureConfig, max_frames: int) -> np.ndarray | None:
+def _log_mel_or_none(path: Path, features: FeatureConfig, max_frames: int, room: bool = False) -> np.ndarray | None:
     """Log-mels of one file (at most ``max_frames``; ``features`` with log compression), or None (with
-    one warning line) when unreadable."""
+    one warning line) when unreadable; with ``room``, also when silent (no room's response: its
+    flat floor would read as an endless tail)."""
     try:
         wav, rate = decode(path)
     except (DecodeError, OSError) as e:
@@ -67,6 +71,10 @@ def _log_mel_or_none(path: Path, features: FeatureConfig, max_frames: int) -> np
     wav = resample(to_mono(wav[:keep]), rate, features.sample_rate)[: max_frames * features.hop_length]
     if wav.shape[0] < min_samples(features) or not np.isfinite(wav).all():
         warnings.warn(f"{display_path(path)}: skipped: too short or not finite", RuntimeWarning, stacklevel=3)
+        return None
+    if room and not np.max(np.abs(wav)) > SILENT_PEAK:
+        warnings.warn(f"{display_path(path)}: skipped: silent (every sample under {SILENT_PEAK:g}), not a room "
+                      "response", RuntimeWarning, stacklevel=3)
         return None
     return log_mel(wav, features)
 
@@ -112,7 +120,7 @@ def prepare_sources(noise_dir: str, rir_dir: str, features: FeatureConfig, cache
         if not path.exists():
             fits = []
             for f in files:
-                mel = _log_mel_or_none(f, features, 400)  # 4 s of response is plenty
+                mel = _log_mel_or_none(f, features, 400, room=True)  # 4 s of response is plenty
                 if mel is not None:
                     spread = direct_spread(features.win_length, features.hop_length)
                     fits.append(np.stack(fit_decay(np.exp(mel.astype(np.float64)), spread=spread)))

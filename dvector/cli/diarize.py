@@ -13,6 +13,7 @@ import typer
 
 from dvector.cli.console import counting_bar, print_skipped, progress, say, warn
 from dvector.cli.options import Model, out_option, threads_option
+from dvector.errors import DvectorError
 
 Audio = Annotated[List[Path], typer.Argument(help="Audio files to diarize.")]
 RttmOut = out_option("Output folder: one STEM.rttm per audio file.")
@@ -60,7 +61,11 @@ def diarize_cmd(model: Model, audio: Audio, out: RttmOut = Path("rttm"), speaker
     for name, path, result in run.report.written:
         say(f"{name}: {result.n_speakers} speaker(s), {len(result.turns)} turn(s) in {result.duration_s:.1f} s "
             f"-> {path}")
+        if result.note:
+            say(f"note: {name}: {result.note}")
     print_skipped(run.report.skipped)
+    if not run.report.written:
+        raise DvectorError(f"nothing was diarized: all {len(run.report.skipped)} input(s) were skipped")
     print(f"diarized {len(run.report.written)} file(s) into {out}; skipped {len(run.report.skipped)}")
 
 

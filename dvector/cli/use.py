@@ -63,9 +63,12 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
               extensions: Extensions = EXTENSIONS, threads: Threads = 0, workers: EmbedWorkers = 1,
               dask: Dask = None, sample_rate: SampleRate = 16000) -> None:
     """Embed utterances: sliding windows of the training length, averaged and normalised."""
-    from dvector.inference.embed_inputs import Workers, embed_paths, save_embeddings
+    from dvector.inference.embed_inputs import NothingEmbedded, Workers, embed_paths, save_embeddings
     from dvector.inference.embedder import load
+    from dvector.inference.streaming import check_stream_rate
 
+    if "-" in inputs:
+        check_stream_rate(sample_rate)  # before anything is loaded or read
     embedder = load(model, threads=threads)
     if "-" in inputs:
         return embed_stdin(embedder, inputs, per_window, sample_rate)
@@ -73,7 +76,11 @@ def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embedding
         on_start, on_item = counting_bar(bar, "embed")
         result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item,
                              workers=Workers(workers, dask))
-    path = save_embeddings(out, result, embedder)  # first: a failure to print must not lose the results
+    try:
+        path = save_embeddings(out, result, embedder)  # first: a failure to print must not lose the results
+    except NothingEmbedded as exc:
+        print_skipped(exc.skipped)
+        raise
     print_skipped(result.skipped)
     what = "window sequences" if per_window else "embeddings"
     dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
@@ -94,8 +101,26 @@ def embed_stdin(embedder: Any, inputs: List[str], per_window: bool, sample_rate:
     for window in pcm_windows(embedder.stream(sample_rate), sys.stdin.buffer):
         line = {"start": window.start_s, "end": window.end_s,
                 "vector": [float(v) for v in window.vector]}
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+        except OSError as exc:  # a full disk, a closed pipe
+            _drop_stdout()
+            raise DvectorError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit does not fail a second time
+    (Python would print "Exception ignored" and exit 120) after the one-line error."""
+    import os
+    import sys
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real file behind it (captured in a test)
+        pass
 
 
 def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOverride = None,
@@ -125,16 +150,20 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
              cohort_top: CohortTop = DEFAULT_TOP_N, workers: EmbedWorkers = 1, dask: Dask = None) -> None:
     """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve. With --norm,
     the same for normalised scores, side by side."""
-    from dvector.inference.embed_inputs import Workers
+    from dvector.inference.embed_inputs import NothingEmbedded, Workers
     from dvector.evaluation.results import run_eval
 
-    with progress() as bar:
-        on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
-        on_start, on_item = counting_bar(bar, "eval")
-        run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
-                       seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item,
-                       norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort,
-                       workers=Workers(workers, dask))
+    try:
+        with progress() as bar:
+            on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
+            on_start, on_item = counting_bar(bar, "eval")
+            run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
+                           seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item,
+                           norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort,
+                           workers=Workers(workers, dask))
+    except NothingEmbedded as exc:  # the files that failed, then the error line
+        print_skipped(exc.skipped)
+        raise
     r = run.result
     if r.norm is not None:
         print_norm_table(r)
@@ -192,14 +221,19 @@ def visualize_cmd(model: Model, root: SpeakerRoot, out: PictureOut = Path("tsne.
                   per_speaker: PerSpeaker = 20, seed: Seed = 0, extensions: Extensions = EXTENSIONS,
                   threads: MapThreads = 0) -> None:
     """t-SNE map of utterance embeddings, one colour per speaker, as a PNG."""
+    from dvector.inference.embed_inputs import NothingEmbedded
     from dvector.inference.embedder import load
-    from dvector.evaluation.plot import visualize
+    from dvector.evaluation.plot import check_picture_path, visualize
 
+    check_picture_path(out)  # before the model is loaded
     embedder = load(model, threads=threads)
-    with progress() as bar:
-        on_start, on_item = counting_bar(bar, "visualize")
-        png, points, speakers, skipped = visualize(embedder, root, out, extensions, max_speakers, per_speaker, seed,
-                                                   on_start=on_start, on_file=on_item,
-                                                   threads=threads)
+    try:
+        with progress() as bar:
+            on_start, on_item = counting_bar(bar, "visualize")
+            png, points, speakers, skipped = visualize(embedder, root, out, extensions, max_speakers, per_speaker,
+                                                       seed, on_start=on_start, on_file=on_item, threads=threads)
+    except NothingEmbedded as exc:  # the files that failed, then the error line
+        print_skipped(exc.skipped)
+        raise
     print_skipped(skipped)
     say(f"wrote {png}: {points} utterances of {speakers} speakers")

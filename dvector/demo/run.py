@@ -11,6 +11,7 @@ from typing import Callable
 
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
+from dvector.inference.bundle import output_folder
 from dvector.inference.embedder import load, untrained_twin
 from dvector.evaluation.evaluate import evaluate
 from dvector.evaluation.results import eval_path, write_eval
@@ -76,7 +77,7 @@ def run_demo(out_dir: str | Path = "dvector-demo", size: DemoSize = DemoSize(), 
              say: Callable[[str], None] = print, on_log: Callable[[StepLog], None] | None = None) -> DemoResult:
     """Run every stage into ``out_dir`` (data/, shards/, run/, tsne.png, det.png) and return the EERs."""
     started = time.perf_counter()
-    out = Path(out_dir)
+    out = output_folder(out_dir)  # a file there, or a folder that takes no files: one line, before the work
     data = out / "data"
     train_root, eval_root = data / "train", data / "eval"
     if not (data / ".complete").exists():  # synthesizing is deterministic: keep it across reruns

@@ -10,6 +10,7 @@ takes learning.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import scipy.signal
 import soundfile as sf
 
 from dvector.errors import DvectorError
+from dvector.files import atomic_write, display_path
+from dvector.signal.audio import MAX_RATE, MIN_RATE
 
 # F1, F2, F3 (Hz) of five vowels of an average adult voice
 VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480], [570, 840, 2410]],
@@ -126,13 +129,16 @@ def write_corpus(root: Path, n_speakers: int, utterances_per_speaker: int, seed:
     ``layout`` "nested" puts each speaker's utterances in two session subfolders
     (``root/spkNNN/sessionK/...``), as LibriSpeech (chapters) and VoxCeleb (videos) do. ``extension``
     is flac or wav; ``duration_s`` the range of utterance lengths (see :func:`parse_duration`). All
-    three are checked, in that order, before anything is written.
+    three are checked, in that order, and then the counts, rate and prefix
+    (:func:`check_corpus_settings`), before anything is written. Each file is written atomically; one
+    that cannot be written is one DvectorError line.
     """
     if layout not in LAYOUTS:
         raise DvectorError(f"--layout must be flat or nested, got {layout!r}")
     if extension not in FORMATS:
         raise DvectorError(f"--format must be flac or wav, got {extension!r}")
     lo, hi = parse_duration(duration_s)
+    check_corpus_settings(n_speakers, utterances_per_speaker, sample_rate, prefix)
     nested = layout == "nested"
     rng = np.random.default_rng(seed)
     paths = []
@@ -141,9 +147,37 @@ def write_corpus(root: Path, n_speakers: int, utterances_per_speaker: int, seed:
         speaker = f"{prefix}{s:03d}"
         for u in range(utterances_per_speaker):
             folder = Path(root) / speaker / (f"session{u % 2}" if nested else "")
-            folder.mkdir(parents=True, exist_ok=True)
             wav = utterance(voice, float(rng.uniform(lo, hi)), sample_rate, rng)
             path = folder / f"{speaker}-{u:03d}.{extension}" if nested else folder / f"utt{u:03d}.{extension}"
-            sf.write(str(path), wav, sample_rate, subtype=subtype)
+            _write_audio(path, wav, sample_rate, extension, subtype)
             paths.append(path)
     return paths
+
+
+def check_corpus_settings(n_speakers: int, utterances_per_speaker: int, sample_rate: int, prefix: str) -> None:
+    """A DvectorError unless the counts are >= 1, the rate one a file header may hold
+    (``signal.audio.MIN_RATE``-``MAX_RATE``) and ``prefix`` a plain name (no folders, no ``..``)."""
+    if n_speakers < 1 or utterances_per_speaker < 1:
+        raise DvectorError(f"--speakers and --utterances must be >= 1, got {n_speakers} and {utterances_per_speaker}")
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise DvectorError(f"--sample-rate must be {MIN_RATE}-{MAX_RATE} Hz, got {sample_rate}")
+    if any(c in prefix for c in ("/", "\\", "\0", os.sep, os.altsep or "/")) or ".." in prefix:
+        raise DvectorError(f"--prefix must be a plain name, without folders or '..': got {prefix!r}")
+
+
+def _write_audio(path: Path, wav: np.ndarray, sample_rate: int, extension: str, subtype: str | None) -> None:
+    """One file, atomically; a failure (a file where a folder should be, a full disk, a rate the
+    format cannot hold) is one DvectorError naming the file."""
+    try:
+        for above in (path.parent, *path.parent.parents):
+            if os.path.lexists(above):
+                if not above.is_dir():
+                    raise DvectorError(f"cannot write {display_path(path)}: {display_path(above)} is a file, "
+                                       "not a folder")
+                break
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            sf.write(str(tmp), wav, sample_rate, subtype=subtype, format=extension.upper())
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DvectorError(f"cannot write {display_path(path)}: {reason}") from exc

@@ -11,6 +11,7 @@ reference speech is scored unless ``skip_overlap``.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +45,13 @@ class DerReport:
     only_hypothesis: list[str] = field(default_factory=list)  # stems with no reference (not scored)
 
 
+def check_collar(collar_s: float) -> None:
+    """A DvectorError unless ``collar_s`` is a number of seconds >= 0 (a negative one would score
+    more than the recording)."""
+    if not (math.isfinite(collar_s) and collar_s >= 0):
+        raise DvectorError(f"--collar must be a number of seconds >= 0, got {collar_s:g}")
+
+
 def _metrics() -> Any:
     try:
         from pyannote.metrics.diarization import DiarizationErrorRate
@@ -65,6 +73,7 @@ def _annotation(turns: Sequence[Turn], uri: str) -> Any:
 def score_turns(reference: Sequence[Turn], hypothesis: Sequence[Turn], collar_s: float = COLLAR_S,
                 skip_overlap: bool = False, uri: str = "file") -> DerParts:
     """DER parts of one recording's hypothesis turns against its reference turns."""
+    check_collar(collar_s)
     metric = _metrics()(collar=2 * collar_s, skip_overlap=skip_overlap)
     with warnings.catch_warnings():  # the scored span is the union of both extents, as intended
         warnings.filterwarnings("ignore", message=".*'uem' was approximated")
@@ -81,6 +90,7 @@ def score_folders(reference_dir: str | os.PathLike[str], hypothesis_dir: str | o
     the seconds of the scored files (not an average of their rates). A reference with no turns
     scores nothing (its false alarms have no reference speech to be counted against).
     """
+    check_collar(collar_s)
     _metrics()  # fail early, with the install hint, before reading anything
     refs, hyps = rttm_files(reference_dir), rttm_files(hypothesis_dir)
     report = DerReport(only_reference=sorted(set(refs) - set(hyps)), only_hypothesis=sorted(set(hyps) - set(refs)))

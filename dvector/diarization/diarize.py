@@ -34,6 +34,7 @@ from dvector.errors import DvectorError
 from dvector.signal.features import log_mel, min_samples
 from dvector.signal.vad import speech_frames
 from dvector.diarization.clustering import ClusterConfig, centroids, cluster
+from dvector.inference.bundle import output_folder
 from dvector.inference.embedder import Embedder, EmbedError, load
 from dvector.diarization.rttm import Turn, write_rttm
 
@@ -66,6 +67,19 @@ class Diarization:
     n_speakers: int
     duration_s: float
     n_windows: int
+    note: str = ""  # e.g. why fewer speakers were found than ``--speakers`` asked for
+
+
+def speakers_note(asked: int | None, found: int, windows: int) -> str:
+    """Why a recording has another number of speakers than ``asked`` (``--speakers``); "" when it has that many."""
+    if asked is None or found == asked:
+        return ""
+    if windows == 0:
+        return f"--speakers {asked}, but no speech was found"
+    if windows < asked:
+        return (f"--speakers {asked}, but only {windows} window(s) of speech to cluster: {found} speaker(s) "
+                "found")
+    return f"--speakers {asked}, but {found} speaker(s) found: the others won no stretch of speech"
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -141,7 +155,7 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
     ranges = [r for a, b in regions if b - a >= cfg.min_region_s
               for r in window_ranges(to_mel(a), max(to_mel(b), to_mel(a) + 1), width, hop)]
     if not ranges:
-        return Diarization([], 0, duration, 0)
+        return Diarization([], 0, duration, 0, speakers_note(cfg.cluster.speakers, 0, 0))
     vectors = embedder.window_vectors(mel, ranges)  # (N, D)
     labels = cluster(vectors, cfg.cluster)  # (N,)
     K = int(labels.max()) + 1
@@ -172,7 +186,8 @@ def diarize_waveform(embedder: Embedder, wav: np.ndarray, cfg: DiarizeConfig, fi
     lookup = np.full(K, -1, dtype=np.int64)
     lookup[order] = np.arange(len(order))
     frame_labels = np.where(frame_labels >= 0, lookup[np.maximum(frame_labels, 0)], -1)
-    return Diarization(_turns(frame_labels, frame_s, cfg.fill_gap_s, file_id), len(order), duration, len(ranges))
+    return Diarization(_turns(frame_labels, frame_s, cfg.fill_gap_s, file_id), len(order), duration, len(ranges),
+                       speakers_note(cfg.cluster.speakers, len(order), len(ranges)))
 
 
 @dataclass
@@ -189,9 +204,8 @@ def diarize_files(model: str | os.PathLike[str] | Embedder, inputs: Sequence[str
     (or shares its stem with an earlier input) is skipped with its reason, the others still done."""
     if not inputs:
         raise DvectorError("give at least one audio file to diarize")
+    out = output_folder(out_dir)
     embedder = model if isinstance(model, Embedder) else load(model, threads=threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report = DiarizeReport()
     seen: dict[str, str] = {}
     if on_start:
@@ -245,6 +259,7 @@ def run_diarize(model: str | os.PathLike[str], inputs: Sequence[str | os.PathLik
     bounds = dict(speakers=speakers, min_speakers=min_speakers, max_speakers=max_speakers)
     cluster_cfg = ClusterConfig(method=method, **bounds, **({"threshold": threshold} if threshold is not None else {}))
     cfg = DiarizeConfig(cluster=cluster_cfg, **settings)
+    output_folder(out_dir)  # before the model is loaded
     embedder = load(model, threads=threads)
     report = diarize_files(embedder, inputs, out_dir, cfg, threads=threads, on_start=on_start, on_item=on_item)
     return DiarizeRun(report, cfg, note)

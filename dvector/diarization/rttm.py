@@ -4,8 +4,9 @@ One line per speaker turn, ten space-separated fields::
 
     SPEAKER <file> 1 <start> <duration> <NA> <NA> <speaker> <NA> <NA>
 
-Times in seconds. Reading keeps ``SPEAKER`` lines only (other types and ``;;`` comments are
-skipped), and refuses a malformed line with its file and line number. Writing is atomic.
+Times in seconds. Reading keeps ``SPEAKER`` lines only (lines of the other RTTM types, blank lines
+and ``;;`` comments are skipped), and refuses a malformed line (one that starts with no RTTM type,
+a ``SPEAKER`` line without its fields) with its file and line number. Writing is atomic.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from typing import Iterable, Sequence
 
 from dvector.errors import DvectorError
 from dvector.files import atomic_write
+
+
+# the line types of NIST's RTTM format (RT-09 evaluation plan, appendix A)
+RTTM_TYPES = frozenset({"SEGMENT", "NOSCORE", "NO_RT_METADATA", "LEXEME", "NON-LEX", "NON-SPEECH", "FILLER", "EDIT",
+                        "IP", "END-OF-SU", "SU", "CB", "A/P", "SPEAKER", "SPKR-INFO", "NOISE"})
 
 
 @dataclass(frozen=True, order=True)
@@ -64,7 +70,12 @@ def parse_rttm(text: str, where: str = "RTTM") -> list[Turn]:
     turns = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
-        if not fields or fields[0].startswith(";;") or fields[0] != "SPEAKER":
+        if not fields or fields[0].startswith(";;"):
+            continue
+        if fields[0].upper() not in RTTM_TYPES:
+            raise DvectorError(f"{where}:{number}: not an RTTM line: it starts with {fields[0][:40]!r}, not a type "
+                               "such as SPEAKER")
+        if fields[0].upper() != "SPEAKER":
             continue
         if len(fields) < 8:
             raise DvectorError(f"{where}:{number}: an RTTM SPEAKER line has 10 fields, found {len(fields)}")
@@ -83,7 +94,7 @@ def read_rttm(path: str | os.PathLike[str]) -> list[Turn]:
     """The ``SPEAKER`` turns of an RTTM file (see ``parse_rttm``)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
     except (OSError, UnicodeDecodeError) as exc:
         raise DvectorError(f"{path}: cannot read ({exc})") from exc
     return parse_rttm(text, str(path))

@@ -16,7 +16,7 @@ import numpy as np
 
 from dvector.corpus import scan_roots
 from dvector.config import DEFAULT_EXTENSIONS
-from dvector.inference.embed_inputs import Workers, embed_each
+from dvector.inference.embed_inputs import NothingEmbedded, Workers, embed_each
 from dvector.inference.embedder import Embedder, model_identity
 from dvector.errors import DvectorError
 from dvector.metrics import eer, error_rates, min_dcf
@@ -244,7 +244,12 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
         for u in scan.utterances:
             if u.source in vectors:
                 by_speaker.setdefault(u.speaker, []).append(u.source)
-        trials = generate_trials(by_speaker, n_nontarget, seed)
+        try:
+            trials = generate_trials(by_speaker, n_nontarget, seed)
+        except DvectorError as exc:
+            if not skipped:
+                raise
+            raise NothingEmbedded(f"{exc} ({len(skipped)} file(s) could not be embedded)", skipped) from None
         n_non = sum(1 for t in trials if t.label == 0)
         how = f"generated: all target pairs, {n_non} non-target pairs (seed {seed})"
     scores = np.array([cosine(vectors[t.a], vectors[t.b]) for t in trials])

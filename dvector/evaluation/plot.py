@@ -1,11 +1,13 @@
 """Pictures: a t-SNE map of utterance embeddings coloured by speaker, and the DET curve.
 
 Figures are drawn with matplotlib's object API onto the Agg canvas (no pyplot, no GUI, no change
-to the caller's backend).
+to the caller's backend), rendered in memory and written atomically: a failure to write leaves no
+file under the picture's name and is one ``DvectorError`` line.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +16,8 @@ import numpy as np
 
 from dvector.corpus import scan_roots
 from dvector.errors import DvectorError
-from dvector.inference.embed_inputs import embed_each
+from dvector.inference.bundle import output_folder, write_output
+from dvector.inference.embed_inputs import NothingEmbedded, embed_each
 
 LEGEND_MAX = 20  # speakers: a legend up to this many
 LABEL_MAX = 60  # text labels at cluster centres up to this many; beyond, colours only
@@ -29,11 +32,30 @@ def _figure(width: float, height: float):  # noqa: ANN202
     return fig
 
 
+def picture_format(path: str | os.PathLike[str]) -> str:
+    """The image format a picture at ``path`` is drawn in: its extension (png without one); an
+    extension matplotlib cannot write is an error."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in known:
+        raise DvectorError(f"{path}: cannot draw a .{fmt} picture; name it .png (or {', '.join(sorted(known))})")
+    return fmt
+
+
+def check_picture_path(path: str | os.PathLike[str]) -> None:
+    """A picture can be written at ``path`` (a known format, a folder that takes files), else one
+    ``DvectorError`` line: checked before the work that draws it."""
+    picture_format(path)
+    output_folder(Path(path).parent)
+
+
 def _save(fig, path: str | os.PathLike[str]) -> Path:  # noqa: ANN001
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format=out.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
-    return out
+    image = io.BytesIO()
+    fig.savefig(image, format=picture_format(out), bbox_inches="tight")
+    return write_output(out, image.getvalue())
 
 
 def speaker_colors(n: int) -> np.ndarray:
@@ -182,7 +204,9 @@ def visualize(embedder, root: str | os.PathLike[str], out: str | os.PathLike[str
               extensions: Sequence[str], max_speakers: int = 100, per_speaker: int = 20, seed: int = 0,
               on_start=None, on_file=None, threads: int | None = 1) -> tuple[Path, int, int, list[tuple[str, str]]]:  # noqa: ANN001
     """Embed a sample of ``root``'s speakers and write their t-SNE map; returns (png, points,
-    speakers, skipped files)."""
+    speakers, skipped files). ``out`` (its format and folder) is checked before the work; too few
+    files embedded is :class:`NothingEmbedded`, with the skipped files."""
+    check_picture_path(out)
     files = sample_speaker_files(root, extensions, max_speakers, per_speaker, seed)
     total = sum(len(v) for v in files.values())
     if on_start:
@@ -192,6 +216,6 @@ def visualize(embedder, root: str | os.PathLike[str], out: str | os.PathLike[str
                                    on_item=(lambda _key: on_file()) if on_file else None)
     vectors, labels = list(embedded.values()), [speaker_of[key] for key in embedded]
     if len(vectors) < 3:
-        raise DvectorError(f"only {len(vectors)} files of {root} could be embedded: too few to map")
+        raise NothingEmbedded(f"only {len(vectors)} files of {root} could be embedded: too few to map", skipped)
     png = plot_tsne(np.stack(vectors), labels, out, seed=seed, threads=threads or 1)  # t-SNE: 0 means one
     return png, len(vectors), len(set(labels)), skipped

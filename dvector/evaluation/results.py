@@ -16,17 +16,18 @@ import numpy as np
 
 from dvector.config import DEFAULT_EXTENSIONS
 from dvector.errors import DvectorError
-from dvector.files import write_json_atomic
-from dvector.inference.bundle import training_shards
+from dvector.inference.bundle import OutputError, json_text, training_shards, write_output
 from dvector.inference.embed_inputs import Workers
 from dvector.inference.embedder import Embedder, load, untrained_twin
 from dvector.evaluation.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det
+from dvector.evaluation.plot import picture_format
 from dvector.evaluation.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
 
 EVAL_FILE = "eval.json"
 DET_FILE = "det.png"
 DEFAULT_THRESHOLD = 0.5  # cosine; used by `score` only until `eval` has stored a calibrated one
 NO_DET_NOTE = "no DET curve: MODEL is not a folder to store it in; give --det PATH"
+NO_SAVE_NOTE = "no DET curve: --no-save stores nothing beside MODEL; give --det PATH to draw one"
 
 
 def eval_path(model: str | os.PathLike[str]) -> Path | None:
@@ -44,8 +45,11 @@ def eval_path(model: str | os.PathLike[str]) -> Path | None:
 
 
 def write_eval(path: Path, result: EvalResult, det: Path | None = None) -> None:
-    write_json_atomic(path, {**result.to_dict(), "det": str(det) if det else None,
-                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    """``eval.json``, atomically, as strict JSON: a number that is not finite is stored as ``null``
+    (e.g. the minDCF threshold where rejecting every trial is cheapest, +inf), never as the ``NaN``
+    or ``Infinity`` that strict JSON parsers refuse. A failure to write is an :class:`OutputError`."""
+    write_output(path, json_text({**result.to_dict(), "det": str(det) if det else None,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 
 # ---- eval: what is written where -----------------------------------------------------------------
@@ -98,6 +102,8 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     """
     cohort = cohort or default_cohort(model, norm)
     method = check_norm(norm, cohort, cohort_top)
+    if det is not None:
+        picture_format(det)  # a format there is none of: before the work, not after it
     embedder = load(model, threads=threads)
     if untrained:
         embedder = untrained_twin(embedder)
@@ -111,7 +117,7 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     if score_norm is not None:
         evaluation.result.norm = normalize_evaluation(evaluation, score_norm)
     results, det_path = eval_outputs(model, det, save, untrained)
-    note = NO_DET_NOTE if det_path is None and not untrained else None
+    note = None if det_path is not None or untrained else NO_SAVE_NOTE if not save else NO_DET_NOTE
     run = EvalRun(evaluation, None, None, note)
     if score_norm is not None:
         run.warnings.extend(f"cohort: skipped {where}: {why}" for where, why in score_norm.cohort.skipped)
@@ -131,8 +137,8 @@ def _written(run: EvalRun, path: Path, write: Callable[[], Any], advice: str) ->
     None and a warning in ``run``: an evaluation that was computed is never lost to a file."""
     try:
         write()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, OutputError) as exc:
+        reason = exc.reason if isinstance(exc, OutputError) else exc.strerror or str(exc)
         run.warnings.append(f"could not write {path}: {reason}" + (f"; {advice}" if advice else ""))
         return None
     return path

@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.util
 
 import copy
+import io
 import json
 import logging
 import os
@@ -52,10 +53,10 @@ from torch import Tensor, nn
 
 from dvector.config import NORM_EPS, VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import atomic_write, sha256_file
+from dvector.files import sha256_file
 from dvector.signal.features import min_samples
-from dvector.training.checkpoint import load_checkpoint
-from dvector.inference.bundle import checkpoint_settings, find_checkpoint
+from dvector.inference.bundle import (checkpoint_settings, json_text, load_model_checkpoint, output_file, output_folder,
+                                     write_output)
 from dvector.export.onnx_frontend import GraphLevel, GraphLogMel, GraphVad, partial_layout
 from dvector.export.torchscript import embedding_module, export_record
 
@@ -214,40 +215,42 @@ def graph_module(state: dict[str, Any]) -> OnnxEmbedding:
 
 def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                 quantize: str | None = None) -> list[Path]:
-    """Write ``out_dir/dvector.onnx`` (and ``dvector.int8.onnx`` with ``quantize="int8"``); returns the paths."""
+    """Write ``out_dir/dvector.onnx`` (and ``dvector.int8.onnx`` with ``quantize="int8"``); returns the paths.
+
+    ``out_dir`` is checked before the work; the graph is made in memory and each file written
+    atomically, a failure to write (a full disk, say) one ``DvectorError`` line."""
     onnx = _require_onnx()
     if quantize not in (None, "int8"):
         raise DvectorError(f"--quantize takes int8, got {quantize!r}")
-    source = find_checkpoint(checkpoint_or_run)
-    state = load_checkpoint(source)
+    source, state = load_model_checkpoint(checkpoint_or_run)
+    out = output_folder(out_dir)
     settings = checkpoint_settings(state)
     module = graph_module(state)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / ONNX_FILE
     example = torch.randn(settings.features.sample_rate * 3, generator=torch.Generator().manual_seed(0)) * 0.1
-    with atomic_write(target) as tmp, warnings.catch_warnings(), torch.no_grad():
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the encoders' asserts, the exporter's deprecation
-        torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=OPSET, input_names=["wav"],
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["wav"],
                           output_names=["embedding"], dynamic_axes={"wav": {0: "samples"}})
-        model = onnx.load(str(tmp))
-        record = export_record(state, source, module.hop)
-        meta = {"sample_rate": settings.features.sample_rate, "embed_dim": settings.model.embed_dim,
-                "n_mels": settings.features.n_mels, "seg_len": settings.seg_len, "model": settings.model.name,
-                "arch": settings.model.arch, "dvector_version": VERSION, "step": record["step"],
-                "vad": VAD_NOTE if settings.vad.enabled else "none", "min_samples": module.min_samples,
-                **front_end_note(settings.features, settings.windows)}
-        share_weights(model)
-        onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
-        model.doc_string = "dvector speaker embedding: wav (samples,) float32 -> embedding (embed_dim,), unit length"
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, str(tmp))
+    model = onnx.load_model_from_string(buffer.getvalue())
+    record = export_record(state, source, module.hop)
+    meta = {"sample_rate": settings.features.sample_rate, "embed_dim": settings.model.embed_dim,
+            "n_mels": settings.features.n_mels, "seg_len": settings.seg_len, "model": settings.model.name,
+            "arch": settings.model.arch, "dvector_version": VERSION, "step": record["step"],
+            "vad": VAD_NOTE if settings.vad.enabled else "none", "min_samples": module.min_samples,
+            **front_end_note(settings.features, settings.windows)}
+    share_weights(model)
+    onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
+    model.doc_string = "dvector speaker embedding: wav (samples,) float32 -> embedding (embed_dim,), unit length"
+    onnx.checker.check_model(model, full_check=True)
+    write_output(target, model.SerializeToString())
     written = [target]
     record.update({"format": "dvector-onnx", "model_file": ONNX_FILE, "opset": OPSET, "sha256": sha256_file(target)})
     if quantize == "int8":
         written.append(quantize_int8(target, out / INT8_FILE, settings.features.compression == "none"))
         record["int8_file"] = INT8_FILE
-    (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_output(out / RECORD_FILE, json_text(record, indent=2))
     return written
 
 
@@ -313,7 +316,7 @@ def quantize_int8(float_model: Path, target: Path, float_first_layer: bool = Fal
     # inference fails on this graph (data-dependent lengths), and dynamic quantisation does not need it
     logging.disable(logging.WARNING)
     try:
-        with atomic_write(target) as tmp:
+        with output_file(target) as tmp:
             quantize_dynamic(str(float_model), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=front,
                              op_types_to_quantize=QUANTIZED_OPS)
     finally:

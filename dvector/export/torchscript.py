@@ -36,7 +36,7 @@ The torch twins live in ``dvector.signal.torch_frontend``; the windowing, shared
 default, so that ``dvector.load`` of the export knows the layout.
 """
 
-import json
+import io
 import os
 import time
 import warnings
@@ -49,14 +49,14 @@ from torch import Tensor, nn
 
 from dvector.config import VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import atomic_write, sha256_file
+from dvector.files import sha256_file
 from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
 from dvector.signal.torch_frontend import TorchLevel, TorchLogMel, TorchVad
 from dvector.signal.windows import MelEncoder, embed_windows, embed_windows_at, partial_windows
-from dvector.training.checkpoint import load_checkpoint
-from dvector.inference.bundle import EXPORT_META, EXPORT_MODULE, checkpoint_settings, find_checkpoint
+from dvector.inference.bundle import (EXPORT_META, EXPORT_MODULE, checkpoint_settings, json_text, load_model_checkpoint,
+                                     output_folder, write_output)
 
 EXPORT_FORMAT = "dvector-export"
 EXPORT_VERSION = 1
@@ -255,24 +255,26 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
 
     Also writes ``out_dir/dvector.json`` (settings, source, step, versions) and ``README.txt``.
     A run folder exports ``checkpoints/best.pt`` when it has one, else ``checkpoints/latest.pt``.
+    ``out_dir`` is checked before the work; each file is written atomically, and a failure to write
+    (a full disk, say) is one ``DvectorError`` line (the module is saved to memory first: torch's
+    writer aborts the process when a file write fails).
     """
-    source = find_checkpoint(checkpoint_or_run)
-    state = load_checkpoint(source)
+    source, state = load_model_checkpoint(checkpoint_or_run)
+    out = output_folder(out_dir)
     settings = checkpoint_settings(state)
     model_cfg, features, L = settings.model, settings.features, settings.seg_len
     module = embedding_module(state)
     scripted = script_module(module)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = export_record(state, source, module.hop)
-    target = out / MODEL_FILE
-    with atomic_write(target) as tmp, warnings.catch_warnings():
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(scripted, str(tmp), _extra_files={META_FILE: json.dumps(meta, indent=2)})
+        torch.jit.save(scripted, buffer, _extra_files={META_FILE: json_text(meta, indent=2)})
+    target = write_output(out / MODEL_FILE, buffer.getvalue())
     meta["sha256"] = sha256_file(target)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (out / README_FILE).write_text(README_TEXT.format(sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim,
-                                                      n_mels=features.n_mels, min_samples=module.min_samples,
-                                                      **readme_phrases(settings.features, settings.windows, L)))
+    write_output(out / META_FILE, json_text(meta, indent=2))
+    write_output(out / README_FILE, README_TEXT.format(
+        sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim, n_mels=features.n_mels,
+        min_samples=module.min_samples, **readme_phrases(settings.features, settings.windows, L)))
     return target

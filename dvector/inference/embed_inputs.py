@@ -17,7 +17,7 @@ from dvector.shards.locate import resolve_shards
 from dvector.shards.reader import iter_shard
 from dvector.inference.embedder import EmbedError, Embedder, model_identity
 from dvector.errors import DvectorError
-from dvector.files import atomic_write
+from dvector.inference.bundle import finite_json, output_file
 
 MODEL_KEY = "__model__"  # the .npz entry with the model's identity (a JSON string)
 TIMES_PREFIX = "__times__/"  # per-window .npz: KEY -> (K, D) vectors, __times__/KEY -> (K, 2) seconds
@@ -48,6 +48,15 @@ def _is_shard_input(text: str) -> bool:
         return os.path.isfile(os.path.join(text, "index.json")) and any(
             n.endswith(".tar") for n in os.listdir(text))
     return text.endswith(".tar") or ("{" in text and ".." in text)
+
+
+class NothingEmbedded(DvectorError):
+    """Too few inputs could be embedded to produce anything; ``skipped``: ``(input, reason)`` of those
+    that failed, for the command to list before its error line."""
+
+    def __init__(self, message: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.skipped = list(skipped)
 
 
 @dataclass
@@ -147,35 +156,97 @@ def _embed_job(recipe: tuple, method: str, pairs: list[tuple[str, Any]]) -> list
     return out
 
 
+WORKER_DIED = ("its worker process died (killed, perhaps for lack of memory), also when it was embedded "
+               "again alone in a fresh one")
+DASK_DIED = ("the Dask workers embedding it died too often (killed, perhaps for lack of memory; "
+             "distributed.scheduler.allowed-failures)")
+MAX_DEATHS = 8  # local worker processes that may die in one run; then the inputs not yet embedded are skipped
+GAVE_UP = f"not embedded: {MAX_DEATHS} worker processes died (killed, perhaps for lack of memory) before it came up"
+
+
 def _embed_parallel(pairs: list[tuple[str, Any]], recipe: tuple, method: str, workers: Workers
                     ) -> Iterable[tuple[str, Any, tuple[str, str]]]:
-    """Each pair's outcome, in input order, embedded by jobs of ``JOB_FILES`` inputs on ``workers``."""
+    """Each pair's outcome, in input order, embedded by jobs of ``JOB_FILES`` inputs on ``workers``.
+
+    A local worker process that dies (killed) breaks its pool: the jobs finished are kept, the
+    inputs of the jobs it took with it are embedded again one by one (:func:`_embed_alone`), and a
+    fresh pool goes on with the rest; after ``MAX_DEATHS`` deaths the inputs left are skipped
+    (``GAVE_UP``). On Dask (which reschedules a dead worker's job itself) a job whose workers died
+    too often has its inputs skipped. Such a skip is never an error: its message is ""."""
     from collections import deque
+    from concurrent.futures.process import BrokenProcessPool
 
     from dvector.shards.cluster import executor, is_killed_worker
 
-    def outcomes(job: Any) -> list[tuple[str, Any, tuple[str, str]]]:
-        try:
-            return job.result()
-        except Exception as exc:
-            if is_killed_worker(exc):
-                raise DvectorError("the workers embedding a job died too often (killed, perhaps for lack of "
-                                   "memory; Dask's distributed.scheduler.allowed-failures): nothing was written") from None
-            raise
-
-    with executor(workers.count, workers.dask) as (jobs, client):
-        if jobs is None:  # one local worker: this process, as without workers
-            yield from _embed_job(recipe, method, pairs)
+    chunks = [pairs[i:i + JOB_FILES] for i in range(0, len(pairs), JOB_FILES)]
+    done, deaths = 0, [0]  # chunks submitted to a pool so far; worker processes lost (_embed_alone counts too)
+    while done < len(chunks):
+        if deaths[0] >= MAX_DEATHS:
+            yield from [(key, None, ("", GAVE_UP)) for chunk in chunks[done:] for key, _ in chunk]
             return
-        slots = sum(client.nthreads().values()) if client is not None else getattr(jobs, "_max_workers", 1)
-        window = 4 * max(1, slots)  # jobs in flight: enough to keep every worker busy, not the whole list
         pending: deque = deque()
-        for i in range(0, len(pairs), JOB_FILES):
-            pending.append(jobs.submit(_embed_job, recipe, method, pairs[i:i + JOB_FILES]))
-            if len(pending) >= window:
-                yield from outcomes(pending.popleft())
-        while pending:
-            yield from outcomes(pending.popleft())
+        with executor(workers.count, workers.dask) as (jobs, client):
+            if jobs is None:  # one local worker: this process, as without workers
+                yield from _embed_job(recipe, method, pairs)
+                return
+            slots = sum(client.nthreads().values()) if client is not None else getattr(jobs, "_max_workers", 1)
+            window = 4 * max(1, slots)  # jobs in flight: enough to keep every worker busy, not the whole list
+            try:
+                while done < len(chunks) or pending:
+                    while done < len(chunks) and len(pending) < window:
+                        pending.append((chunks[done], jobs.submit(_embed_job, recipe, method, chunks[done])))
+                        done += 1
+                    chunk, job = pending[0]
+                    try:
+                        outcomes = job.result()
+                    except BrokenProcessPool:
+                        raise
+                    except Exception as exc:
+                        if not is_killed_worker(exc):
+                            raise
+                        outcomes = [(key, None, ("", DASK_DIED)) for key, _ in chunk]
+                    pending.popleft()
+                    yield from outcomes
+            except BrokenProcessPool:  # a worker died: what is still pending is sorted out below, in fresh pools
+                deaths[0] += 1
+        lost = [pair for chunk, job in pending if _lost(job) for pair in chunk]
+        again = iter(_embed_alone(lost, recipe, method, deaths))
+        for chunk, job in pending:  # in input order: the jobs that finished, and the lost ones done again
+            yield from [next(again) for _ in chunk] if _lost(job) else job.result()
+
+
+def _lost(job: Any) -> bool:
+    """A job of a broken pool that did not finish (its future failed or was cancelled)."""
+    return job.cancelled() or job.exception() is not None
+
+
+def _embed_alone(pairs: list[tuple[str, Any]], recipe: tuple, method: str, deaths: list[int]
+                 ) -> list[tuple[str, Any, tuple[str, str]]]:
+    """The outcomes of inputs whose worker died, each embedded again as a job of its own in a fresh
+    one-process pool: jobs finish in order there, so the first one lost is the one its worker died
+    on: that input is skipped (``WORKER_DIED``), ``deaths[0]`` counts it, and a fresh pool goes on
+    after it (until ``MAX_DEATHS``: then the rest are skipped, ``GAVE_UP``)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    out: list[tuple[str, Any, tuple[str, str]]] = []
+    while len(out) < len(pairs):
+        if deaths[0] >= MAX_DEATHS:
+            return out + [(key, None, ("", GAVE_UP)) for key, _ in pairs[len(out):]]
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            jobs = [pool.submit(_embed_job, recipe, method, [pair]) for pair in pairs[len(out):]]
+            for pair, job in zip(pairs[len(out):], jobs):
+                try:
+                    out.extend(job.result())
+                except BrokenProcessPool:
+                    out.append((pair[0], None, ("", WORKER_DIED)))
+                    deaths[0] += 1
+                    break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out
 
 
 def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded],
@@ -198,7 +269,7 @@ def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded
         for key, value, (message, reason) in _embed_parallel(list(items), recipe, embed.__name__, workers):
             if value is not None:
                 results[key] = value
-            elif strict(key) if callable(strict) else strict:
+            elif message and (strict(key) if callable(strict) else strict):  # "": its worker died, never an error
                 raise DvectorError(message)
             else:
                 skipped.append((key, reason))
@@ -292,18 +363,14 @@ def save_embeddings(path: str | os.PathLike[str], result: EmbedResult, embedder:
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
     if not result.vectors:
-        raise DvectorError("nothing was embedded: no usable audio in the inputs")
+        raise NothingEmbedded("nothing was embedded: no usable audio in the inputs", result.skipped)
     arrays: dict[str, np.ndarray] = {member_name(k): v.astype(np.float32) for k, v in result.vectors.items()}
     for k, t in result.times.items():
         arrays[TIMES_PREFIX + member_name(k)] = t.astype(np.float64)
     identity = {**model_identity(embedder), "per_window": bool(result.times)}
-    arrays[MODEL_KEY] = np.array(json.dumps(identity, sort_keys=True))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
-    except OSError as exc:
-        raise DvectorError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    arrays[MODEL_KEY] = np.array(json.dumps(finite_json(identity), sort_keys=True, allow_nan=False))
+    with output_file(out, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     return out
 
 

@@ -47,8 +47,8 @@ from dvector.signal.features import log_mel, min_samples, raise_level
 from dvector.signal.process import SkipUtterance, check_finite, speech_waveform, waveform_to_mel
 from dvector.signal.windows import (embed_windows, embed_windows_at, partial_windows, window_embeddings,
                                     window_starts)
-from dvector.training.checkpoint import load_checkpoint
-from dvector.inference.bundle import checkpoint_settings, find_checkpoint, find_export, find_key, read_export
+from dvector.inference.bundle import (checkpoint_settings, find_export, find_key, load_model_checkpoint, read_export,
+                                     refuse_nonfinite)
 from dvector.inference.runner import WindowRunner
 from dvector.inference.streaming import WindowStream
 
@@ -285,8 +285,7 @@ class Embedder(WindowRunner):
 # ---- loading -------------------------------------------------------------------------------------
 
 def _from_checkpoint(path: Path, device: str, threads: int | None) -> Embedder:
-    file = find_checkpoint(path)
-    state = load_checkpoint(file, map_location="cpu")
+    file, state = load_model_checkpoint(path)
     try:
         settings = checkpoint_settings(state)
         model = build_encoder(settings.model)
@@ -328,6 +327,8 @@ def _scripted_network(scripted: torch.nn.Module) -> torch.nn.Module | None:
 
 def _from_export(module_path: Path, device: str, threads: int | None) -> Embedder:
     scripted, meta, settings = read_export(module_path)
+    refuse_nonfinite([name for name, value in scripted.named_parameters()
+                      if value.is_floating_point() and not bool(value.isfinite().all())], module_path)
     scripted = scripted.to(device).eval()
     features = settings.features
     embed_dim = find_key(meta, "embed_dim") or getattr(scripted, "embed_dim", None)

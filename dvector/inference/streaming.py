@@ -38,12 +38,20 @@ import numpy as np
 import torch
 
 from dvector.errors import DvectorError
+from dvector.signal.audio import MAX_RATE, MIN_RATE
 from dvector.signal.features import level_gain, log_mel, min_samples
 from dvector.inference.runner import WindowRunner
 from dvector.signal.windows import window_embeddings, window_starts
 
 
 PCM_BLOCK = 3200  # bytes read from a PCM pipe at a time: 0.1 s of 16-bit audio at 16 kHz
+
+
+def check_stream_rate(sample_rate: int) -> None:
+    """A DvectorError unless ``sample_rate`` is within the rates a file header may give
+    (``signal.audio.MIN_RATE``-``MAX_RATE``): 1 Hz would make 3 s of input 13 hours."""
+    if not MIN_RATE <= int(sample_rate) <= MAX_RATE:
+        raise DvectorError(f"sample rate {sample_rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
 
 
 @dataclass(frozen=True)
@@ -82,11 +90,11 @@ class WindowStream:
         self.emitted_upto = -1  # the last start emitted
         self.closed = False
         self.resampler = None
+        if sample_rate is not None:
+            check_stream_rate(sample_rate)
         if sample_rate is not None and int(sample_rate) != self.rate:
             import soxr
 
-            if int(sample_rate) <= 0:
-                raise DvectorError(f"sample rate must be positive, got {sample_rate}")
             self.resampler = soxr.ResampleStream(int(sample_rate), self.rate, 1, dtype="float32", quality="HQ")
 
     # -- audio in ------------------------------------------------------------------------------------

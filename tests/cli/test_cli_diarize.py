@@ -53,6 +53,16 @@ def test_diarize_then_eval(trained: SimpleNamespace, conversation: SimpleNamespa
     assert 0.0 <= der < 100.0
 
 
+def test_diarize_notes_fewer_speakers_than_asked_for(trained: SimpleNamespace, conversation: SimpleNamespace,
+                                                    capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, stdout, stderr = run_main(capsys, "diarize", trained.run, conversation.audio, "-o", tmp_path,
+                                    "--speakers", "50", "--threads", "1")
+    assert code == 0, stderr
+    text = flat(stderr)
+    assert f"note: {conversation.audio}: --speakers 50, but only " in text and " speaker(s) found" in text
+    assert "diarized 1 file(s)" in stdout
+
+
 def test_diarize_eval_perfect_hypothesis_scores_zero(conversation: SimpleNamespace,
                                                      capsys: pytest.CaptureFixture) -> None:
     code, stdout, _ = run_main(capsys, "diarize-eval", conversation.ref, conversation.ref)

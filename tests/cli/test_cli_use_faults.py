@@ -8,11 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dvector.evaluation import results
-from dvector.inference.embed_inputs import load_embeddings
-from use_helpers import copy_run, flat, run_main
+from dvector.inference.embed_inputs import embed_paths, load_embeddings
+from use_helpers import KILL_MARK, copy_run, dying_embed_job, flat, run_main
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_eval_into_a_read_only_model_folder_prints_the_eer(error: OSError, train
     def refuse(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
         raise error
 
-    monkeypatch.setattr(results, "write_json_atomic", refuse)
+    monkeypatch.setattr(results, "write_output", refuse)
     monkeypatch.setattr(results, "save_det", refuse)
     root = trained.root
     code, out, err = run_main(capsys, "eval", run, root, "--n-nontarget", "20", "--threads", "1")
@@ -98,3 +99,31 @@ def test_embed_to_a_read_only_place_is_one_error_line(trained, tmp_path: Path, c
     code, _, err = run_main(capsys, "embed", trained.run, trained.files[0], "-o", tmp_path / "e.npz", "--threads", "1")
     assert code == 1 and "Traceback" not in err
     assert "error: cannot write" in err and "Read-only file system" in err
+
+
+def test_embed_keeps_its_results_when_a_worker_process_is_killed(trained, embedder, tmp_path: Path,  # noqa: ANN001
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch) -> None:  # noqa: ANN001
+    """Before: a BrokenProcessPool traceback and no .npz. Now the inputs of the jobs a dead worker took
+    with it are embedded again, one by one in a fresh process; the one it dies on again is skipped with
+    its reason, and the rest are written (the same vectors as one process)."""
+    from dvector.inference import embed_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = [folder / f.name for f in trained.files[:3]]
+    for src, dest in zip(trained.files, good):
+        shutil.copy(src, dest)
+    shutil.copy(trained.files[3], folder / f"zz-{KILL_MARK}.flac")  # last: its worker dies on it, every time
+    monkeypatch.setattr(embed_inputs, "_embed_job", dying_embed_job)
+    out = tmp_path / "e.npz"
+    code, _, err = run_main(capsys, "embed", trained.run, folder, "-o", out, "-j", "2", "--threads", "1")
+    assert code == 0, err
+    text = flat(err)
+    assert "Traceback" not in err and "skipped 1 file(s):" in text
+    assert f"{folder / ('zz-' + KILL_MARK + '.flac')}: its worker process died (killed, perhaps for lack of memory)" \
+        in text
+    vectors, _, _ = load_embeddings(out)
+    assert sorted(vectors) == [str(p) for p in good]
+    one = embed_paths(embedder, [str(p) for p in good]).vectors  # in this process, as without -j
+    assert all(np.array_equal(vectors[key], one[key]) for key in one)

@@ -55,6 +55,12 @@ def test_synth_writes_nested_speaker_folders(tmp_path):
     (["--format", "mp3"], "--format must be flac or wav, got 'mp3'"),
     (["--duration", "4"], "--duration takes lo-hi seconds such as 1.5-4.0, got '4'"),
     (["--duration", "4-1"], "--duration needs 0 < lo <= hi, got '4-1'"),
+    (["--speakers", "-3"], "--speakers and --utterances must be >= 1, got -3 and 8"),
+    (["--utterances", "0"], "--speakers and --utterances must be >= 1, got 10 and 0"),
+    (["--sample-rate", "1"], "--sample-rate must be 1000-768000 Hz, got 1"),
+    (["--sample-rate", "800000"], "--sample-rate must be 1000-768000 Hz, got 800000"),
+    (["--prefix", "../../escape"], "--prefix must be a plain name, without folders or '..': got '../../escape'"),
+    (["--prefix", "a/b"], "--prefix must be a plain name, without folders or '..': got 'a/b'"),
 ])
 def test_synth_rejects_bad_arguments(args, message, tmp_path, capsys):
     """As a user sees it: one line, exit status 1, nothing written."""
@@ -64,6 +70,7 @@ def test_synth_rejects_bad_arguments(args, message, tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert f"error: {message}" in err and "Traceback" not in err
     assert not (tmp_path / "root").exists()
+    assert not list(tmp_path.parent.glob("escape*")), "nothing written outside the root"
 
 
 def test_parse_duration():

@@ -105,3 +105,18 @@ def test_short_pauses_are_filled_only_within_one_speaker() -> None:
     turns = _turns(labels, 0.1, 0.5, "f")
     assert [(round(t.start, 1), round(t.end, 1), t.speaker[-1]) for t in turns] == [
         (0.0, 2.3, "0"), (2.5, 2.7, "1"), (2.9, 3.4, "0"), (5.4, 5.9, "0")]
+
+
+def test_fewer_speakers_than_asked_for_come_with_a_note() -> None:
+    """Before: --speakers 50 on 10 s quietly gave a few speakers."""
+    embedder = Embedder.from_model(MeanSpectrum(), seg_len=100)
+    wav, _ = conversation(seed=1)
+    ten = wav[:10 * RATE]
+    many = diarize_waveform(embedder, ten, DiarizeConfig(cluster=ClusterConfig(speakers=50)), "ten")
+    assert many.n_speakers < 50 and many.n_windows < 50
+    assert many.note == (f"--speakers 50, but only {many.n_windows} window(s) of speech to cluster: "
+                         f"{many.n_speakers} speaker(s) found")
+    assert diarize_waveform(embedder, ten, DiarizeConfig(cluster=ClusterConfig(speakers=2)), "ten").note == ""
+    assert diarize_waveform(embedder, ten, DiarizeConfig(), "ten").note == ""  # estimated: nothing was asked
+    quiet = diarize_waveform(embedder, np.zeros(3 * RATE, np.float32), DiarizeConfig(cluster=ClusterConfig(speakers=2)))
+    assert quiet.note == "--speakers 2, but no speech was found"

@@ -35,3 +35,15 @@ def test_reading_skips_other_lines_and_refuses_bad_ones() -> None:
         parse_rttm("SPEAKER x 1 0 1\n")
     with pytest.raises(DvectorError, match=r"finite and >= 0"):
         parse_rttm("SPEAKER x 1 0 -1 <NA> <NA> a <NA> <NA>\n")
+
+
+def test_a_line_that_is_no_rttm_line_is_refused_not_skipped(tmp_path: Path) -> None:
+    """Before, a line of no RTTM type was skipped: a malformed hypothesis read as empty (DER 100%)."""
+    for bad in ("SPEAKER,x,1,0,1,<NA>,<NA>,a,<NA>,<NA>", "x 1 0 1 <NA> <NA> a <NA> <NA>", "SPEAKRE x 1 0 1"):
+        with pytest.raises(DvectorError, match=r"hyp.rttm:2: not an RTTM line"):
+            parse_rttm(f";; fine\n{bad}\n", "hyp.rttm")
+    text = "\nNON-SPEECH x 1 0 1 <NA> <NA> <NA> <NA> <NA>\nspeaker x 1 0.5 1 <NA> <NA> a <NA> <NA>\n"
+    assert parse_rttm(text) == [Turn(0.5, 1.5, "a", "x")]  # other types skipped, the type's case ignored
+    path = tmp_path / "bom.rttm"
+    path.write_bytes(b"\xef\xbb\xbfSPEAKER x 1 0 1 <NA> <NA> a <NA> <NA>\n")  # a byte-order mark
+    assert read_rttm(path) == [Turn(0.0, 1.0, "a", "x")]

@@ -31,7 +31,7 @@ def test_eval_into_a_read_only_model_folder_keeps_its_results(error: OSError, tr
     def refuse(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
         raise error
 
-    monkeypatch.setattr(results, "write_json_atomic", refuse)
+    monkeypatch.setattr(results, "write_output", refuse)
     monkeypatch.setattr(results, "save_det", refuse)
     done = run_eval(run, small_root, n_nontarget=20, threads=1)
     assert 0 <= done.result.eer <= 1 and done.result.n_target == 9
