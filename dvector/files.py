@@ -1,5 +1,9 @@
 """Files written safely and named printably: the one atomic-write helper, JSON, sha256, display names,
-and the lock that gives a folder one writer (:func:`one_writer`).
+the lock that gives a folder one writer (:func:`one_writer`), and the outputs of commands (exports,
+pictures, ``eval.json``, RTTMs): :func:`output_folder` checks a ``-o`` folder before the work,
+:func:`output_file` and :func:`write_output` write atomically and turn any failure of the file system
+into one :class:`OutputError` line naming the path and the reason; :func:`json_text` is strict JSON
+(non-finite numbers as ``null``).
 
 A file under its final name is always complete: it is written to a hidden temporary name beside
 it (unique to the process), flushed to disk, then renamed over the final name. A write that fails
@@ -13,9 +17,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,3 +137,85 @@ def one_writer(folder: str | os.PathLike[str], what: str, say: Callable[[str], N
             os.ftruncate(fd, 0)  # ended, not killed: nobody to name
     finally:
         os.close(fd)  # releases the flock
+
+
+# ---- outputs of commands: checked before the work, written atomically, failures in one line ------
+
+class OutputError(DvectorError):
+    """An output could not be written: ``path`` and the file system's ``reason`` ("No space left on device")."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"cannot write {display_path(path)}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _make_folder(folder: Path, target: Path) -> None:
+    """``folder`` made (with its parents); a file where a folder must be is named as the reason."""
+    for above in (folder, *folder.parents):
+        if os.path.lexists(above):
+            if not above.is_dir():
+                where = "it" if above == target else display_path(above)
+                raise OutputError(target, f"{where} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(target, _reason(exc)) from exc
+
+
+def output_folder(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder to write outputs into: made if missing, and written to at once (a probe
+    file, removed), so that a folder that cannot take them fails before the work, in one line."""
+    folder = Path(path)
+    _make_folder(folder, folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(folder, _reason(exc)) from exc
+    return folder
+
+
+@contextmanager
+def output_file(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """``atomic_write(path, suffix)`` for an output: its folder made first; a failure of the file system
+    (full, read-only, a file where a folder should be) is one :class:`OutputError`, and leaves neither
+    ``path`` half-written nor the temporary file."""
+    target = Path(path)
+    _make_folder(target.parent, target)
+    try:
+        with atomic_write(target, suffix) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise OutputError(target, _reason(exc)) from exc
+
+
+def write_output(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """``data`` (text is written as UTF-8) under ``path``, atomically (see :func:`output_file`).
+
+    Writers in C++ (``torch.save``, ``torch.jit.save``) abort the process when a write fails: they
+    write to memory (``io.BytesIO``) and hand the bytes to this."""
+    with output_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN and infinity (at any depth) as None: what strict JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(data: Any, indent: int = 1) -> str:
+    """Strict JSON of ``data`` (sorted keys, ASCII, a final newline): non-finite numbers as ``null``,
+    never the ``NaN`` and ``Infinity`` that strict parsers refuse."""
+    return json.dumps(finite_json(data), indent=indent, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dvector.files import output_folder
 from dvector.shards.build import build_shards
 from dvector.config import BuildConfig, ModelConfig, TrainConfig
-from dvector.inference.bundle import output_folder
 from dvector.inference.embedder import load, untrained_twin
 from dvector.evaluation.evaluate import evaluate
 from dvector.evaluation.results import eval_path, write_eval

@@ -30,11 +30,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from dvector.files import output_folder
 from dvector.errors import DvectorError
 from dvector.signal.features import log_mel, min_samples
 from dvector.signal.vad import speech_frames
 from dvector.diarization.clustering import ClusterConfig, centroids, cluster
-from dvector.inference.bundle import output_folder
 from dvector.inference.embedder import Embedder, EmbedError, load
 from dvector.diarization.rttm import Turn, write_rttm
 

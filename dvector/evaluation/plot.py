@@ -14,9 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
+from dvector.files import output_folder, write_output
 from dvector.corpus import scan_roots
 from dvector.errors import DvectorError
-from dvector.inference.bundle import output_folder, write_output
 from dvector.inference.embed_inputs import NothingEmbedded, embed_each
 
 LEGEND_MAX = 20  # speakers: a legend up to this many

@@ -14,9 +14,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dvector.files import OutputError, json_text, write_output
 from dvector.config import DEFAULT_EXTENSIONS
 from dvector.errors import DvectorError
-from dvector.inference.bundle import OutputError, json_text, training_shards, write_output
+from dvector.inference.bundle import training_shards
 from dvector.inference.embed_inputs import Workers
 from dvector.inference.embedder import Embedder, load, untrained_twin
 from dvector.evaluation.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det

@@ -53,10 +53,9 @@ from torch import Tensor, nn
 
 from dvector.config import NORM_EPS, VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import sha256_file
+from dvector.files import json_text, output_file, output_folder, sha256_file, write_output
 from dvector.signal.features import min_samples
-from dvector.inference.bundle import (checkpoint_settings, json_text, load_model_checkpoint, output_file, output_folder,
-                                     write_output)
+from dvector.inference.bundle import checkpoint_settings, load_model_checkpoint
 from dvector.export.onnx_frontend import GraphLevel, GraphLogMel, GraphVad, partial_layout
 from dvector.export.torchscript import embedding_module, export_record
 

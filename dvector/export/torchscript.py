@@ -49,14 +49,13 @@ from torch import Tensor, nn
 
 from dvector.config import VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import sha256_file
+from dvector.files import json_text, output_folder, sha256_file, write_output
 from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
 from dvector.signal.torch_frontend import TorchLevel, TorchLogMel, TorchVad
 from dvector.signal.windows import MelEncoder, embed_windows, embed_windows_at, partial_windows
-from dvector.inference.bundle import (EXPORT_META, EXPORT_MODULE, checkpoint_settings, json_text, load_model_checkpoint,
-                                     output_folder, write_output)
+from dvector.inference.bundle import EXPORT_META, EXPORT_MODULE, checkpoint_settings, load_model_checkpoint
 
 EXPORT_FORMAT = "dvector-export"
 EXPORT_VERSION = 1

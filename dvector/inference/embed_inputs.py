@@ -11,13 +11,13 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from dvector.files import finite_json, output_file
 from dvector.config import DEFAULT_EXTENSIONS, normalize_extensions
 from dvector.corpus import walk_files
 from dvector.shards.locate import resolve_shards
 from dvector.shards.reader import iter_shard
 from dvector.inference.embedder import EmbedError, Embedder, model_identity
 from dvector.errors import DvectorError
-from dvector.inference.bundle import finite_json, output_file
 
 MODEL_KEY = "__model__"  # the .npz entry with the model's identity (a JSON string)
 TIMES_PREFIX = "__times__/"  # per-window .npz: KEY -> (K, D) vectors, __times__/KEY -> (K, 2) seconds

@@ -204,7 +204,7 @@ def restore_parts(parts: Parts, checkpoint: dict[str, Any], cfg: TrainConfig, de
     parts.model.load_state_dict(checkpoint["model"])
     try:
         parts.criterion.load_state_dict(checkpoint["criterion"])
-    except RuntimeError as exc:  # a classifier's shape: one class per speaker of the shards' index
+    except RuntimeError:  # a classifier's shape: one class per speaker of the shards' index
         shapes = {k: tuple(v.shape) for k, v in checkpoint["criterion"].items() if hasattr(v, "shape")}
         raise DvectorError(f"the loss's saved weights {shapes} do not fit these shards (a classifier has one class per "
                            "speaker of the index): continue on the shards the run was trained on, or start a new "
