@@ -15,8 +15,23 @@ from dvector.errors import DvectorError
 
 ShardsOut = out_option("Output folder for shard-NNNNNN.tar and index.json.", "-s", "--save_dir", "--save-dir")
 ShuffleSeed = seed_option("Seed of the block shuffle.")
-Roots = Annotated[List[Path], typer.Argument(
-    help="Root directories; each holds one folder per speaker (subfolders allowed).")]
+Roots = Annotated[Optional[List[Path]], typer.Argument(
+    help="Root directories; each holds one folder per speaker (subfolders allowed). Or, instead or as well: "
+    "--kaldi, --manifest, --lhotse.", show_default=False)]
+Kaldi = Annotated[Optional[List[Path]], typer.Option(
+    "--kaldi", metavar="DATA_DIR", help="A Kaldi data directory (wav.scp, utt2spk, optional segments); repeatable. "
+    "Speakers are DATA_DIR_NAME/SPEAKER.")]
+KaldiRoot = Annotated[Optional[Path], typer.Option(
+    "--kaldi-root", help="Folder that relative wav.scp paths start from (default: the current folder).")]
+AllowCommands = Annotated[bool, typer.Option(
+    "--allow-commands", help="Run wav.scp entries that are commands ('... |'), each with a timeout; without it "
+    "they are refused and counted.")]
+Manifest = Annotated[Optional[List[Path]], typer.Option(
+    "--manifest", metavar="FILE", help="A table of utterances (.csv, .tsv or .jsonl) with path and speaker columns, "
+    "optional start and end (seconds) and id; paths relative to the file's folder; repeatable.")]
+Lhotse = Annotated[Optional[List[Path]], typer.Option(
+    "--lhotse", metavar="MANIFEST", help="A Lhotse cut set, or a recording set and its supervision set (give "
+    "both); speakers from the supervisions. Needs pip install 'dvector[lhotse]'.")]
 ShardSize = Annotated[int, typer.Option(
     "--shard-size", help="At most about this many utterances per shard (exceeded by less than one speaker block).")]
 MinShards = Annotated[int, typer.Option(
@@ -47,8 +62,13 @@ PartsFolder = Annotated[Path, typer.Argument(help="A shard folder made by build-
 
 def build_shards_cmd(
     ctx: typer.Context,
-    roots: Roots,
+    roots: Roots = None,
     out: ShardsOut = Path("shards"),
+    kaldi: Kaldi = None,
+    kaldi_root: KaldiRoot = None,
+    allow_commands: AllowCommands = False,
+    manifest: Manifest = None,
+    lhotse: Lhotse = None,
     extensions: Extensions = EXTENSIONS,
     workers: Workers = 0,
     dask: Dask = None,
@@ -70,10 +90,14 @@ def build_shards_cmd(
 ) -> None:
     """Decode, resample, trim silence and compute log-mels of every utterance; write WebDataset shards.
 
+    Reads root folders of speaker folders, Kaldi data directories (--kaldi), tables (--manifest) and Lhotse
+    manifests (--lhotse), alone or together.
+
     Resumable: run the same command again to finish an interrupted build. With --dask, one task per
     shard on the cluster (the output folder must be shared storage); the same shards as a local build.
     """
     from dvector.cli.summary import print_build_summary
+    from dvector.corpus import CorpusInputs
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
     from dvector.shards.shard_job import fitting_segment
 
@@ -97,7 +121,11 @@ def build_shards_cmd(
             elapsed = bar.tasks[0].elapsed or 1e-9
             bar.update(task, advance=files, info=f"{audio[0] / 3600:.2f} h audio, {audio[0] / elapsed:.0f}x realtime")
 
-        report = build_shards([str(r) for r in roots], out, cfg, workers=workers, part=parse_part(part),
+        inputs = CorpusInputs(roots=tuple(str(r) for r in roots or ()), kaldi=tuple(str(k) for k in kaldi or ()),
+                              kaldi_root=str(kaldi_root) if kaldi_root else None,
+                              manifests=tuple(str(m) for m in manifest or ()), lhotse=tuple(str(m) for m in lhotse or ()),
+                              allow_commands=allow_commands)
+        report = build_shards(inputs, out, cfg, workers=workers, part=parse_part(part),
                               overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance),
                               dask=dask)
     print_build_summary(report, console)

@@ -42,7 +42,8 @@ from dvector.errors import DvectorError
 from dvector.files import sha256_file
 from dvector.nn.encoders import ENCODER_NAMES, build_encoder
 from dvector.nn.model import DVector
-from dvector.signal.audio import DecodeError, decode, resample, to_mono
+from dvector.corpus import Utterance
+from dvector.signal.audio import DecodeError, decode, decode_utterance, resample, to_mono
 from dvector.signal.features import log_mel, min_samples, raise_level
 from dvector.signal.process import SkipUtterance, check_finite, speech_waveform, waveform_to_mel
 from dvector.signal.windows import (embed_windows, embed_windows_at, partial_windows, window_embeddings,
@@ -117,7 +118,8 @@ class Embedder(WindowRunner):
     # -- audio in --------------------------------------------------------------------------------
 
     def waveform(self, source: Any) -> np.ndarray:
-        """Mono float32 audio at the feature rate from a path or a ``(waveform, sample_rate)`` pair."""
+        """Mono float32 audio at the feature rate from a path, a ``(waveform, sample_rate)`` pair or a listed
+        :class:`dvector.corpus.Utterance` (a Kaldi directory's or a manifest's: a segment, a command)."""
         if isinstance(source, tuple):
             if len(source) != 2:
                 raise DvectorError("give audio as a path or as a (waveform, sample_rate) pair")
@@ -131,6 +133,14 @@ class Embedder(WindowRunner):
                 raise DvectorError(f"a waveform must be (samples,) or (samples, channels), got shape {data.shape}")
             where = "the waveform"
             rate = int(rate)
+        elif isinstance(source, Utterance):  # a listed utterance: a segment, or a command's output
+            where = source.source
+            if not source.command and not source.path.is_file():
+                raise EmbedError(where, f"no such file: {_display(source.path)}")
+            try:
+                data, rate = decode_utterance(source.path, source.start, source.end, source.command)
+            except DecodeError as exc:
+                raise EmbedError(where, str(exc)) from exc
         else:
             path = Path(source)
             where = _display(path)
@@ -175,6 +185,8 @@ class Embedder(WindowRunner):
 
     @staticmethod
     def _where(source: Any) -> str:
+        if isinstance(source, Utterance):
+            return source.source
         return "the waveform" if isinstance(source, tuple) else _display(source)
 
     def _check_length(self, wav: np.ndarray, source: Any) -> None:

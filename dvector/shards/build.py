@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 from threadpoolctl import threadpool_limits
 
 from dvector.config import BuildConfig
-from dvector.corpus import ScanResult, scan_roots
+from dvector.corpus import CorpusInputs, ScanResult, scan_inputs
 from dvector.errors import DvectorError
 from dvector.files import LOCK_NAME, display_path, one_writer
 from dvector.shards.build_folder import is_complete, plan_record, prepare_folder, remove_stale_temps
@@ -175,7 +175,7 @@ def _in_the_way(path: Path) -> Path | None:
 
 
 def build_shards(
-    roots: Sequence[str],
+    roots: Sequence[str] | CorpusInputs,
     out_dir: str | os.PathLike[str],
     cfg: BuildConfig = BuildConfig(),
     workers: int | None = None,
@@ -185,14 +185,16 @@ def build_shards(
     progress: Progress | None = None,
     dask: str | None = None,
 ) -> BuildReport:
-    """Build (or finish building) the shards of ``roots`` in ``out_dir``: part ``i`` of ``n`` of the
+    """Build (or finish building) the shards of ``roots`` (root folders, or any :class:`CorpusInputs`: Kaldi
+    data directories, manifests, Lhotse manifests) in ``out_dir``: part ``i`` of ``n`` of the
     plan's shards (every shard by default), skipping those an earlier run completed; the index is
     written once every shard of the plan is complete.
 
     ``dask``: run the shard jobs on a Dask cluster (a scheduler address, or ``local:K``) instead of
     ``workers`` local processes (:mod:`dvector.shards.dask_build`); the shards are the same. The
     cluster is reached first: a missing extra or an unreachable scheduler is one line, at once."""
-    args = (roots, out_dir, cfg, workers, part, overwrite, fail_fast, progress)
+    inputs = roots if isinstance(roots, CorpusInputs) else CorpusInputs(roots=tuple(str(r) for r in roots))
+    args = (inputs, out_dir, cfg, workers, part, overwrite, fail_fast, progress)
     if not dask:
         return _build(*args, client=None)
     from dvector.shards.cluster import dask_client
@@ -201,7 +203,7 @@ def build_shards(
         return _build(*args, client=client)
 
 
-def _build(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
+def _build(inputs: CorpusInputs, out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
            part: tuple[int, int], overwrite: bool, fail_fast: bool, progress: Progress | None, client: Any
            ) -> BuildReport:
     """:func:`build_shards`, with the shard jobs on Dask's ``client`` where given; one build (or one
@@ -214,21 +216,25 @@ def _build(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConf
     except OSError as exc:
         raise write_failure(Path(out_dir), exc) from exc
     try:
-        return _build_locked(roots, out_dir, cfg, workers, part, overwrite, fail_fast, progress, client)
+        return _build_locked(inputs, out_dir, cfg, workers, part, overwrite, fail_fast, progress, client)
     finally:
         lock.__exit__(None, None, None)
 
 
-def _build_locked(roots: Sequence[str], out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
+def _build_locked(inputs: CorpusInputs, out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,
                   part: tuple[int, int], overwrite: bool, fail_fast: bool, progress: Progress | None, client: Any
                   ) -> BuildReport:
     started = time.perf_counter()
     keep_freed_memory()  # this process receives and writes every utterance's features
     progress = progress or Progress()
     out = Path(out_dir)
-    scan = scan_roots(roots, cfg.extensions, cfg.merge_speakers)
+    scan = scan_inputs(inputs, cfg.extensions, cfg.merge_speakers)
     if not scan.utterances:
-        raise DvectorError(f"no audio files with extensions {','.join(cfg.extensions)} under {', '.join(roots)}")
+        if inputs.roots and not (inputs.kaldi or inputs.manifests or inputs.lhotse):
+            raise DvectorError(f"no audio files with extensions {','.join(cfg.extensions)} under {', '.join(inputs.roots)}")
+        raise DvectorError(f"no utterances to read in {inputs.describe()}"
+                           + (f" ({len(scan.problems)} problem(s), e.g. {scan.problems[0][0]}: {scan.problems[0][1]})"
+                              if scan.problems else ""))
     plan = make_plan(scan, cfg)
     report = BuildReport(out_dir=out, shards_total=len(plan.shards), speakers=len(plan.speakers),
                          empty_roots=scan.empty_roots, scan_problems=scan.problems)

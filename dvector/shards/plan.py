@@ -102,6 +102,8 @@ def input_digest(scan: ScanResult, cfg: BuildConfig) -> str:
     digest = hashlib.sha256(cfg.hash().encode())
     for utt in scan.utterances:
         record = [scan.root_names[utt.root], utt.speaker, utt.source, _file_size(utt)]
+        if utt.is_segment or utt.command:  # only then: the digests of root builds stay what they were
+            record += [utt.start, utt.end, utt.command]
         digest.update(json.dumps(record, ensure_ascii=True).encode())
     return digest.hexdigest()[:16]
 

@@ -48,21 +48,22 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
-def job_items(shard: Sequence[PlannedUtterance],
-              root_names: dict[str, str]) -> list[tuple[str, str, str, int, str, float]]:
+JobItem = tuple[str, str, str, int, str, float, float, float, str]
+
+
+def job_items(shard: Sequence[PlannedUtterance], root_names: dict[str, str]) -> list[JobItem]:
     """A shard's utterances as :func:`process_chunk` takes them, in plan order."""
     return [(p.key, str(p.utterance.path), root_names[p.utterance.root], p.speaker_index, p.utterance.source,
-             p.speed) for p in shard]
+             p.speed, p.utterance.start, p.utterance.end, p.utterance.command) for p in shard]
 
 
-def process_chunk(
-    items: list[tuple[str, str, str, int, str, float]], features: FeatureConfig, vad: VadConfig
-) -> list[tuple[str, Any, dict[str, Any]]]:
-    """Features for a chunk of (key, path, root name, speaker index, source, speed); runs in a worker."""
+def process_chunk(items: list[JobItem], features: FeatureConfig, vad: VadConfig) -> list[tuple[str, Any, dict[str, Any]]]:
+    """Features for a chunk of (key, path, root name, speaker index, source, speed, start, end, command);
+    runs in a worker."""
     out = []
-    for key, path, root_name, speaker_index, source, speed in items:
+    for key, path, _root_name, _speaker_index, _source, speed, start, end, command in items:
         try:
-            result = process_file(Path(path), features, vad, speed)
+            result = process_file(Path(path), features, vad, speed, start, end, command)
         except SkipUtterance as exc:
             out.append((key, None, {"reason": str(exc)}))
             continue

@@ -3,7 +3,9 @@ and the like; soxr for resampling. Finding the files is :mod:`dvector.corpus`'s.
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -194,3 +196,78 @@ def resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     check_bounds(target_rate, int(wav.shape[0] * (target_rate / rate)) + 1)
     return soxr.resample(wav, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
 
+
+
+# ---- utterances that are not a whole file: a segment of a recording, or a command's output ------------
+
+COMMAND_TIMEOUT_S = 600.0  # seconds a wav.scp command may run (``sox ... |``) before it counts as failed
+SEGMENT_SLACK_S = 0.01  # a segment may end this far past its recording's end (rounding in listings)
+
+
+def decode_command(command: str, timeout: float = COMMAND_TIMEOUT_S) -> tuple[np.ndarray, int]:
+    """The audio a shell pipeline writes to its standard output (a Kaldi ``wav.scp`` entry ``... |``), as
+    :func:`decode` gives a file's; DecodeError when it fails, times out or writes no readable audio."""
+    try:
+        done = subprocess.run(command, shell=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DecodeError(f"the command ran longer than {timeout:g} s: {command}") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot run the command: {exc.strerror or exc}") from None
+    if done.returncode != 0:
+        said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise DecodeError(f"the command failed (exit {done.returncode})" + (f": {said[-1][:200]}" if said else ""))
+    if not done.stdout:
+        raise DecodeError("the command wrote no audio")
+    try:
+        with sf.SoundFile(io.BytesIO(done.stdout)) as f:
+            check_bounds(f.samplerate, f.frames, f.channels)
+            return f.read(dtype="float32", always_2d=True), int(f.samplerate)
+    except DecodeError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise DecodeError(f"the command's output is not audio soundfile reads: {exc}") from None
+
+
+def cut_segment(data: np.ndarray, rate: int, start: float, end: float) -> np.ndarray:
+    """Seconds ``start`` to ``end`` (0: the end) of decoded ``(frames, channels)`` audio; DecodeError for a
+    segment that runs past the recording's end."""
+    length = data.shape[0] / rate
+    if start >= length or (end and end > length + SEGMENT_SLACK_S):
+        raise DecodeError(f"segment {start:g}-{end or length:g} s runs past the end of its recording ({length:.2f} s)")
+    return data[int(round(start * rate)): int(round(end * rate)) if end else None]
+
+
+def _read_segment(path: Path, start: float, end: float) -> tuple[np.ndarray, int]:
+    """A segment of a file soundfile reads, without decoding the rest of it."""
+    try:
+        with sf.SoundFile(os.fsencode(path)) as f:
+            rate, frames = int(f.samplerate), int(f.frames)
+            check_duration(rate, frames)
+            length = frames / rate
+            if start >= length or (end and end > length + SEGMENT_SLACK_S):
+                raise DecodeError(f"segment {start:g}-{end or length:g} s runs past the end of its recording "
+                                  f"({length:.2f} s)")
+            first = int(round(start * rate))
+            count = (min(frames, int(round(end * rate))) if end else frames) - first
+            check_bounds(rate, count, f.channels)
+            f.seek(first)
+            return f.read(count, dtype="float32", always_2d=True), rate
+    except DecodeError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
+        raise _decode_error(path, exc) from exc
+
+
+def decode_utterance(path: Path, start: float = 0.0, end: float = 0.0, command: str = "",
+                     timeout: float = COMMAND_TIMEOUT_S) -> tuple[np.ndarray, int]:
+    """:func:`decode` for any utterance a corpus lists (:class:`dvector.corpus.Utterance`): a whole file,
+    seconds ``start`` to ``end`` (0: the end) of one, or of what ``command`` writes."""
+    if command:
+        data, rate = decode_command(command, timeout)
+        return (cut_segment(data, rate, start, end) if start or end else data), rate
+    if not (start or end):
+        return decode(path)
+    if path.suffix.lower().lstrip(".") in FFMPEG_ONLY_EXTENSIONS:
+        data, rate = decode(path)
+        return cut_segment(data, rate, start, end), rate
+    return _read_segment(path, start, end)

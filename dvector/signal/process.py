@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dvector.signal.audio import DecodeError, audio_info, decode, resample, to_mono
+from dvector.signal.audio import DecodeError, audio_info, decode, decode_utterance, resample, to_mono
 from dvector.config import FeatureConfig, VadConfig
 from dvector.signal.blocks import MelStream, exact_blocks, feature_blocks
 from dvector.signal.features import level_gain, log_mel, min_samples, raise_level
@@ -84,21 +84,24 @@ def waveform_to_mel(
     return mel, kept
 
 
-def process_file(path: Path, features: FeatureConfig, vad: VadConfig, speed: float = 1.0) -> Processed:
-    """Features of one audio file; SkipUtterance with the reason when it cannot give any.
+def process_file(path: Path, features: FeatureConfig, vad: VadConfig, speed: float = 1.0, start: float = 0.0,
+                 end: float = 0.0, command: str = "") -> Processed:
+    """Features of one audio file (or of seconds ``start`` to ``end`` of it, or of what ``command`` writes:
+    :func:`dvector.signal.audio.decode_utterance`); SkipUtterance with the reason when it cannot give any.
 
     ``speed`` other than 1 perturbs it as Kaldi's and WeSpeaker's speed perturbation does (sox
     ``speed``): the audio is read as if recorded at ``rate * speed`` and resampled to the feature
     rate, so its duration scales by 1/speed and its pitch and formants by speed (before VAD).
     ``duration_s`` is then the perturbed audio's.
     """
-    info = audio_info(path)
+    whole = not (start or end or command)
+    info = audio_info(path) if whole else None
     if info is not None and info[1] > LONG_FILE_S * info[0]:
         return _process_long(path, info[0], features, vad, speed)
     clock = time.perf_counter
     t0 = clock()
     try:
-        data, rate = decode(path)
+        data, rate = decode(path) if whole else decode_utterance(path, start, end, command)
     except DecodeError as exc:
         raise SkipUtterance(str(exc)) from exc
     if data.shape[0] == 0:
