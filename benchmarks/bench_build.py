@@ -24,6 +24,11 @@
 
 Targets (issue 2): end-to-end ×realtime >= 0.8 × workers × 3600 / (sum of per-stage s per hour),
 and >= 3000× on the 16 kHz FLAC part. The last line is ``build_xrt=<x>`` (the whole corpus).
+
+``--kaldi``: instead, the same files built from their roots and from a Kaldi data directory that lists
+them (``wav.scp`` of absolute paths, ``utt2spk``), alternately, ``--repeats`` times each; the median
+×realtime of both, and last ``kaldi_build_speed_ratio=<Kaldi ÷ root>`` (target >= 0.95: the scan is
+the only difference).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 
 from dvector.demo import synth
-from dvector.corpus import scan_roots
+from dvector.corpus import CorpusInputs, scan_roots
 from dvector.signal.audio import decode, resample, to_mono
 from dvector.shards.build import build_shards, keep_freed_memory
 from dvector.config import BuildConfig
@@ -213,7 +218,7 @@ def per_hour(result: dict) -> dict[str, float]:
 
 # ---- end to end --------------------------------------------------------------------------------
 
-def run_build(roots: list[str], cfg: BuildConfig, workers: int, tmp: Path) -> dict:
+def run_build(roots: list[str] | CorpusInputs, cfg: BuildConfig, workers: int, tmp: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="build-", dir=tmp))
     self0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -225,6 +230,32 @@ def run_build(roots: list[str], cfg: BuildConfig, workers: int, tmp: Path) -> di
     return {"wall": wall, "audio_s": report.audio_s, "xrt": report.audio_s / wall, "files": report.utterances_ok,
             "failures": len(report.failures), "shards": report.shards_written, "stage_s": dict(report.stage_s),
             "parent_cpu": cpu(self0, self1), "worker_cpu": cpu(kids0, kids1)}
+
+
+def kaldi_dir_of(roots: list[str], cfg: BuildConfig, folder: Path) -> Path:
+    """A Kaldi data directory listing every file of ``roots`` (speakers ``ROOT_SPEAKER``, absolute paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scan = scan_roots(roots, cfg.extensions)
+    lines = [(f"{u.speaker.replace('/', '_')}-{n:07d}", u) for n, u in enumerate(scan.utterances)]
+    (folder / "wav.scp").write_text("".join(f"{uid} {u.path}\n" for uid, u in lines))
+    (folder / "utt2spk").write_text("".join(f"{uid} {u.speaker.replace('/', '_')}\n" for uid, u in lines))
+    return folder
+
+
+def compare_kaldi(roots: list[str], cfg: BuildConfig, workers: int, repeats: int, tmp: Path) -> float:
+    """Root builds and Kaldi builds of the same files, alternately; prints both; returns Kaldi ÷ root speed."""
+    data = kaldi_dir_of(roots, cfg, tmp / "kaldi" / "bench")
+    warm_page_cache(roots)
+    runs: dict[str, list[dict]] = {"roots": [], "kaldi": []}
+    for _ in range(repeats):
+        runs["roots"].append(run_build(roots, cfg, workers, tmp))
+        runs["kaldi"].append(run_build(CorpusInputs(kaldi=(str(data),)), cfg, workers, tmp))
+    medians = {}
+    for name, reps in runs.items():
+        medians[name] = statistics.median(r["xrt"] for r in reps)
+        print(f"{name:<6} {reps[0]['audio_s'] / 3600:.2f} h, {reps[0]['files']} files: "
+              + ", ".join(f"{r['wall']:.2f} s" for r in reps) + f" -> {medians[name]:.0f}x realtime (median)")
+    return medians["kaldi"] / medians["roots"]
 
 
 def run_cli(roots: list[str], workers: int, tmp: Path) -> float:
@@ -289,6 +320,8 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip timing the CLI in a fresh process (informational)")
     ap.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kaldi", action="store_true", help="compare a Kaldi-directory build of the same files with "
+                    "the root build (last line kaldi_build_speed_ratio=)")
     args = ap.parse_args()
 
     cfg = BuildConfig()
@@ -306,6 +339,11 @@ def main() -> None:
             print(f"corpus: ready in {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"machine: {os.cpu_count()} cores, workers={args.workers}, python {sys.version.split()[0]}; "
               f"{load_note()}", flush=True)
+        if args.kaldi:
+            ratio = compare_kaldi(roots, cfg, args.workers, args.repeats, tmp)
+            print(load_note())
+            print(f"kaldi_build_speed_ratio={ratio:.3f}")
+            return
 
         # -- stages on one core, with the memory setting the build's workers and the CLI use
         keep_freed_memory()
