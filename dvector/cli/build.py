@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from dvector.cli.console import console, progress, warn
-from dvector.cli.options import EXTENSIONS, Dask, Extensions, Workers, default, out_option, seed_option
+from dvector.cli.options import EXTENSIONS, Dask, Extensions, Workers, default, given_options, out_option, seed_option
 from dvector.config import BuildConfig, FeatureConfig, VadConfig, parse_speed_perturb
 from dvector.errors import DvectorError
 
@@ -104,7 +104,7 @@ def build_shards_cmd(
     feature_cfg, vad_cfg = FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), VadConfig(enabled=vad)
     if features is not None:
         given = {name: value for name, value in (("sample_rate", sample_rate), ("n_mels", n_mels), ("vad", vad))
-                 if typed_flag(ctx, name)}
+                 if name in given_options(ctx)}
         feature_cfg, vad_cfg = features_of_run(features, given)
     cfg = BuildConfig(extensions=extensions, shard_size=shard_size, min_shards=min_shards, block_size=block_size,
                       seed=seed, merge_speakers=merge_speakers, speed_perturb=parse_speed_perturb(speed_perturb),
@@ -139,13 +139,6 @@ def build_shards_cmd(
     if strict and report.failures:
         console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
         raise typer.Exit(2)
-
-
-def typed_flag(ctx: typer.Context, name: str) -> bool:
-    """Whether option ``name`` was given (typed, or from the environment) rather than left at its default.
-    By the source's name: Typer may bring its own copy of click's ParameterSource."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def features_of_run(run: Path, given: dict[str, Any]) -> tuple[FeatureConfig, VadConfig]:

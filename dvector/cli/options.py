@@ -18,9 +18,9 @@ from dvector.config import DEFAULT_EXTENSIONS
 
 def given_options(ctx: typer.Context) -> set[str]:
     """The parameters of the running command that its command line (or environment) set, not their defaults."""
-    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer may bring its own click:
-    return {name for name, source in sources.items()  # compare the enum's names, not its class
-            if getattr(source, "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # Typer may bring its own copy of
+    return {name for name, source in sources.items()  # click's ParameterSource: compare names, not the class
+            if getattr(source, "name", "") not in ("", "DEFAULT", "DEFAULT_MAP")}
 
 
 def default(config: type, name: str) -> Any:

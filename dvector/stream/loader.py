@@ -244,6 +244,12 @@ class GE2ELoader:
                 self.stats += SamplingStats(**stats)
                 speakers = torch.from_numpy(np.frombuffer(speakers, dtype=np.int64).copy())
                 yield mels.to(self.dtype), speakers
+        except (ConnectionError, EOFError, OSError) as exc:  # a worker killed while a batch came over
+            if workers == 0:
+                raise
+            pids = ", ".join(str(w.pid) for w in getattr(batches, "_workers", []))
+            raise RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly while sending a batch "
+                               f"({type(exc).__name__}: {exc})") from exc
         finally:
             # Stop the workers now, while the DataLoader's queues are intact: left to the garbage
             # collector (an exception's traceback keeps the iterator in a cycle), shutting down

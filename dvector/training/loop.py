@@ -20,7 +20,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 from dvector.config import ModelConfig, TrainConfig
 from dvector.errors import DvectorError
-from dvector.files import one_writer
+from dvector.files import LOCK_NAME, one_writer
 from dvector.training.distributed import Distributed, ends_own_process_group, main_value, setup_process
 from dvector.training.prepare import (Trainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
@@ -59,6 +59,8 @@ def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Ca
     with ExitStack() as stack:
         refused = None
         if ddp.main:
+            if not os.path.lexists(model_dir):  # a run refused before writing anything leaves no folder
+                stack.callback(_remove_if_only_the_lock, Path(model_dir))
             try:
                 stack.enter_context(one_writer(model_dir, "training run", say))
             except DvectorError as exc:
@@ -69,6 +71,15 @@ def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Ca
         if refused:
             raise DvectorError(refused)
         yield
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    try:
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 @ends_own_process_group

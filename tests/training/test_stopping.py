@@ -111,7 +111,8 @@ def test_a_killed_loader_worker_is_one_line_after_a_checkpoint(shards: Path, tmp
     with pytest.raises(DvectorError) as error:
         run(shards, tmp_path / "run", replace(CFG, workers=1, steps=100_000), on_log=kill_the_worker)
     message = str(error.value)
-    assert "\n" not in message and "DataLoader worker" in message and "killed by signal" in message
+    assert "\n" not in message and "DataLoader worker" in message, message
+    assert "killed by signal" in message or "exited unexpectedly" in message, message
     step = load_checkpoint(tmp_path / "run")["step"]
     assert step >= 3 and f"saved {ckpt_dir(tmp_path / 'run') / f'step-{step:09d}.pt'}" in message
     assert "-c " in message
