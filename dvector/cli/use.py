@@ -14,21 +14,41 @@ from dvector.cli.options import (EXTENSIONS, Dask, Extensions, Model, Seed, Thre
 
 DEFAULT_TOP_N = 300  # dvector.evaluation.score_norm.DEFAULT_TOP_N (imported lazily, like torch; a test checks they agree)
 
-Inputs = Annotated[List[str], typer.Argument(
-    help="Audio files, folders (searched recursively), shard folders or URLs; with --per-window, - reads raw "
-    "16-bit little-endian mono PCM from stdin and prints one JSON line per window as it completes.")]
+Inputs = Annotated[Optional[List[str]], typer.Argument(
+    help="Audio files, folders (searched recursively), shard folders or URLs (none with --kaldi alone); with "
+    "--per-window, - reads raw 16-bit little-endian mono PCM from stdin and prints one JSON line per window as it "
+    "completes.")]
 SampleRate = Annotated[int, typer.Option(
     "--sample-rate", help="The sample rate of PCM on stdin (-); resampled to the model's on the fly.")]
-EmbeddingsOut = out_option("Output .npz: key -> vector, plus __model__.")
+EmbeddingsOut = Annotated[Optional[Path], typer.Option(
+    "-o", "--out", help="Output: the .npz (default embeddings.npz: key -> vector, plus __model__); with --format "
+    "kaldi the folder that receives embeddings.ark and embeddings.scp (default: the current folder).")]
+EmbedFormat = Annotated[str, typer.Option(
+    "--format", help="npz (one .npz file) or kaldi (embeddings.ark + embeddings.scp, float32 vectors, for Kaldi "
+    "and WeSpeaker back-ends; needs pip install 'dvector\\[kaldi]'). Keys: the utterance id of a listed utterance, "
+    "the path as reached from the input given; --per-window vectors are keyed KEY-START-END, START and END in "
+    "milliseconds, zero-padded to 8 digits.")]
 PerWindow = Annotated[bool, typer.Option(
     "--per-window", help="Window embeddings with start/end times (no VAD), e.g. for diarization.")]
+KaldiDir = Annotated[Optional[Path], typer.Option(
+    "--kaldi", metavar="DATA_DIR", help="A Kaldi data directory (wav.scp, utt2spk, segments if any): its utterances, keyed by "
+    "utterance id.")]
+KaldiRoot = Annotated[Optional[Path], typer.Option(
+    "--kaldi-root", help="The folder that relative paths in wav.scp start from (default: the current folder).")]
+AllowCommands = Annotated[bool, typer.Option(
+    "--allow-commands", help="Run wav.scp entries that are commands (ending in '|'); refused otherwise.")]
 FirstFile = Annotated[Path, typer.Argument(help="First audio file.")]
 SecondFile = Annotated[Path, typer.Argument(help="Second audio file.")]
 ThresholdOverride = Annotated[Optional[float], typer.Option(
     "-t", "--threshold", help="Decide with this cosine threshold instead of the stored one.")]
-TestRoot = Annotated[Path, typer.Argument(
-    help="Test root: speaker folders, or the root the trials' paths are relative to.")]
-Trials = Annotated[Optional[Path], typer.Option("--trials", help="Trials file, VoxCeleb format: 'label path1 path2'.")]
+TestRoot = Annotated[Optional[Path], typer.Argument(
+    help="Test root: speaker folders, or the root the trials' paths are relative to (not with --kaldi).")]
+Trials = Annotated[Optional[Path], typer.Option(
+    "--trials", help="Trials file, one trial a line in either form: VoxCeleb 'label path1 path2' (label 1 or 0) or "
+    "Kaldi/NIST 'utt1 utt2 target|nontarget'. Entries are paths relative to ROOT, or with --kaldi utterance ids.")]
+TestKaldi = Annotated[Optional[Path], typer.Option(
+    "--kaldi", metavar="DATA_DIR", help="A Kaldi data directory as the test set, instead of ROOT: trial entries are its utterance ids "
+    "(without --trials, trials are made from its utt2spk).")]
 Det = Annotated[Optional[Path], typer.Option("--det", help="DET curve PNG (default: det.png beside eval.json).")]
 NNontarget = Annotated[Optional[int], typer.Option(
     "--n-nontarget", help="Generated trials: non-target pairs (default: as many as target pairs, 1k-100k).")]
@@ -59,32 +79,80 @@ EmbedWorkers = workers_option("Worker processes embedding the audio files (1: th
 MapThreads = threads_option("CPU threads for torch while embedding (0: torch's default) and for t-SNE (0: one).")
 
 
-def embed_cmd(model: Model, inputs: Inputs, out: EmbeddingsOut = Path("embeddings.npz"), per_window: PerWindow = False,
-              extensions: Extensions = EXTENSIONS, threads: Threads = 0, workers: EmbedWorkers = 1,
-              dask: Dask = None, sample_rate: SampleRate = 16000) -> None:
-    """Embed utterances: sliding windows of the training length, averaged and normalised."""
+def embed_cmd(model: Model, inputs: Inputs = None, out: EmbeddingsOut = None, fmt: EmbedFormat = "npz",
+              per_window: PerWindow = False, kaldi: KaldiDir = None, kaldi_root: KaldiRoot = None,
+              allow_commands: AllowCommands = False, extensions: Extensions = EXTENSIONS, threads: Threads = 0,
+              workers: EmbedWorkers = 1, dask: Dask = None, sample_rate: SampleRate = 16000) -> None:
+    """Embed utterances: sliding windows of the training length, averaged and normalised. Written as
+    an .npz, or as a Kaldi archive and index (--format kaldi)."""
+    from dvector.errors import DvectorError
     from dvector.inference.embed_inputs import NothingEmbedded, Workers, embed_paths, save_embeddings
     from dvector.inference.embedder import load
     from dvector.inference.streaming import check_stream_rate
 
+    inputs = list(inputs or [])
+    if not inputs and kaldi is None:
+        raise DvectorError("give at least one audio file, folder or shard URL, or --kaldi DATA_DIR")
+    out = check_embed_output(fmt, out, inputs)  # before anything is loaded or read
     if "-" in inputs:
-        check_stream_rate(sample_rate)  # before anything is loaded or read
+        check_stream_rate(sample_rate)
+        if kaldi is not None:
+            raise DvectorError("stdin (-) is embedded with --per-window, as the only input (no --kaldi)")
+    listed = kaldi_listing(kaldi, kaldi_root, allow_commands)
     embedder = load(model, threads=threads)
     if "-" in inputs:
         return embed_stdin(embedder, inputs, per_window, sample_rate)
     with progress() as bar:
         on_start, on_item = counting_bar(bar, "embed")
         result = embed_paths(embedder, inputs, extensions, per_window=per_window, on_start=on_start, on_item=on_item,
-                             workers=Workers(workers, dask))
-    try:
-        path = save_embeddings(out, result, embedder)  # first: a failure to print must not lose the results
+                             workers=Workers(workers, dask), listed=listed)
+    try:  # first: a failure to print must not lose the results
+        if fmt == "kaldi":
+            from dvector.inference.kaldi_ark import save_kaldi
+
+            ark, path, entries = save_kaldi(out, result)
+        else:
+            path, entries = save_embeddings(out, result, embedder), len(result.vectors)
     except NothingEmbedded as exc:
         print_skipped(exc.skipped)
         raise
     print_skipped(result.skipped)
     what = "window sequences" if per_window else "embeddings"
+    if fmt == "kaldi" and per_window:
+        what = "window vectors (keys KEY-START-END, in milliseconds)"
     dup = f" ({result.duplicates} duplicate input(s) embedded once)" if result.duplicates else ""
-    say(f"wrote {path}: {len(result.vectors)} {what} of dimension {embedder.dim}{dup}; model {embedder.info['path']}")
+    wrote = f"{ark} and {path}" if fmt == "kaldi" else f"{path}"
+    say(f"wrote {wrote}: {entries} {what} of dimension {embedder.dim}{dup}; model {embedder.info['path']}")
+
+
+def check_embed_output(fmt: str, out: Optional[Path], inputs: List[str]) -> Path:
+    """``-o`` as the format wants it (a file for npz, a folder for kaldi, made and probed now)."""
+    from dvector.errors import DvectorError
+
+    if fmt not in ("npz", "kaldi"):
+        raise DvectorError(f"--format takes npz or kaldi, got {fmt!r}")
+    if fmt == "npz":
+        return out if out is not None else Path("embeddings.npz")
+    if "-" in inputs:
+        raise DvectorError("stdin (-) prints JSON lines: --format kaldi writes files from files")
+    from dvector.inference.kaldi_ark import check_kaldi_output
+
+    return check_kaldi_output(out if out is not None else Path("."))
+
+
+def kaldi_listing(kaldi: Optional[Path], kaldi_root: Optional[Path], allow_commands: bool, scan: bool = True) -> Any:
+    """The utterances of the Kaldi data directory ``kaldi`` (a ``ScanResult``; None without ``scan``), or None."""
+    from dvector.errors import DvectorError
+
+    if kaldi is None:
+        if kaldi_root is not None or allow_commands:
+            raise DvectorError("--kaldi-root and --allow-commands go with --kaldi DATA_DIR")
+        return None
+    if not scan:
+        return None
+    from dvector.corpus.kaldi import scan_kaldi
+
+    return scan_kaldi([str(kaldi)], kaldi_root, allow_commands)
 
 
 def embed_stdin(embedder: Any, inputs: List[str], per_window: bool, sample_rate: int) -> None:
@@ -144,15 +212,20 @@ def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOve
     print(f"{what} {decision.score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision.text}")
 
 
-def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = None, n_nontarget: NNontarget = None,
-             seed: TrialSeed = 0, extensions: TrialExtensions = EXTENSIONS, save: Save = True, threads: Threads = 0,
-             untrained: Untrained = False, norm: Norm = "none", cohort: Cohort = None,
-             cohort_top: CohortTop = DEFAULT_TOP_N, workers: EmbedWorkers = 1, dask: Dask = None) -> None:
+def eval_cmd(model: Model, root: TestRoot = None, trials: Trials = None, kaldi: TestKaldi = None,
+             kaldi_root: KaldiRoot = None, allow_commands: AllowCommands = False, det: Det = None,
+             n_nontarget: NNontarget = None, seed: TrialSeed = 0, extensions: TrialExtensions = EXTENSIONS,
+             save: Save = True, threads: Threads = 0, untrained: Untrained = False, norm: Norm = "none",
+             cohort: Cohort = None, cohort_top: CohortTop = DEFAULT_TOP_N, workers: EmbedWorkers = 1,
+             dask: Dask = None) -> None:
     """Verification EER, minDCF (p_target 0.01, 0.05) and the EER threshold; a DET curve. With --norm,
-    the same for normalised scores, side by side."""
+    the same for normalised scores, side by side. The test set is ROOT or a Kaldi data directory (--kaldi)."""
     from dvector.inference.embed_inputs import NothingEmbedded, Workers
+    from dvector.evaluation.evaluate import KaldiTestSet
     from dvector.evaluation.results import run_eval
 
+    kaldi_listing(kaldi, kaldi_root, allow_commands, scan=False)  # --kaldi-root and --allow-commands need --kaldi
+    test_set = None if kaldi is None else KaldiTestSet(str(kaldi), kaldi_root and str(kaldi_root), allow_commands)
     try:
         with progress() as bar:
             on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
@@ -160,7 +233,7 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
             run = run_eval(model, root, trials, det=det, save=save, untrained=untrained, n_nontarget=n_nontarget,
                            seed=seed, extensions=extensions, threads=threads, on_start=on_start, on_file=on_item,
                            norm=norm, cohort=cohort, cohort_top=cohort_top, on_cohort=on_cohort,
-                           workers=Workers(workers, dask))
+                           workers=Workers(workers, dask), kaldi=test_set)
     except NothingEmbedded as exc:  # the files that failed, then the error line
         print_skipped(exc.skipped)
         raise
@@ -168,7 +241,8 @@ def eval_cmd(model: Model, root: TestRoot, trials: Trials = None, det: Det = Non
     if r.norm is not None:
         print_norm_table(r)
     print_skipped(r.skipped)
-    print(f"trials: {r.n_trials} ({r.n_target} target, {r.n_nontarget} non-target) over {r.n_files} files")
+    over = f"{r.n_files} {'utterances' if kaldi else 'files'}"
+    print(f"trials: {r.n_trials} ({r.n_target} target, {r.n_nontarget} non-target) over {over}")
     print(f"minDCF: {r.min_dcf['0.01']:.4f} (p_target 0.01), {r.min_dcf['0.05']:.4f} (p_target 0.05)")
     print(f"threshold: {r.eer_threshold:.4f} (cosine, at the EER)")
     for what, path in (("results", run.results_path), ("DET curve", run.det_path)):

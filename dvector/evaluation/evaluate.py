@@ -1,20 +1,23 @@
-"""Verification: cosine scores, trials (a VoxCeleb-format file or generated within a root), EER,
-minDCF and the EER threshold, the DET curve. Where results are stored, and the threshold ``score``
-decides with, are :mod:`dvector.evaluation.results`'s.
+"""Verification: cosine scores, trials (a file in VoxCeleb or Kaldi/NIST form, or generated within
+the test set), EER, minDCF and the EER threshold, the DET curve. Where results are stored, and the
+threshold ``score`` decides with, are :mod:`dvector.evaluation.results`'s.
 
-Every file is embedded once, however many trials name it.
+The test set is a root (trial entries are paths relative to it) or a Kaldi data directory
+(:class:`KaldiTestSet`; trial entries are its utterance ids). Every utterance is embedded once,
+however many trials name it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dvector.corpus import scan_roots
+from dvector.corpus import ScanResult, Utterance, scan_roots
 from dvector.config import DEFAULT_EXTENSIONS
 from dvector.inference.embed_inputs import NothingEmbedded, Workers, embed_each
 from dvector.inference.embedder import Embedder, model_identity
@@ -41,8 +44,22 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Trial:
     label: int  # 1: same speaker (target), 0: different
-    a: str  # path relative to the root
+    a: str  # path relative to the root, or an utterance id of a Kaldi data directory
     b: str
+
+
+TRIAL_WORDS = {"target": 1, "nontarget": 0}  # Kaldi/NIST trials: 'utt1 utt2 target|nontarget'
+
+
+def trial_of(parts: Sequence[str]) -> Trial | None:
+    """The trial of one line's fields, in VoxCeleb form (``1 a b``, ``0 a b``) or Kaldi/NIST form
+    (``a b target``, ``a b nontarget``); None for a line in neither."""
+    if len(parts) != 3:
+        return None
+    if parts[0] in ("0", "1"):
+        return Trial(int(parts[0]), parts[1], parts[2])
+    label = TRIAL_WORDS.get(parts[2].lower())
+    return Trial(label, parts[0], parts[1]) if label is not None else None
 
 
 def outside_root(path: str) -> str | None:
@@ -57,35 +74,38 @@ def outside_root(path: str) -> str | None:
     return None
 
 
-def parse_trials(lines: Sequence[str], where: str = "trials") -> list[Trial]:
-    """``label path1 path2`` per line (VoxCeleb format; label 1 or 0); blank and ``#`` lines skipped."""
+def parse_trials(lines: Sequence[str], where: str = "trials", paths: bool = True) -> list[Trial]:
+    """One trial per line, in either form, detected per line: ``label path1 path2`` (VoxCeleb; label
+    1 or 0) or ``utt1 utt2 target|nontarget`` (Kaldi/NIST); blank and ``#`` lines skipped. With
+    ``paths`` (a test root) the entries must stay inside the root; else they are utterance ids."""
     trials = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        parts = text.split()
-        if len(parts) != 3 or parts[0] not in ("0", "1"):
+        trial = trial_of(text.split())
+        if trial is None:
             raise DvectorError(f"{where} line {number}: expected 'label path1 path2' with label 1 (same speaker) "
-                               f"or 0 (different), got {text[:200]!r}")
-        for path in parts[1:]:
+                               f"or 0 (different), or 'utt1 utt2 target|nontarget', got {text[:200]!r}")
+        for path in (trial.a, trial.b) if paths else ():
             problem = outside_root(path)
             if problem:
                 raise DvectorError(f"{where} line {number}: {path!r} {problem}; trial paths are relative to the "
                                    f"test root and stay inside it")
-        trials.append(Trial(int(parts[0]), parts[1], parts[2]))
+        trials.append(trial)
     if not trials:
         raise DvectorError(f"{where} holds no trials")
     return trials
 
 
-def read_trials(path: str | os.PathLike[str]) -> list[Trial]:
+def read_trials(path: str | os.PathLike[str], paths: bool = True) -> list[Trial]:
+    """The trials of a file (see :func:`parse_trials`)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DvectorError(f"cannot read trials file {path}: {exc}") from exc
-    return parse_trials(lines, str(path))
+    return parse_trials(lines, str(path), paths)
 
 
 def write_trials(path: str | os.PathLike[str], trials: Sequence[Trial]) -> None:
@@ -107,6 +127,22 @@ def check_trial_files(trials: Sequence[Trial], root: str | os.PathLike[str], whe
         raise DvectorError(f"{where}: {len(missing)} of {len(files)} files are not under {root}: "
                            f"{', '.join(missing[:3])}{more}")
     return files
+
+
+def check_trial_ids(trials: Sequence[Trial], scan: ScanResult, data_dir: str, where: str = "trials"
+                    ) -> list[Utterance]:
+    """The distinct utterances the trials name (first-seen order) among those a Kaldi data directory
+    lists; an error naming any id it does not list (and its listing problems, which may be why)."""
+    by_id = {u.source: u for u in scan.utterances}
+    ids = list(dict.fromkeys(p for t in trials for p in (t.a, t.b)))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        why = (f" ({len(scan.problems)} problem(s) listing it, the first {scan.problems[0][0]}: "
+               f"{scan.problems[0][1]})" if scan.problems else "")
+        raise DvectorError(f"{where}: {len(missing)} of {len(ids)} utterance ids are not in {data_dir}: "
+                           f"{', '.join(missing[:3])}{more}{why}")
+    return [by_id[i] for i in ids]
 
 
 def default_nontarget(n_target: int) -> int:
@@ -206,44 +242,95 @@ class Evaluation:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # each trial file's embedding
 
 
-def embed_files(embedder: Embedder, root: Path, files: Sequence[str], strict: bool,
-                on_file: Callable[[], None] | None = None, workers: Workers | None = None
-                ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """One embedding per distinct file (paths relative to ``root``); failures raise if ``strict``."""
-    return embed_each(((rel, root / rel) for rel in dict.fromkeys(files)), embedder.embed, strict,
-                      on_item=(lambda _key: on_file()) if on_file else None, workers=workers)
+@dataclass(frozen=True)
+class KaldiTestSet:
+    """A Kaldi data directory as the test set (``eval --kaldi``): trial entries are its utterance ids;
+    generated trials pair its utterances by ``utt2spk``. See :func:`dvector.corpus.kaldi.scan_kaldi`."""
+
+    data_dir: str
+    kaldi_root: str | None = None  # where wav.scp's relative paths start (None: the current folder)
+    allow_commands: bool = False  # run wav.scp entries that are commands
+
+    @cached_property
+    def listing(self) -> ScanResult:
+        """Its utterances and the problems listing them, read once."""
+        from dvector.corpus.kaldi import scan_kaldi
+
+        return scan_kaldi([self.data_dir], self.kaldi_root, self.allow_commands)
 
 
-def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str | os.PathLike[str] | None = None,
-             n_nontarget: int | None = None, seed: int = 0, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-             on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
-             workers: Workers | None = None) -> Evaluation:
-    """Score trials (from ``trials_file``, paths relative to ``root``; or generated from the speaker
-    folders of ``root``) with cosine similarity and compute EER, its threshold and minDCF. The files
-    are embedded on ``workers`` (local processes or Dask; the same result as one process)."""
-    root = Path(root)
-    if not root.is_dir():
+def check_test_set(root: str | os.PathLike[str] | None, kaldi: KaldiTestSet | None
+                   ) -> tuple[Path | None, ScanResult | None]:
+    """(root, None) or (None, the Kaldi data directory's listing): exactly one test set, there to be
+    read (called before a model is loaded, so that a wrong one fails at once)."""
+    if (root is None) == (kaldi is None):
+        raise DvectorError("give the test set as ROOT or as --kaldi DATA_DIR" + (", not both" if kaldi else ""))
+    if kaldi is not None:
+        return None, kaldi.listing
+    assert root is not None
+    if not Path(root).is_dir():
         raise DvectorError(f"root {root} does not exist or is not a directory")
+    return Path(root), None
+
+
+def _listing(root: Path | None, scan: ScanResult | None, extensions: Sequence[str], name: str
+             ) -> list[tuple[str, Any, str]]:
+    """``(key, source, speaker)`` of every utterance of the test set: a root's speaker folders, or a
+    Kaldi data directory's utterances with their utt2spk speakers."""
+    if scan is None:
+        assert root is not None
+        scan, what = scan_roots([str(root)], extensions), "speaker folders with audio"
+        sources = [(u.source, root / u.source, u.speaker) for u in scan.utterances]
+    else:
+        what = "speakers with utterances in utt2spk"
+        sources = [(u.source, u, u.speaker) for u in scan.utterances]
+    if len(scan.speakers) < 2:
+        raise DvectorError(f"{name} needs at least 2 {what} to make trials (found {len(scan.speakers)}); "
+                           f"or give --trials")
+    return sources
+
+
+def _trial_sources(trials: Sequence[Trial], root: Path | None, scan: ScanResult | None, name: str, where: str
+                   ) -> list[tuple[str, Any]]:
+    """``(key, source)`` of each distinct utterance the trials name; an error naming those missing."""
+    if scan is not None:
+        return [(u.source, u) for u in check_trial_ids(trials, scan, name, where)]
+    assert root is not None
+    return [(rel, root / rel) for rel in check_trial_files(trials, root, where)]
+
+
+def evaluate(embedder: Embedder, root: str | os.PathLike[str] | None,
+             trials_file: str | os.PathLike[str] | None = None, n_nontarget: int | None = None, seed: int = 0,
+             extensions: Sequence[str] = DEFAULT_EXTENSIONS, on_start: Callable[[int], None] | None = None,
+             on_file: Callable[[], None] | None = None, workers: Workers | None = None,
+             kaldi: KaldiTestSet | None = None) -> Evaluation:
+    """Score trials (from ``trials_file``: paths relative to ``root``, or utterance ids of the Kaldi
+    data directory ``kaldi``; or generated from the speakers of the test set) with cosine similarity
+    and compute EER, its threshold and minDCF. The utterances are embedded on ``workers`` (local
+    processes or Dask; the same result as one process). A Kaldi directory's listing problems are
+    counted with the utterances skipped."""
+    root, scan = check_test_set(root, kaldi)
+    name = str(root) if root is not None else kaldi.data_dir  # type: ignore[union-attr]
+    on_item = (lambda _key: on_file()) if on_file else None
+    skipped: list[tuple[str, str]] = list(scan.problems) if scan is not None else []
     if trials_file is not None:
-        trials = read_trials(trials_file)
-        files = check_trial_files(trials, root, str(trials_file))
+        trials = read_trials(trials_file, paths=scan is None)
+        pairs = _trial_sources(trials, root, scan, name, str(trials_file))
         if on_start:
-            on_start(len(files))
-        vectors, skipped = embed_files(embedder, root, files, strict=True, on_file=on_file, workers=workers)
+            on_start(len(pairs))
+        vectors, _ = embed_each(pairs, embedder.embed, True, on_item=on_item, workers=workers)
         how = str(trials_file)
     else:
-        scan = scan_roots([str(root)], extensions)
-        if len(scan.speakers) < 2:
-            raise DvectorError(f"{root} needs at least 2 speaker folders with audio to make trials "
-                               f"(found {len(scan.speakers)}); or give --trials")
+        sources = _listing(root, scan, extensions, name)
         if on_start:
-            on_start(len(scan.utterances))
-        files = [u.source for u in scan.utterances]
-        vectors, skipped = embed_files(embedder, root, files, strict=False, on_file=on_file, workers=workers)
+            on_start(len(sources))
+        vectors, failed = embed_each([(k, src) for k, src, _ in sources], embedder.embed, False, on_item=on_item,
+                                     workers=workers)
+        skipped.extend(failed)
         by_speaker: dict[str, list[str]] = {}
-        for u in scan.utterances:
-            if u.source in vectors:
-                by_speaker.setdefault(u.speaker, []).append(u.source)
+        for key, _, speaker in sources:
+            if key in vectors:
+                by_speaker.setdefault(speaker, []).append(key)
         try:
             trials = generate_trials(by_speaker, n_nontarget, seed)
         except DvectorError as exc:
@@ -255,7 +342,7 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str], trials_file: str 
     scores = np.array([cosine(vectors[t.a], vectors[t.b]) for t in trials])
     labels = np.array([t.label for t in trials], dtype=bool)
     result = compute_metrics(scores, labels)
-    result.n_files, result.trials, result.root, result.skipped = len(vectors), how, str(root), skipped
+    result.n_files, result.trials, result.root, result.skipped = len(vectors), how, name, skipped
     result.model = model_identity(embedder)
     return Evaluation(result, scores, labels, trials, vectors)
 

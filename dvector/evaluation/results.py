@@ -20,7 +20,8 @@ from dvector.errors import DvectorError
 from dvector.inference.bundle import training_shards
 from dvector.inference.embed_inputs import Workers
 from dvector.inference.embedder import Embedder, load, untrained_twin
-from dvector.evaluation.evaluate import EvalResult, Evaluation, cosine, evaluate, save_det
+from dvector.evaluation.evaluate import (EvalResult, Evaluation, KaldiTestSet, check_test_set, cosine, evaluate,
+                                         save_det)
 from dvector.evaluation.plot import picture_format
 from dvector.evaluation.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
 
@@ -83,16 +84,16 @@ class EvalRun:
         return self.evaluation.result
 
 
-def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
+def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str] | None,
              trials: str | os.PathLike[str] | None = None, *, det: str | os.PathLike[str] | None = None,
              save: bool = True, untrained: bool = False, n_nontarget: int | None = None, seed: int = 0,
              extensions: str | Sequence[str] = DEFAULT_EXTENSIONS, threads: int = 0,
              on_start: Callable[[int], None] | None = None, on_file: Callable[[], None] | None = None,
              norm: str = "none", cohort: str | Sequence[str] | None = None, cohort_top: int = DEFAULT_TOP_N,
              on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None,
-             workers: Workers | None = None) -> EvalRun:
+             workers: Workers | None = None, kaldi: KaldiTestSet | None = None) -> EvalRun:
     """``dvector eval``: load ``model`` (its untrained twin with ``untrained``, a baseline), evaluate it
-    on ``root`` (see :func:`dvector.evaluation.evaluate.evaluate`), store the results (``eval.json``, first:
+    on ``root`` or on the Kaldi data directory ``kaldi`` (see :func:`dvector.evaluation.evaluate.evaluate`), store the results (``eval.json``, first:
     they hold the threshold ``score`` needs) and then draw the DET curve, where :func:`eval_outputs` says.
 
     ``threads``: torch CPU threads while embedding (0: torch's default). ``norm`` ("snorm", "asnorm"):
@@ -103,6 +104,7 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
     """
     cohort = cohort or default_cohort(model, norm)
     method = check_norm(norm, cohort, cohort_top)
+    check_test_set(root, kaldi)
     if det is not None:
         picture_format(det)  # a format there is none of: before the work, not after it
     embedder = load(model, threads=threads)
@@ -114,7 +116,7 @@ def run_eval(model: str | os.PathLike[str], root: str | os.PathLike[str],
         made = cohort_from_shards(embedder, cohort, *(on_cohort or ()))
         score_norm = ScoreNorm(method, made, cohort_top)
     evaluation = evaluate(embedder, root, trials, n_nontarget=n_nontarget, seed=seed, extensions=extensions,
-                          on_start=on_start, on_file=on_file, workers=workers)
+                          on_start=on_start, on_file=on_file, workers=workers, kaldi=kaldi)
     if score_norm is not None:
         evaluation.result.norm = normalize_evaluation(evaluation, score_norm)
     results, det_path = eval_outputs(model, det, save, untrained)

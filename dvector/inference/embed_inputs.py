@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from dvector.files import finite_json, output_file
 from dvector.config import DEFAULT_EXTENSIONS, normalize_extensions
-from dvector.corpus import walk_files
+from dvector.corpus import ScanResult, walk_files
 from dvector.shards.locate import resolve_shards
 from dvector.shards.reader import iter_shard
 from dvector.inference.embedder import EmbedError, Embedder, model_identity
@@ -82,7 +82,7 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]], extensions: Sequence[s
     shard_inputs: list[str] = []
     problems: list[tuple[str, str]] = []
     if not inputs:
-        raise DvectorError("give at least one audio file, folder or shard URL")
+        raise DvectorError("give at least one audio file, folder or shard URL (or a listing: --kaldi DATA_DIR)")
     for raw in inputs:
         text = os.fspath(raw)
         if _is_shard_input(text):
@@ -292,19 +292,25 @@ def embed_each(items: Iterable[tuple[str, Any]], embed: Callable[[Any], Embedded
 def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
                 extensions: Sequence[str] = DEFAULT_EXTENSIONS, per_window: bool = False,
                 on_start: Callable[[int | None], None] | None = None,
-                on_item: Callable[[str], None] | None = None, workers: Workers | None = None) -> EmbedResult:
+                on_item: Callable[[str], None] | None = None, workers: Workers | None = None,
+                listed: ScanResult | None = None) -> EmbedResult:
     """Embed every utterance reachable from ``inputs``: files, folders (recursively, by extension),
-    or shard URLs / shard folders (stored mels, already VAD-trimmed: not with ``per_window``).
-    Audio files are embedded on ``workers`` (see :func:`embed_each`); shard samples in this process.
+    or shard URLs / shard folders (stored mels, already VAD-trimmed: not with ``per_window``), and the
+    utterances of a listing (``listed``: a Kaldi data directory's, keyed by utterance id; its
+    problems are counted as skipped). Audio files and listed utterances are embedded on ``workers``
+    (see :func:`embed_each`); shard samples in this process.
 
     Each file is embedded once, however many inputs reach it. A file named directly that cannot be
-    embedded is an error; one found in a folder or shard is skipped and listed in ``skipped``.
+    embedded is an error; one found in a folder, a listing or a shard is skipped and listed in ``skipped``.
     """
-
-    items, shard_inputs, problems = list_inputs(inputs, extensions)
+    if inputs or listed is None:
+        items, shard_inputs, problems = list_inputs(inputs, extensions)
+    else:
+        items, shard_inputs, problems = [], [], []
     if shard_inputs and per_window:
         raise DvectorError("--per-window needs audio files: shards hold VAD-trimmed features without real times")
-    result = EmbedResult(skipped=list(problems))
+    result = EmbedResult(skipped=list(problems) + list(listed.problems if listed is not None else ()))
+    utterances = list(listed.utterances) if listed is not None else []
     sources = [resolve_shards(s) for s in shard_inputs]
     shard_total = 0
     for src in sources:
@@ -314,7 +320,7 @@ def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
         names = {u.rsplit("/", 1)[-1] for u in src.urls}
         shard_total += sum(s["samples"] for s in src.index["shards"] if s["name"] in names)
     if on_start:
-        on_start(None if shard_total < 0 else len(items) + shard_total)
+        on_start(None if shard_total < 0 else len(items) + len(utterances) + shard_total)
     unique: list[Item] = []
     seen: set[str] = set()
     for item in items:
@@ -328,7 +334,15 @@ def embed_paths(embedder: Embedder, inputs: Sequence[str | os.PathLike[str]],
         seen.update((real, item.key))
         unique.append(item)
     direct = {item.key for item in unique if item.direct}
-    pairs = [(item.key, item.path) for item in unique]
+    pairs: list[tuple[str, Any]] = [(item.key, item.path) for item in unique]
+    for u in utterances:  # segments of one recording share its path: the key (utterance id) tells them apart
+        if u.source in seen:
+            result.duplicates += 1
+            if on_item:
+                on_item(u.source)
+            continue
+        seen.add(u.source)
+        pairs.append((u.source, u))
     if per_window:
         windows, skipped = embed_each(pairs, embedder.per_window, strict=direct.__contains__, on_item=on_item,
                                      workers=workers)

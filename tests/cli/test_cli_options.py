@@ -33,7 +33,8 @@ def spelled(param) -> str:  # noqa: ANN001
 
 # What users type: the commands, in `--help` order, and each one's arguments and options in order.
 SURFACE = {
-    "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "-e/--extensions", "-j/--workers", "--dask",
+    "build-shards": ["ROOTS", "-o/--out/-s/--save_dir/--save-dir", "--kaldi", "--kaldi-root", "--allow-commands",
+                     "--manifest", "--lhotse", "-e/--extensions", "-j/--workers", "--dask",
                      "--shard-size",
                      "--min-shards", "--block-size", "--seed", "--sample-rate", "--n-mels", "--vad/--no-vad", "--features",
                      "--merge-speakers", "--speed-perturb", "--split-seconds", "--part", "--overwrite", "--strict",
@@ -48,11 +49,12 @@ SURFACE = {
               "--stall-timeout", "--augment", "--augment-prob", "--noise-snr", "--babble-snr", "--reverb-rt60",
               "--noise-dir", "--rir-dir"],
     "import": ["SOURCE", "-o/--out", "--weights", "--overwrite"],
-    "embed": ["MODEL", "INPUTS", "-o/--out", "--per-window", "-e/--extensions", "--threads", "-j/--workers", "--dask",
-              "--sample-rate"],
+    "embed": ["MODEL", "INPUTS", "-o/--out", "--format", "--per-window", "--kaldi", "--kaldi-root", "--allow-commands",
+              "-e/--extensions", "--threads", "-j/--workers", "--dask", "--sample-rate"],
     "score": ["MODEL", "A", "B", "-t/--threshold", "--threads", "--norm", "--cohort", "--cohort-top"],
-    "eval": ["MODEL", "ROOT", "--trials", "--det", "--n-nontarget", "--seed", "-e/--extensions", "--save/--no-save",
-             "--threads", "--untrained", "--norm", "--cohort", "--cohort-top", "-j/--workers", "--dask"],
+    "eval": ["MODEL", "ROOT", "--trials", "--kaldi", "--kaldi-root", "--allow-commands", "--det", "--n-nontarget",
+             "--seed", "-e/--extensions", "--save/--no-save", "--threads", "--untrained", "--norm", "--cohort",
+             "--cohort-top", "-j/--workers", "--dask"],
     "export": ["MODEL", "-o/--out", "--format", "--quantize"],
     "visualize": ["MODEL", "ROOT", "-o/--out", "--max-speakers", "--per-speaker", "--seed", "-e/--extensions",
                   "--threads"],
