@@ -204,6 +204,22 @@ def write_output(path: str | os.PathLike[str], data: bytes | str) -> Path:
     return Path(path)
 
 
+@contextmanager
+def outputs_together(*paths: str | os.PathLike[str]) -> Iterator[None]:
+    """Outputs that only make sense together (a model and its record): when the block fails, none of
+    ``paths`` is left (neither this block's nor an earlier export's under the same names), so a folder
+    never holds a model without its record or beside another model's."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            try:
+                Path(path).unlink()
+            except OSError:
+                pass
+        raise
+
+
 def finite_json(value: Any) -> Any:
     """``value`` with every NaN and infinity (at any depth) as None: what strict JSON can hold."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from dvector.config import NORM_EPS, VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import json_text, output_file, output_folder, sha256_file, write_output
+from dvector.files import json_text, output_file, output_folder, outputs_together, sha256_file, write_output
 from dvector.signal.features import min_samples
 from dvector.inference.bundle import checkpoint_settings, load_model_checkpoint
 from dvector.export.onnx_frontend import GraphLevel, GraphLogMel, GraphVad, partial_layout
@@ -243,13 +243,14 @@ def export_onnx(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pat
     onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
     model.doc_string = "dvector speaker embedding: wav (samples,) float32 -> embedding (embed_dim,), unit length"
     onnx.checker.check_model(model, full_check=True)
-    write_output(target, model.SerializeToString())
-    written = [target]
-    record.update({"format": "dvector-onnx", "model_file": ONNX_FILE, "opset": OPSET, "sha256": sha256_file(target)})
-    if quantize == "int8":
-        written.append(quantize_int8(target, out / INT8_FILE, settings.features.compression == "none"))
-        record["int8_file"] = INT8_FILE
-    write_output(out / RECORD_FILE, json_text(record, indent=2))
+    with outputs_together(target, out / RECORD_FILE, *([out / INT8_FILE] if quantize == "int8" else [])):
+        write_output(target, model.SerializeToString())
+        written = [target]
+        record.update({"format": "dvector-onnx", "model_file": ONNX_FILE, "opset": OPSET, "sha256": sha256_file(target)})
+        if quantize == "int8":
+            written.append(quantize_int8(target, out / INT8_FILE, settings.features.compression == "none"))
+            record["int8_file"] = INT8_FILE
+        write_output(out / RECORD_FILE, json_text(record, indent=2))
     return written
 
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from dvector.config import VERSION, FeatureConfig, VadConfig, WindowConfig
 from dvector.errors import DvectorError
-from dvector.files import json_text, output_folder, sha256_file, write_output
+from dvector.files import json_text, output_folder, outputs_together, sha256_file, write_output
 from dvector.nn.encoders import build_encoder
 from dvector.nn.model import DVector
 from dvector.signal.features import min_samples
@@ -270,10 +270,11 @@ def export_model(checkpoint_or_run: str | os.PathLike[str], out_dir: str | os.Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(scripted, buffer, _extra_files={META_FILE: json_text(meta, indent=2)})
-    target = write_output(out / MODEL_FILE, buffer.getvalue())
-    meta["sha256"] = sha256_file(target)
-    write_output(out / META_FILE, json_text(meta, indent=2))
-    write_output(out / README_FILE, README_TEXT.format(
-        sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim, n_mels=features.n_mels,
-        min_samples=module.min_samples, **readme_phrases(settings.features, settings.windows, L)))
+    with outputs_together(out / MODEL_FILE, out / META_FILE, out / README_FILE):
+        target = write_output(out / MODEL_FILE, buffer.getvalue())
+        meta["sha256"] = sha256_file(target)
+        write_output(out / META_FILE, json_text(meta, indent=2))
+        write_output(out / README_FILE, README_TEXT.format(
+            sample_rate=features.sample_rate, embed_dim=model_cfg.embed_dim, n_mels=features.n_mels,
+            min_samples=module.min_samples, **readme_phrases(settings.features, settings.windows, L)))
     return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -210,6 +211,9 @@ def _embed_parallel(pairs: list[tuple[str, Any]], recipe: tuple, method: str, wo
             except BrokenProcessPool:  # a worker died: what is still pending is sorted out below, in fresh pools
                 deaths[0] += 1
         lost = [pair for chunk, job in pending if _lost(job) for pair in chunk]
+        if lost:
+            warnings.warn(f"a worker process died (killed, perhaps for lack of memory): the {len(lost)} input(s) "
+                          "it took with it are embedded again, one at a time")
         again = iter(_embed_alone(lost, recipe, method, deaths))
         for chunk, job in pending:  # in input order: the jobs that finished, and the lost ones done again
             yield from [next(again) for _ in chunk] if _lost(job) else job.result()

@@ -145,7 +145,7 @@ class Embedder(WindowRunner):
             path = Path(source)
             where = _display(path)
             if not path.is_file():
-                raise EmbedError(where, "no such file")
+                raise EmbedError(where, "a folder, not an audio file" if path.is_dir() else "no such file")
             try:
                 data, rate = decode(path)
             except DecodeError as exc:

@@ -164,6 +164,7 @@ class SampleStream:
                 pos.shard, pos.sample = pos.shard + 1, 0
             empty_passes = 0 if got_any else empty_passes + 1
             if empty_passes >= 2:
-                raise DvectorError(f"consumer {self.consumer} read no usable sample in a whole pass over "
-                                   f"{len(self.urls)} shard(s): are they all broken or unreachable?")
+                raise DvectorError(f"{self.consumer.describe()} read no usable sample in a whole pass over "
+                                   f"{len(self.urls)} shard(s) ({self.urls[0]}{', ...' if len(self.urls) > 1 else ''}): "
+                                   "are they shards (made by build-shards), and not all broken or unreachable?")
             pos = StreamPosition(pos.pass_ + 1, 0, 0)

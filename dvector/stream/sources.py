@@ -28,6 +28,11 @@ class Consumer:
     worker: int = 0
     workers: int = 1
 
+    def describe(self) -> str:
+        """``"the data loader"`` or ``"data loader worker 2 of rank 1"``: for messages."""
+        parts = ([f"worker {self.worker}"] if self.workers > 1 else []) + ([f"rank {self.rank}"] if self.world > 1 else [])
+        return "the data loader" + (f" ({', '.join(parts)})" if parts else "")
+
     @property
     def slot(self) -> int:
         """This consumer's number among all consumers, ``0 .. slots - 1``."""

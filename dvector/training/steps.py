@@ -216,8 +216,8 @@ class StepLoop:
         if self.stopped is not None and self.stopped.signum:
             kept = (f"saved {self.saved[-1]} as the run's latest checkpoint" if self.ctx.ddp.main and self.saved
                     else "rank 0 saved a checkpoint")
-            raise Stopped(f"{self.stopped.signal_name} at step {self.parts.step}: {kept}; continue with "
-                          f"-c {self.ctx.model_dir}", self.stopped.signum)
+            raise Stopped(f"{self.stopped.signal_name} at step {self.parts.step}: {kept}; continue with the same "
+                          f"command and -c {self.ctx.model_dir}", self.stopped.signum)
 
     def _after_worker_death(self, death: str) -> None:
         """A loader worker died (killed, out of memory): save the step reached when no step was half done
@@ -225,7 +225,8 @@ class StepLoop:
         kept = ""
         if not self.in_step and self.ctx.ddp.world == 1 and self.parts.step > self.first_step:
             self._save(None, False)
-            kept = f"; saved {self.saved[-1]} at step {self.parts.step}, continue with -c {self.ctx.model_dir}"
+            kept = (f"; saved {self.saved[-1]} at step {self.parts.step}, continue with the same command and "
+                    f"-c {self.ctx.model_dir}")
         elif self.saved:
             kept = f"; the last checkpoint is {self.saved[-1]}"
         raise DvectorError(f"training stopped at step {self.parts.step}: {death} (lower -w or the batch size if "
@@ -319,7 +320,8 @@ class StepLoop:
         if save_now or improved:
             self._save(scores, improved)
         if stop and self.stopped is not None and not self.stopped.signum:
-            ctx.say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with -c)")
+            ctx.say(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached (continue with the same "
+                    f"command and -c {ctx.model_dir})")
         return not stop
 
     def _validate(self) -> ValidationScores | None:

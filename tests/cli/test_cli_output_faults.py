@@ -137,6 +137,22 @@ def test_export_onto_a_full_disk_is_one_line(fmt: str, name: str, trained, tmp_p
 
 
 @needs_full
+@pytest.mark.parametrize("fmt, name, record", [("torchscript", "dvector.pt", "dvector.json"),
+                                               ("onnx", "dvector.onnx", "dvector.onnx.json")])
+def test_a_disk_full_at_the_record_leaves_no_model_without_it(fmt: str, name: str, record: str, trained,  # noqa: ANN001
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The model is written, then its record meets a full disk: neither is left (nor an earlier export's model)."""
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / name).write_bytes(b"an earlier export")
+    fill_up(out / record)
+    code, _, err = run_main(capsys, "export", trained.run, "--format", fmt, "-o", out)
+    one_error(code, err, f"error: cannot write {out / record}: No space left on device")
+    nothing_left(out, name)
+    nothing_left(out, record)
+
+
+@needs_full
 def test_visualize_onto_a_full_disk_leaves_no_empty_picture(trained, tmp_path: Path,  # noqa: ANN001
                                                             capsys: pytest.CaptureFixture) -> None:
     png = tmp_path / "tsne.png"
