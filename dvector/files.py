@@ -108,22 +108,31 @@ def one_writer(folder: str | os.PathLike[str], what: str, say: Callable[[str], N
     started into the same folder is refused at once with one line naming the holder's host and PID.
     Writers that may share a folder (the parts of a build) hold locks of other ``name`` s.
 
-    The lock is ``folder/.dvector.lock`` (by default), locked with ``flock`` (the kernel releases it when its process
-    dies, however it dies) and holding its holder's host, PID and start time (emptied when the block
-    ends, error or not). A lock file that names a holder but is not locked was left by a process that
-    died: it is taken over with a note. Yields the lock file's path.
+    The lock is the file ``folder/.dvector.lock`` (by default), locked with ``flock`` (the kernel
+    releases it when its process dies, however it dies) and holding its holder's host, PID and start
+    time; it is removed when the block ends, error or not. A lock file that is there but not locked
+    was left by a process that died: it is taken over with a note. Yields the lock file's path.
     """
     folder = Path(folder)
     path = folder / name
     folder.mkdir(parents=True, exist_ok=True)  # an OSError here (read-only, a file in the way) is the caller's
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
             raise DvectorError(f"{display_path(folder)} is in use by another {what} ({holder}): wait for it to end, "
                                f"stop it, or choose another folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder removed as it ended: lock the one under the name now
+    try:
         left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         if left:
             say(f"note: taking over {display_path(path)}, left by a {what} that no longer runs ({left})")
@@ -131,11 +140,12 @@ def one_writer(folder: str | os.PathLike[str], what: str, say: Callable[[str], N
               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}: {' '.join(sys.argv[:2])}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, (me + "\n").encode("utf-8", "backslashreplace"), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)  # ended, not killed: nobody to name
+        yield path
     finally:
+        try:
+            path.unlink()  # ended, not killed: nothing to take over (removed while still locked)
+        except OSError:
+            pass
         os.close(fd)  # releases the flock
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 from dvector.config import ModelConfig, TrainConfig
 from dvector.errors import DvectorError
-from dvector.files import LOCK_NAME, one_writer
+from dvector.files import one_writer
 from dvector.training.distributed import Distributed, ends_own_process_group, main_value, setup_process
 from dvector.training.prepare import (Trainee, build_parts, describe, make_loader, make_runner, restore_parts,
                                       setup_run, validation_speakers)
@@ -60,7 +60,7 @@ def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Ca
         refused = None
         if ddp.main:
             if not os.path.lexists(model_dir):  # a run refused before writing anything leaves no folder
-                stack.callback(_remove_if_only_the_lock, Path(model_dir))
+                stack.callback(_remove_if_empty, Path(model_dir))
             try:
                 stack.enter_context(one_writer(model_dir, "training run", say))
             except DvectorError as exc:
@@ -73,11 +73,9 @@ def run_folder_lock(model_dir: str | os.PathLike[str], ddp: Distributed, say: Ca
         yield
 
 
-def _remove_if_only_the_lock(folder: Path) -> None:
+def _remove_if_empty(folder: Path) -> None:
     try:
-        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            (folder / LOCK_NAME).unlink()
-            folder.rmdir()
+        folder.rmdir()  # only if empty
     except OSError:
         pass
 

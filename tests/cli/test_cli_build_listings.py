@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dvector.cli import main
+import use_helpers
 
 
 def run_main(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return int(code), " ".join((captured.out + captured.err).split())
+    code, out, err = use_helpers.run_main(capsys, *args)
+    return int(code or 0), " ".join((out + err).split())
 
 
 @pytest.fixture
