@@ -31,7 +31,7 @@ Manifest = Annotated[Optional[List[Path]], typer.Option(
     "optional start and end (seconds) and id; paths relative to the file's folder; repeatable.")]
 Lhotse = Annotated[Optional[List[Path]], typer.Option(
     "--lhotse", metavar="MANIFEST", help="A Lhotse cut set, or a recording set and its supervision set (give "
-    "both); speakers from the supervisions. Needs pip install 'dvector[lhotse]'.")]
+    "both); speakers from the supervisions. Needs pip install 'dvector\\[lhotse]'.")]
 ShardSize = Annotated[int, typer.Option(
     "--shard-size", help="At most about this many utterances per shard (exceeded by less than one speaker block).")]
 MinShards = Annotated[int, typer.Option(
@@ -54,7 +54,8 @@ SplitSeconds = Annotated[float, typer.Option(
 Part = Annotated[Optional[str], typer.Option(
     "--part", help="Build only part i of n (e.g. 3/8), for array jobs on shared storage.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a build made with another configuration.")]
-Strict = Annotated[bool, typer.Option("--strict", help="Exit with status 2 if any file was skipped.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Exit with status 2 if any file was skipped (or, with "
+    "--kaldi/--manifest/--lhotse, any line of them could not be used).")]
 FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that cannot be used.")]
 ShardFolder = Annotated[Path, typer.Argument(help="A shard folder with index.json.")]
 PartsFolder = Annotated[Path, typer.Argument(help="A shard folder made by build-shards (all parts).")]
@@ -99,7 +100,6 @@ def build_shards_cmd(
     from dvector.cli.summary import print_build_summary
     from dvector.corpus import CorpusInputs
     from dvector.shards.build import Progress as BuildProgress, build_shards, parse_part
-    from dvector.shards.shard_job import fitting_segment
 
     feature_cfg, vad_cfg = FeatureConfig(sample_rate=sample_rate, n_mels=n_mels), VadConfig(enabled=vad)
     if features is not None:
@@ -129,6 +129,13 @@ def build_shards_cmd(
                               overwrite=overwrite, fail_fast=fail_fast, progress=BuildProgress(start, advance),
                               dask=dask)
     print_build_summary(report, console)
+    _after_summary(report, cfg, strict, listing=bool(kaldi or manifest or lhotse))
+
+
+def _after_summary(report: Any, cfg: BuildConfig, strict: bool, listing: bool) -> None:
+    """What was split, and ``--strict``'s exit status 2 when a file (or, from a listing, a line) was skipped."""
+    from dvector.shards.shard_job import fitting_segment
+
     if cfg.split_seconds:
         console.print(f"split: {report.utterances_ok} utterance(s) written this run as {report.samples_ok} "
                       f"sample(s) of about {cfg.split_seconds:g} s")
@@ -136,8 +143,10 @@ def build_shards_cmd(
         minutes = fitting_segment(cfg.features.n_mels) * cfg.features.hop_ms / 60000
         console.print(f"split: {report.cut_to_fit} utterance(s) with more speech than one sample may hold (the most "
                       f"a reader takes) written as samples of about {minutes:.0f} min")
-    if strict and report.failures:
-        console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped")
+    listing_problems = report.scan_problems if listing else []
+    if strict and (report.failures or listing_problems):
+        console.print(f"[bold red]--strict:[/] {len(report.failures)} file(s) were skipped"
+                      + (f", {len(listing_problems)} problem(s) found listing the input" if listing_problems else ""))
         raise typer.Exit(2)
 
 

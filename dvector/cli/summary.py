@@ -30,8 +30,13 @@ def print_build_summary(report: BuildReport, console: Console) -> None:
         table.add_row("cpu seconds", per)
     table.add_row("index", "written" if report.index_written else "not yet: other parts are still missing")
     console.print(table)
+    if report.scan_problems:
+        console.print(f"[yellow]scan: {len(report.scan_problems)} problem(s) while listing the input[/]"
+                      + (f" (the first {MAX_LISTED}):" if len(report.scan_problems) > MAX_LISTED else ":"), highlight=False)
     for root, reason in report.scan_problems[:MAX_LISTED]:
         console.print(f"[yellow]scan:[/] {escape(display_path(root))}: {escape(display_path(reason))}", highlight=False)
+    if len(report.scan_problems) > MAX_LISTED:
+        console.print(f"  ... and {len(report.scan_problems) - MAX_LISTED} more", highlight=False)
     for root in report.empty_roots:
         console.print(f"[yellow]warning:[/] root {escape(display_path(root))} holds no audio with the chosen extensions")
     if report.few_utterance_speakers:

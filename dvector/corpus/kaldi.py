@@ -16,6 +16,7 @@ warning; it never stops the listing. A segment past its recording's end is found
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -62,17 +63,19 @@ def _recording(line: Line, base: Path, allow_commands: bool, problems: list[tupl
     """(path, command) of a ``wav.scp`` entry, or None (a problem noted) for a command not allowed."""
     if line.value.endswith("|"):
         if not allow_commands:
-            problems.append((line.where, "a command (the entry ends in '|'): refused; --allow-commands runs it"))
+            problems.append((line.where, f"{line.key!r}: a command (the entry ends in '|'): refused; "
+                                         "--allow-commands runs it"))
             return None
-        return Path(line.where.rsplit(":", 1)[0]).absolute(), line.value[:-1].strip()
+        # run in the folder that relative paths start from, as its paths are written for it
+        return Path(line.where.rsplit(":", 1)[0]).absolute(), f"cd {shlex.quote(str(base))} && {line.value[:-1].strip()}"
     path = Path(line.value)
     return (path if path.is_absolute() else (base / path)).absolute(), ""
 
 
 def _segments(data_dir: Path, wav: dict[str, Line], problems: list[tuple[str, str]]
-              ) -> dict[str, tuple[Line, float, float]]:
-    """Utterance id -> (its recording's wav.scp line, start, end) from ``segments``."""
-    cut: dict[str, tuple[Line, float, float]] = {}
+              ) -> dict[str, tuple[Line, float, float, str]]:
+    """Utterance id -> (its recording's wav.scp line, start, end, its own segments line) from ``segments``."""
+    cut: dict[str, tuple[Line, float, float, str]] = {}
     for uid, line in read_table(data_dir / "segments", problems).items():
         fields = line.value.split()
         try:
@@ -85,7 +88,7 @@ def _segments(data_dir: Path, wav: dict[str, Line], problems: list[tuple[str, st
         elif start < 0 or (end != -1 and end <= start):
             problems.append((line.where, f"{uid!r}: segment {start:g}-{end:g} s is empty or negative"))
         else:
-            cut[uid] = (wav[rec], start, 0.0 if end == -1 else end)
+            cut[uid] = (wav[rec], start, 0.0 if end == -1 else end, line.where)
     return cut
 
 
@@ -99,12 +102,13 @@ def _scan_one(data_dir: Path, name: str, base: Path, allow_commands: bool, merge
     if (data_dir / "segments").is_file():
         entries = _segments(data_dir, wav, problems)
     else:
-        entries = {uid: (line, 0.0, 0.0) for uid, line in wav.items()}
+        entries = {uid: (line, 0.0, 0.0, line.where) for uid, line in wav.items()}
     utterances = []
+    wav_value = {uid: entries[uid][0].value for uid in entries}
     for uid in sorted(entries):
-        line, start, end = entries[uid]
+        line, start, end, where = entries[uid]
         if uid not in speakers:
-            problems.append((line.where, f"{uid!r} is not in utt2spk: skipped"))
+            problems.append((where, f"{uid!r} is not in utt2spk: skipped"))
             continue
         recording = _recording(line, base, allow_commands, problems)
         if recording is None:
@@ -117,9 +121,22 @@ def _scan_one(data_dir: Path, name: str, base: Path, allow_commands: bool, merge
         if uid not in entries:
             problems.append((line.where, f"{uid!r} is in utt2spk but not in {listing}"))
     have = {u.speaker.rsplit("/", 1)[-1] if not merge_speakers else u.speaker for u in utterances}
-    for spk in sorted({line.value.split()[0] for line in speakers.values()} - have):
-        problems.append((str(data_dir / "utt2spk"), f"speaker {spk!r} has no utterance to read"))
+    first_line = {}
+    for line in speakers.values():
+        first_line.setdefault(line.value.split()[0], line.where)
+    for spk in sorted(set(first_line) - have):
+        problems.append((first_line[spk], f"speaker {spk!r} has no utterance to read"))
+    relative = [u for u in utterances if not u.command and not Path(wav_value[u.source]).is_absolute()]
+    _check_relative_paths(relative, base)
     return utterances
+
+
+def _check_relative_paths(relative: list[Utterance], base: Path) -> None:
+    """One line, at once, when none of the relative paths of ``wav.scp`` (``relative``: their utterances)
+    exists under ``base``: the paths start elsewhere (``--kaldi-root``), and every file would be skipped."""
+    if relative and not any(u.path.exists() for u in relative[:1000]):
+        raise DvectorError(f"none of the first {min(len(relative), 1000)} paths of wav.scp exists under {base} "
+                           f"(e.g. {relative[0].path}): give --kaldi-root, the folder its relative paths start from")
 
 
 def scan_kaldi(data_dirs: Sequence[str], kaldi_root: str | os.PathLike[str] | None = None,

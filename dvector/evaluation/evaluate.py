@@ -138,8 +138,8 @@ def check_trial_ids(trials: Sequence[Trial], scan: ScanResult, data_dir: str, wh
     missing = [i for i in ids if i not in by_id]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        why = (f" ({len(scan.problems)} problem(s) listing it, the first {scan.problems[0][0]}: "
-               f"{scan.problems[0][1]})" if scan.problems else "")
+        about = [(w, r) for w, r in scan.problems if any(f"{i!r}" in r for i in missing)]  # why one is not listed
+        why = f" ({about[0][0]}: {about[0][1]})" if about else ""
         raise DvectorError(f"{where}: {len(missing)} of {len(ids)} utterance ids are not in {data_dir}: "
                            f"{', '.join(missing[:3])}{more}{why}")
     return [by_id[i] for i in ids]

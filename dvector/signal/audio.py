@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -225,7 +226,8 @@ def decode_command(command: str, timeout: float = COMMAND_TIMEOUT_S) -> tuple[np
     except DecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise DecodeError(f"the command's output is not audio soundfile reads: {exc}") from None
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the command's output", str(exc))
+        raise DecodeError(f"the command's output is not audio soundfile reads: {reason}") from None
 
 
 def cut_segment(data: np.ndarray, rate: int, start: float, end: float) -> np.ndarray:

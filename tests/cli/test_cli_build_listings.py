@@ -46,3 +46,12 @@ def test_build_shards_from_a_kaldi_directory(kaldi_dir: Path, tmp_path: Path, ca
 def test_build_shards_with_nothing_to_read_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, text = run_main(capsys, "build-shards", "-o", tmp_path / "out")
     assert code == 1 and text.count("error:") == 1 and "--kaldi" in text and "Traceback" not in text
+
+
+def test_strict_counts_the_lines_a_listing_could_not_use(kaldi_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    code, text = run_main(capsys, "build-shards", "--kaldi", kaldi_dir, "--kaldi-root", tmp_path, "-o",
+                          tmp_path / "shards", "-j", 1, "--min-shards", 1, "--strict")
+    assert code == 2, text
+    assert "scan: 2 problem(s) while listing the input" in text  # the refused command and its speaker left empty
+    assert "--strict: 0 file(s) were skipped, 2 problem(s) found listing the input" in text

@@ -48,31 +48,41 @@ def test_a_kaldi_directory_names_speakers_like_a_root_and_resolves_paths(tmp_pat
 def test_kaldi_segments_cut_their_recordings(tmp_path: Path) -> None:
     wav(tmp_path / "rec.wav", 5.0)
     data = kaldi_dir(tmp_path / "d", wav_scp=f"rec {tmp_path / 'rec.wav'}\n", utt2spk="s1 A\ns2 A\ns3 A\n",
-                     segments="s1 rec 0.5 1.5\ns2 rec 2 -1\ns3 rec 3 2\n")
+                     segments="s1 rec 0.5 1.5\ns2 rec 2 -1\ns3 rec 3 2\ns4 rec 0 1\n")
     scan = scan_kaldi([str(data)])
     got = {u.source: (u.start, u.end) for u in scan.utterances}
     assert got == {"s1": (0.5, 1.5), "s2": (2.0, 0.0)}
     assert "s3" in reasons(scan) and "empty or negative" in reasons(scan)
+    assert f"{data / 'segments'}:4: 's4' is not in utt2spk" in reasons(scan)  # its own line, not its recording's
 
 
-def test_kaldi_commands_run_only_when_allowed(tmp_path: Path) -> None:
+def test_kaldi_commands_run_only_when_allowed_in_the_kaldi_root(tmp_path: Path) -> None:
     data = kaldi_dir(tmp_path / "d", wav_scp="c1 sox x.wav -t wav - |\n", utt2spk="c1 A\n")
-    refused = scan_kaldi([str(data)])
-    assert refused.utterances == [] and "--allow-commands" in reasons(refused)
-    allowed = scan_kaldi([str(data)], allow_commands=True)
-    assert [u.command for u in allowed.utterances] == ["sox x.wav -t wav -"]
+    refused = scan_kaldi([str(data)], kaldi_root=tmp_path)
+    assert refused.utterances == [] and "'c1': a command" in reasons(refused) and "--allow-commands" in reasons(refused)
+    allowed = scan_kaldi([str(data)], kaldi_root=tmp_path, allow_commands=True)
+    assert [u.command for u in allowed.utterances] == [f"cd {tmp_path} && sox x.wav -t wav -"]
+
+
+def test_relative_paths_that_exist_nowhere_ask_for_kaldi_root(tmp_path: Path) -> None:
+    wav(tmp_path / "corpus" / "a.wav")
+    data = kaldi_dir(tmp_path / "d", wav_scp="u1 corpus/a.wav\n", utt2spk="u1 A\n")
+    with pytest.raises(DvectorError, match="give --kaldi-root"):
+        scan_kaldi([str(data)], kaldi_root=tmp_path / "d")
+    assert len(scan_kaldi([str(data)], kaldi_root=tmp_path).utterances) == 1
 
 
 def test_every_bad_kaldi_line_is_one_problem_naming_file_and_line(tmp_path: Path) -> None:
+    wav(tmp_path / "a.wav")
     data = kaldi_dir(tmp_path / "d", wav_scp="u1 a.wav\nu1 b.wav\nu2 c.wav\nu3\n",
                      utt2spk="u1 A\nu4 B\nu5 C\n")
-    scan = scan_kaldi([str(data)])
+    scan = scan_kaldi([str(data)], kaldi_root=tmp_path)
     text = reasons(scan)
     assert f"{data / 'wav.scp'}:2: 'u1' again" in text  # a duplicated id
     assert f"{data / 'wav.scp'}:4: 'u3' has no value" in text
     assert "'u2' is not in utt2spk" in text  # an utterance without a speaker
     assert "'u4' is in utt2spk but not in wav.scp" in text
-    assert "speaker 'B' has no utterance" in text and "speaker 'C' has no utterance" in text
+    assert f"{data / 'utt2spk'}:2: speaker 'B' has no utterance" in text and "speaker 'C' has no utterance" in text
     assert [u.source for u in scan.utterances] == ["u1"]
 
 

@@ -82,5 +82,5 @@ def test_classifier_loss_needs_the_index(shards: Path, tmp_path: Path) -> None:
     for url in urls:  # the shards without their index.json
         (lone / Path(url).name).symlink_to(url)
     with pytest.raises(DvectorError, match="index"):
-        train(",".join(str(p) for p in sorted(lone.glob("*.tar"))), tmp_path / "run", replace(BASE, loss="aamsoftmax"),
+        train([str(p) for p in sorted(lone.glob("*.tar"))], tmp_path / "run", replace(BASE, loss="aamsoftmax"),
               TINY, say=lambda message: None)
