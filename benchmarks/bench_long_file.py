@@ -8,6 +8,8 @@ file (which also cuts the features into members every reader accepts; then ``che
 Run by hand::
 
     .venv/bin/python benchmarks/bench_long_file.py --minutes 60
+
+Last line ``long_file_build_peak_mb=<MB>``: the peak resident memory of ``build-shards -j 1`` of that file.
 """
 
 from __future__ import annotations
@@ -83,13 +85,19 @@ def main() -> None:
         wav.parent.mkdir(parents=True)
         write_long_wav(wav, args.minutes)
         print(f"{args.minutes:g} min WAV, {wav.stat().st_size / 1e6:.0f} MB", flush=True)
+        peaks = {}
         for mode in args.modes.split(","):
             out = subprocess.run([sys.executable, "-c", CHILD, mode, str(wav), str(Path(tmp) / f"shards-{mode}")],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 print(mode, "failed:", out.stderr.strip().splitlines()[-1:], flush=True)
                 continue
-            print(json.dumps(json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks[mode] = result["peak_rss_mb"]
+            print(json.dumps(result), flush=True)
+        last = "build" if "build" in peaks else next(reversed(peaks), None)
+        if last is not None:
+            print(f"long_file_{last.replace('-', '_')}_peak_mb={peaks[last]:.0f}")
 
 
 if __name__ == "__main__":
