@@ -37,8 +37,19 @@ KaldiRoot = Annotated[Optional[Path], typer.Option(
     "--kaldi-root", help="The folder that relative paths in wav.scp start from (default: the current folder).")]
 AllowCommands = Annotated[bool, typer.Option(
     "--allow-commands", help="Run wav.scp entries that are commands (ending in '|'); refused otherwise.")]
-FirstFile = Annotated[Path, typer.Argument(help="First audio file.")]
-SecondFile = Annotated[Path, typer.Argument(help="Second audio file.")]
+FirstFile = Annotated[Optional[Path], typer.Argument(
+    help="First audio file; with --trials, the test ROOT the trials' paths are relative to (not with --kaldi).")]
+SecondFile = Annotated[Optional[Path], typer.Argument(help="Second audio file (not with --trials).")]
+ScoreTrials = Annotated[Optional[Path], typer.Option(
+    "--trials", help="Score a trial list instead of A B: one trial a line, 'utt1 utt2' (unlabelled), VoxCeleb "
+    "'label path1 path2' or Kaldi/NIST 'utt1 utt2 target|nontarget'. Entries are paths relative to ROOT, or with "
+    "--kaldi utterance ids. Prints 'utt1 utt2 score' lines (plus target/nontarget where a threshold is stored or "
+    "given).")]
+ScoreKaldi = Annotated[Optional[Path], typer.Option(
+    "--kaldi", metavar="DATA_DIR", help="With --trials: a Kaldi data directory as the test set, instead of ROOT: "
+    "trial entries are its utterance ids.")]
+ScoresOut = Annotated[Optional[Path], typer.Option(
+    "-o", "--out", help="With --trials: the scores file, written atomically (default: standard output).")]
 ThresholdOverride = Annotated[Optional[float], typer.Option(
     "-t", "--threshold", help="Decide with this cosine threshold instead of the stored one.")]
 TestRoot = Annotated[Optional[Path], typer.Argument(
@@ -191,13 +202,25 @@ def _drop_stdout() -> None:
         pass
 
 
-def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOverride = None,
-              threads: Threads = 0, norm: Norm = "none", cohort: Cohort = None,
-              cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
+def score_cmd(model: Model, a: FirstFile = None, b: SecondFile = None, trials: ScoreTrials = None,
+              kaldi: ScoreKaldi = None, kaldi_root: KaldiRoot = None, allow_commands: AllowCommands = False,
+              out: ScoresOut = None, threshold: ThresholdOverride = None, threads: Threads = 0, norm: Norm = "none",
+              cohort: Cohort = None, cohort_top: CohortTop = DEFAULT_TOP_N) -> None:
     """Cosine score of two utterances (normalised with --norm), and same/different speaker at the
-    threshold `eval` stored."""
+    threshold `eval` stored; with --trials, the scores of a trial list."""
+    from dvector.errors import DvectorError
     from dvector.evaluation.results import decide_normalized
 
+    kaldi_listing(kaldi, kaldi_root, allow_commands, scan=False)  # --kaldi-root and --allow-commands need --kaldi
+    if trials is not None:
+        if b is not None:
+            raise DvectorError("give two audio files A B or --trials TRIALS (with ROOT or --kaldi DATA_DIR), not both")
+        return score_list(model, trials, a, kaldi, kaldi_root, allow_commands, out, threshold, threads, norm,
+                          cohort, cohort_top)
+    if a is None or b is None:
+        raise DvectorError("give two audio files A B, or --trials TRIALS with ROOT or --kaldi DATA_DIR")
+    if kaldi is not None or out is not None:
+        raise DvectorError("--kaldi and -o/--out go with --trials TRIALS")
     with progress() as bar:
         decision, score_norm = decide_normalized(model, a, b, norm, cohort, cohort_top, threshold, threads,
                                                  on_cohort=counting_bar(bar, "cohort"))
@@ -210,6 +233,50 @@ def score_cmd(model: Model, a: FirstFile, b: SecondFile, threshold: ThresholdOve
         console.print(f"[yellow]warning:[/] {escape(used.note)}", highlight=False)
     what = f"{score_norm.method} score" if score_norm is not None else "score"
     print(f"{what} {decision.score:.4f}  threshold {used.value:.4f} ({used.source})  -> {decision.text}")
+
+
+def score_list(model: Path, trials: Path, root: Optional[Path], kaldi: Optional[Path], kaldi_root: Optional[Path],
+               allow_commands: bool, out: Optional[Path], threshold: Optional[float], threads: int, norm: str,
+               cohort: Optional[str], cohort_top: int) -> None:
+    """``score --trials``: one ``a b score`` line a trial to ``out`` (atomically) or standard output."""
+    import sys
+
+    from dvector.errors import DvectorError
+    from dvector.evaluation.evaluate import KaldiTestSet
+    from dvector.evaluation.results import score_trials
+    from dvector.files import write_output
+    from dvector.inference.embed_inputs import NothingEmbedded
+
+    test_set = None if kaldi is None else KaldiTestSet(str(kaldi), kaldi_root and str(kaldi_root), allow_commands)
+    try:
+        with progress() as bar:
+            on_cohort = counting_bar(bar, "cohort") if norm != "none" else None
+            on_start, on_item = counting_bar(bar, "score")
+            scored = score_trials(model, root, trials, kaldi=test_set, norm=norm, cohort=cohort, cohort_top=cohort_top,
+                                  threshold=threshold, threads=threads, on_start=on_start, on_file=on_item,
+                                  on_cohort=on_cohort)
+    except NothingEmbedded as exc:
+        print_skipped(exc.skipped)
+        raise
+    if out is not None:
+        write_output(out, scored.text())
+    else:
+        try:
+            sys.stdout.write(scored.text())
+            sys.stdout.flush()
+        except OSError as exc:  # a full disk, a closed pipe
+            _drop_stdout()
+            raise DvectorError(f"cannot write to standard output: {exc.strerror or exc}") from None
+    if scored.score_norm is not None:
+        print_skipped(scored.score_norm.cohort.skipped)
+    print_skipped(scored.skipped)
+    for note in (scored.note, scored.threshold and scored.threshold.note):
+        if note:
+            warn(note)
+    left = f"; left out {scored.left_out} trial(s) naming a file that could not be embedded" if scored.left_out else ""
+    what = f"{scored.score_norm.method} scores" if scored.score_norm is not None else "scores"
+    used = f", decided at {scored.threshold.value:.4f} ({scored.threshold.source})" if scored.threshold else ""
+    say(f"{what} of {len(scored.trials)} trial(s)" + (f" written to {out}" if out else "") + used + left)
 
 
 def eval_cmd(model: Model, root: TestRoot = None, trials: Trials = None, kaldi: TestKaldi = None,

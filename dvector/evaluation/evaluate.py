@@ -43,7 +43,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Trial:
-    label: int  # 1: same speaker (target), 0: different
+    label: int | None  # 1: same speaker (target), 0: different; None: unlabelled (scored, never evaluated)
     a: str  # path relative to the root, or an utterance id of a Kaldi data directory
     b: str
 
@@ -51,9 +51,12 @@ class Trial:
 TRIAL_WORDS = {"target": 1, "nontarget": 0}  # Kaldi/NIST trials: 'utt1 utt2 target|nontarget'
 
 
-def trial_of(parts: Sequence[str]) -> Trial | None:
+def trial_of(parts: Sequence[str], labels: bool = True) -> Trial | None:
     """The trial of one line's fields, in VoxCeleb form (``1 a b``, ``0 a b``) or Kaldi/NIST form
-    (``a b target``, ``a b nontarget``); None for a line in neither."""
+    (``a b target``, ``a b nontarget``), or without ``labels`` also unlabelled (``a b``, label None:
+    a blind list, to score); None for a line in none of them."""
+    if len(parts) == 2 and not labels:
+        return Trial(None, parts[0], parts[1])
     if len(parts) != 3:
         return None
     if parts[0] in ("0", "1"):
@@ -74,19 +77,24 @@ def outside_root(path: str) -> str | None:
     return None
 
 
-def parse_trials(lines: Sequence[str], where: str = "trials", paths: bool = True) -> list[Trial]:
+def parse_trials(lines: Sequence[str], where: str = "trials", paths: bool = True, labels: bool = True
+                 ) -> list[Trial]:
     """One trial per line, in either form, detected per line: ``label path1 path2`` (VoxCeleb; label
-    1 or 0) or ``utt1 utt2 target|nontarget`` (Kaldi/NIST); blank and ``#`` lines skipped. With
-    ``paths`` (a test root) the entries must stay inside the root; else they are utterance ids."""
+    1 or 0) or ``utt1 utt2 target|nontarget`` (Kaldi/NIST); without ``labels`` (scoring, not
+    evaluating) also ``path1 path2``; blank and ``#`` lines skipped. With ``paths`` (a test root) the
+    entries must stay inside the root; else they are utterance ids."""
     trials = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        trial = trial_of(text.split())
+        parts = text.split()
+        trial = trial_of(parts, labels)
         if trial is None:
-            raise DvectorError(f"{where} line {number}: expected 'label path1 path2' with label 1 (same speaker) "
-                               f"or 0 (different), or 'utt1 utt2 target|nontarget', got {text[:200]!r}")
+            blind = "" if labels else "'path1 path2', "
+            hint = "; unlabelled trials are scored with `dvector score --trials`" if labels and len(parts) == 2 else ""
+            raise DvectorError(f"{where} line {number}: expected {blind}'label path1 path2' with label 1 (same "
+                               f"speaker) or 0 (different), or 'utt1 utt2 target|nontarget', got {text[:200]!r}{hint}")
         for path in (trial.a, trial.b) if paths else ():
             problem = outside_root(path)
             if problem:
@@ -98,14 +106,14 @@ def parse_trials(lines: Sequence[str], where: str = "trials", paths: bool = True
     return trials
 
 
-def read_trials(path: str | os.PathLike[str], paths: bool = True) -> list[Trial]:
+def read_trials(path: str | os.PathLike[str], paths: bool = True, labels: bool = True) -> list[Trial]:
     """The trials of a file (see :func:`parse_trials`)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DvectorError(f"cannot read trials file {path}: {exc}") from exc
-    return parse_trials(lines, str(path), paths)
+    return parse_trials(lines, str(path), paths, labels)
 
 
 def write_trials(path: str | os.PathLike[str], trials: Sequence[Trial]) -> None:
@@ -290,7 +298,7 @@ def _listing(root: Path | None, scan: ScanResult | None, extensions: Sequence[st
     return sources
 
 
-def _trial_sources(trials: Sequence[Trial], root: Path | None, scan: ScanResult | None, name: str, where: str
+def trial_sources(trials: Sequence[Trial], root: Path | None, scan: ScanResult | None, name: str, where: str
                    ) -> list[tuple[str, Any]]:
     """``(key, source)`` of each distinct utterance the trials name; an error naming those missing."""
     if scan is not None:
@@ -315,7 +323,7 @@ def evaluate(embedder: Embedder, root: str | os.PathLike[str] | None,
     skipped: list[tuple[str, str]] = list(scan.problems) if scan is not None else []
     if trials_file is not None:
         trials = read_trials(trials_file, paths=scan is None)
-        pairs = _trial_sources(trials, root, scan, name, str(trials_file))
+        pairs = trial_sources(trials, root, scan, name, str(trials_file))
         if on_start:
             on_start(len(pairs))
         vectors, _ = embed_each(pairs, embedder.embed, True, on_item=on_item, workers=workers)

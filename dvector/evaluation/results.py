@@ -1,6 +1,7 @@
 """Stored evaluation results and the decision threshold: where ``eval`` writes ``eval.json`` and the
 DET curve for a model (:func:`eval_outputs`, :func:`run_eval`), and the threshold ``score`` decides
-same/different speaker with (:func:`decision_threshold`, :func:`decide`).
+same/different speaker with (:func:`decision_threshold`, :func:`decide`); the scores of a trial
+list (:func:`score_trials`, ``score --trials``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from dvector.files import OutputError, json_text, write_output
 from dvector.config import DEFAULT_EXTENSIONS
 from dvector.errors import DvectorError
 from dvector.inference.bundle import training_shards
-from dvector.inference.embed_inputs import Workers
+from dvector.inference.embed_inputs import NothingEmbedded, Workers, embed_each
 from dvector.inference.embedder import Embedder, load, untrained_twin
-from dvector.evaluation.evaluate import (EvalResult, Evaluation, KaldiTestSet, check_test_set, cosine, evaluate,
-                                         save_det)
+from dvector.evaluation.evaluate import (EvalResult, Evaluation, KaldiTestSet, Trial, check_test_set, cosine, evaluate,
+                                         read_trials, save_det, trial_sources)
 from dvector.evaluation.plot import picture_format
-from dvector.evaluation.score_norm import DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards, normalize_evaluation
+from dvector.evaluation.score_norm import (DEFAULT_TOP_N, ScoreNorm, check_norm, cohort_from_shards,
+                                           normalize_evaluation, symmetric_norm)
 
 EVAL_FILE = "eval.json"
 DET_FILE = "det.png"
@@ -277,3 +279,82 @@ def score_pair(embedder: Embedder, a: Any, b: Any, model: str | os.PathLike[str]
     """Cosine score of two utterances and the threshold to decide same/different with."""
     decision = decide(embedder, a, b, model)
     return decision.score, decision.threshold
+
+
+# ---- score --trials: a trial list's scores -------------------------------------------------------
+
+@dataclass
+class TrialScores:
+    """What :func:`score_trials` scored: the trials that could be, their scores, and the threshold
+    they are decided at (None: none stored or given, scores only)."""
+
+    trials: list[Trial]
+    scores: np.ndarray
+    threshold: Threshold | None
+    skipped: list[tuple[str, str]]  # (entry, reason) of each file that could not be embedded
+    left_out: int  # trials naming one of them
+    score_norm: ScoreNorm | None = None
+    note: str | None = None  # e.g. why there are no decisions
+
+    def text(self) -> str:
+        """One line a trial, ``a b score`` (6 decimals), as WeSpeaker's and Kaldi's scoring scripts read
+        it, plus ``target``/``nontarget`` at the threshold where there is one."""
+        cut = self.threshold.value if self.threshold is not None else None
+        return "".join(f"{t.a} {t.b} {s:.6f}" + ("" if cut is None else " target" if s >= cut else " nontarget")
+                       + "\n" for t, s in zip(self.trials, self.scores.tolist()))
+
+
+def _list_threshold(model: str | os.PathLike[str], method: str, top_n: int, cohort: str, embedder: Embedder,
+                    override: float | None) -> tuple[Threshold | None, str | None]:
+    """The threshold to decide a trial list at and a note; (None, why) where none is stored or given."""
+    if override is not None or method == "none":
+        used = choose_threshold(model, embedder, override)
+        return (used, None) if used.stored else (None, f"no threshold stored for {model}: scores without "
+                                                     f"decisions (run `dvector eval` or give --threshold)")
+    try:
+        return norm_threshold(model, method, top_n, cohort, embedder), None
+    except DvectorError as exc:
+        return None, f"{exc}: scores without decisions"
+
+
+def score_trials(model: str | os.PathLike[str], root: str | os.PathLike[str] | None,
+                 trials_file: str | os.PathLike[str], *, kaldi: KaldiTestSet | None = None, norm: str = "none",
+                 cohort: str | Sequence[str] | None = None, cohort_top: int = DEFAULT_TOP_N,
+                 threshold: float | None = None, threads: int = 0, on_start: Callable[[int], None] | None = None,
+                 on_file: Callable[[], None] | None = None,
+                 on_cohort: tuple[Callable[..., None], Callable[..., None]] | None = None,
+                 workers: Workers | None = None) -> TrialScores:
+    """``dvector score --trials``: the cosine score of each trial of ``trials_file`` (labelled or not;
+    entries are paths relative to ``root`` or utterance ids of ``kaldi``), normalised with ``norm``
+    as :func:`decide_normalized` does, decided at ``threshold`` or the stored one. Every file is
+    embedded once; one that fails is skipped and the trials naming it are left out; none left is
+    :class:`NothingEmbedded`. A missing file or id is an error before the model is loaded."""
+    cohort = cohort or default_cohort(model, norm)
+    method = check_norm(norm, cohort, cohort_top)
+    root, scan = check_test_set(root, kaldi)
+    name = str(root) if root is not None else kaldi.data_dir  # type: ignore[union-attr]
+    trials = read_trials(trials_file, paths=scan is None, labels=False)
+    pairs = trial_sources(trials, root, scan, name, str(trials_file))
+    embedder = load(model, threads=threads)
+    text = cohort if isinstance(cohort, str) or cohort is None else " ".join(map(str, cohort))
+    used, note = _list_threshold(model, method, cohort_top, text or "", embedder, threshold)
+    score_norm = None
+    if method != "none":
+        assert cohort is not None
+        score_norm = ScoreNorm(method, cohort_from_shards(embedder, cohort, *(on_cohort or ())), cohort_top)
+    if on_start:
+        on_start(len(pairs))
+    vectors, skipped = embed_each(pairs, embedder.embed, False, on_item=(lambda _key: on_file()) if on_file else None,
+                                  workers=workers)
+    kept = [t for t in trials if t.a in vectors and t.b in vectors]
+    if not kept:
+        raise NothingEmbedded(f"no trial of {trials_file} could be scored: {len(skipped)} of {len(pairs)} "
+                              f"file(s) could not be embedded", skipped)
+    scores = np.array([cosine(vectors[t.a], vectors[t.b]) for t in kept])
+    if score_norm is not None:  # each file's cohort statistics once, however many trials name it
+        files = sorted({p for t in kept for p in (t.a, t.b)})
+        row = {f: i for i, f in enumerate(files)}
+        mean, std = score_norm.stats(np.stack([vectors[f] for f in files]))
+        a, b = np.array([row[t.a] for t in kept]), np.array([row[t.b] for t in kept])
+        scores = symmetric_norm(scores, (mean[a], std[a]), (mean[b], std[b]))
+    return TrialScores(kept, scores, used, skipped, len(trials) - len(kept), score_norm, note)
