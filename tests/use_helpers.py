@@ -87,3 +87,22 @@ def dying_embed_job(recipe, method, pairs):  # noqa: ANN001, ANN201
     if any(KILL_MARK in os.fspath(source) for _, source in pairs):
         os.kill(os.getpid(), signal.SIGKILL)
     return _real_embed_job(recipe, method, pairs)
+
+
+# ---- Kaldi data directories over a root (tests/evaluation) ---------------------------------------
+def uid(rel: str) -> str:
+    speaker, name = rel.split("/")
+    return f"{speaker}-{Path(name).stem}"
+
+
+def files_of(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.flac"))
+
+
+def kaldi_dir(root: Path, dest: Path) -> Path:
+    """A Kaldi data directory over ``root``'s speaker folders: ids ``SPEAKER-UTT``, paths relative to ``root``."""
+    dest.mkdir(parents=True)
+    rels = files_of(root)
+    (dest / "wav.scp").write_text("".join(f"{uid(r)} {r}\n" for r in rels))
+    (dest / "utt2spk").write_text("".join(f"{uid(r)} {r.split('/')[0]}\n" for r in rels))
+    return dest

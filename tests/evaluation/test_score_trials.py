@@ -13,25 +13,8 @@ from dvector.errors import DvectorError
 from dvector.evaluation.evaluate import KaldiTestSet, Trial, cosine, parse_trials
 from dvector.evaluation.results import score_trials
 from dvector.inference.embed_inputs import NothingEmbedded
-from use_helpers import copy_run, flat, run_main
+from use_helpers import copy_run, files_of, flat, kaldi_dir, run_main, uid
 
-
-def uid(rel: str) -> str:
-    speaker, name = rel.split("/")
-    return f"{speaker}-{Path(name).stem}"
-
-
-def files_of(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.flac"))
-
-
-def kaldi_dir(root: Path, dest: Path) -> Path:
-    """A Kaldi data directory over ``root``'s speaker folders: ids ``SPEAKER-UTT``, paths relative to ``root``."""
-    dest.mkdir(parents=True)
-    rels = files_of(root)
-    (dest / "wav.scp").write_text("".join(f"{uid(r)} {r}\n" for r in rels))
-    (dest / "utt2spk").write_text("".join(f"{uid(r)} {r.split('/')[0]}\n" for r in rels))
-    return dest
 
 
 def some_pairs(rels: list[str]) -> list[tuple[int, str, str]]:
