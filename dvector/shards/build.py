@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -208,17 +209,15 @@ def _build(inputs: CorpusInputs, out_dir: str | os.PathLike[str], cfg: BuildConf
            ) -> BuildReport:
     """:func:`build_shards`, with the shard jobs on Dask's ``client`` where given; one build (or one
     ``--part``) writes into ``out_dir`` at a time."""
-    lock = one_writer(out_dir, "shard build" if part == (1, 1) else f"build of part {part[0]}/{part[1]}",
-                      say=lambda note: print(note, file=sys.stderr),
-                      name=LOCK_NAME if part == (1, 1) else f".dvector-part{part[0]}of{part[1]}.lock")
-    try:
-        lock.__enter__()
-    except OSError as exc:
-        raise write_failure(Path(out_dir), exc) from exc
-    try:
+    whole = part == (1, 1)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(one_writer(out_dir, "shard build" if whole else f"build of part {part[0]}/{part[1]}",
+                                           say=lambda note: print(note, file=sys.stderr),
+                                           name=LOCK_NAME if whole else f".dvector-part{part[0]}of{part[1]}.lock"))
+        except OSError as exc:  # read-only, or a file in the way
+            raise write_failure(Path(out_dir), exc) from exc
         return _build_locked(inputs, out_dir, cfg, workers, part, overwrite, fail_fast, progress, client)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _build_locked(inputs: CorpusInputs, out_dir: str | os.PathLike[str], cfg: BuildConfig, workers: int | None,

@@ -230,12 +230,15 @@ def decode_command(command: str, timeout: float = COMMAND_TIMEOUT_S) -> tuple[np
         raise DecodeError(f"the command's output is not audio soundfile reads: {reason}") from None
 
 
-def cut_segment(data: np.ndarray, rate: int, start: float, end: float) -> np.ndarray:
-    """Seconds ``start`` to ``end`` (0: the end) of decoded ``(frames, channels)`` audio; DecodeError for a
-    segment that runs past the recording's end."""
-    length = data.shape[0] / rate
+def check_segment(start: float, end: float, length: float) -> None:
+    """DecodeError for seconds ``start`` to ``end`` (0: the end) that run past a recording of ``length`` s."""
     if start >= length or (end and end > length + SEGMENT_SLACK_S):
         raise DecodeError(f"segment {start:g}-{end or length:g} s runs past the end of its recording ({length:.2f} s)")
+
+
+def cut_segment(data: np.ndarray, rate: int, start: float, end: float) -> np.ndarray:
+    """Seconds ``start`` to ``end`` (0: the end) of decoded ``(frames, channels)`` audio (:func:`check_segment`)."""
+    check_segment(start, end, data.shape[0] / rate)
     return data[int(round(start * rate)): int(round(end * rate)) if end else None]
 
 
@@ -245,10 +248,7 @@ def _read_segment(path: Path, start: float, end: float) -> tuple[np.ndarray, int
         with sf.SoundFile(os.fsencode(path)) as f:
             rate, frames = int(f.samplerate), int(f.frames)
             check_duration(rate, frames)
-            length = frames / rate
-            if start >= length or (end and end > length + SEGMENT_SLACK_S):
-                raise DecodeError(f"segment {start:g}-{end or length:g} s runs past the end of its recording "
-                                  f"({length:.2f} s)")
+            check_segment(start, end, frames / rate)
             first = int(round(start * rate))
             count = (min(frames, int(round(end * rate))) if end else frames) - first
             check_bounds(rate, count, f.channels)

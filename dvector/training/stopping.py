@@ -87,7 +87,5 @@ def worker_death(exc: BaseException) -> str | None:
     """torch's first line about a DataLoader worker that died (killed, out of memory, exited), or None
     when ``exc`` is something else."""
     text = " ".join(str(exc).split())
-    if not isinstance(exc, RuntimeError) or not _WORKER_DEATH.search(text):
-        return None
-    start = _WORKER_DEATH.search(text).start()  # type: ignore[union-attr]
-    return text[start:].split(". ")[0].rstrip(".")
+    found = _WORKER_DEATH.search(text) if isinstance(exc, RuntimeError) else None
+    return text[found.start():].split(". ")[0].rstrip(".") if found else None
